@@ -1,0 +1,85 @@
+"""DeepSpeed engine construction for policy learners (ZeRO 0/1/2/3, CPU or GPU).
+
+One code path for both: on a machine without GPUs DeepSpeed selects its CPU accelerator and the
+process group uses gloo; on GPUs it uses NCCL. The optimizer is a plain ``torch.optim.AdamW``
+passed as the client optimizer (no JIT-compiled ops), except with optimizer offload, which
+needs DeepSpeed's CPU Adam.
+"""
+from __future__ import annotations
+
+import math
+
+from prefopt.config_schema import LearnerRoleConfig, TrainConfig
+
+
+def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
+    """Multiplier of the peak learning rate at a given step: linear warmup, then decay."""
+    def fn(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = min(max(progress, 0.0), 1.0)
+        if kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+    return fn
+
+
+def deepspeed_config(train: TrainConfig, learner: LearnerRoleConfig, *, grad_accum: int) -> dict:
+    zero: dict = {"stage": learner.zero_stage}
+    if learner.zero_stage >= 1:
+        zero.update(overlap_comm=False, contiguous_gradients=True, reduce_scatter=True)
+    if learner.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if learner.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if learner.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=True, stage3_param_persistence_threshold=0)
+    config = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": train.micro_batch_size * grad_accum * learner.num_actors,
+        "gradient_clipping": train.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+    }
+    if learner.offload_optimizer:
+        config["optimizer"] = {"type": "AdamW", "params": {
+            "lr": train.lr, "betas": list(train.adam_betas), "eps": train.adam_eps,
+            "weight_decay": train.weight_decay}}
+    return config
+
+
+def init_engine(model, train: TrainConfig, learner: LearnerRoleConfig, *, grad_accum: int,
+                total_steps: int):
+    """Wrap ``model`` in a DeepSpeed engine with optimizer and LR schedule."""
+    import deepspeed
+    import torch
+
+    config = deepspeed_config(train, learner, grad_accum=grad_accum)
+    optimizer = None
+    if "optimizer" not in config:
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": train.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=train.lr, betas=tuple(train.adam_betas), eps=train.adam_eps)
+    warmup = int(round(train.warmup_ratio * total_steps))
+    schedule = lr_lambda(train.lr_scheduler, warmup, total_steps)
+
+    def scheduler(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=config, lr_scheduler=scheduler,
+        model_parameters=None if optimizer is not None else [p for p in model.parameters() if p.requires_grad])
+    return engine

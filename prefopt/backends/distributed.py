@@ -1,0 +1,35 @@
+"""torch.distributed set-up between Ray actors (gloo on CPU, NCCL on GPU)."""
+from __future__ import annotations
+
+import os
+import socket
+from datetime import timedelta
+
+
+def node_ip() -> str:
+    try:
+        import ray
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int,
+                       *, timeout_s: float) -> str:
+    """Join the learners' process group. Returns the backend name."""
+    import torch
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    return backend

@@ -1,0 +1,247 @@
+"""Load, merge and validate recipes.
+
+    recipe = load_recipe("recipes/tiny_dpo.yaml", ["train.lr=1e-5", "roles.learner.num_actors=2"])
+
+Layers, later wins: the ``base:`` chain (a recipe may extend another, recursively), the recipe
+itself, then ``key=value`` overrides. Each layer's keys are checked against the schema in
+:mod:`prefopt.config_schema` before merging, so an error names the file (or the override) that
+introduced a bad key, and suggests the closest valid key. Cross-field checks (batch sizes, roles
+the objective needs) run here too: every recipe error surfaces before Ray starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from prefopt.config_schema import Recipe
+from prefopt.errors import ConfigError, closest, did_you_mean
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+# ----------------------------------------------------------------------------- reading layers
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml syntax errors
+        raise ConfigError(f"{path}: cannot parse YAML: {e}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections, got {type(cfg).__name__}")
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+def resolve_recipe_path(path: str | Path, relative_to: Path | None = None) -> Path:
+    """A recipe path as given, relative to ``relative_to``'s folder, or a name in ``recipes/``."""
+    p = Path(path).expanduser()
+    candidates = [p]
+    if relative_to is not None and not p.is_absolute():
+        candidates.insert(0, relative_to.parent / p)
+    if not p.is_absolute():
+        candidates.append(RECIPES_DIR / p)
+        if p.suffix == "":
+            candidates.append(RECIPES_DIR / f"{p}.yaml")
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    where = f" (referenced from {relative_to})" if relative_to else ""
+    raise ConfigError(f"recipe file not found: {path}{where}")
+
+
+def _read_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:
+    """[(origin, dict)] from the root of the base chain down to ``path``."""
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"recipe base chain has a cycle: {chain}")
+    data = _read_yaml(path)
+    layers = []
+    base = data.get("base")
+    if base:
+        layers = _read_layers(resolve_recipe_path(base, relative_to=path), (*seen, path))
+    data.pop("base", None)
+    return layers + [(str(path), data)]
+
+
+def _parse_overrides(overrides: list[str]) -> dict:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse overrides {overrides}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- key checking
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def check_keys(data: Any, schema: type, origin: str, prefix: str = "") -> None:
+    """Raise ConfigError for any key of ``data`` that ``schema`` (a dataclass) does not have."""
+    if not isinstance(data, dict):
+        return
+    hints = typing.get_type_hints(schema)
+    fields = {f.name for f in dataclasses.fields(schema)}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            best = closest(str(key), fields)
+            hint = f" (did you mean '{prefix}{best}'?)" if best else ""
+            raise ConfigError(f"{origin}: unknown key '{dotted}'{hint}; valid keys under "
+                              f"'{prefix.rstrip('.') or 'the recipe'}': {', '.join(sorted(fields))}")
+        sub = _unwrap_optional(hints[key])
+        if dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            check_keys(value, sub, origin, f"{dotted}.")
+
+
+def _merge(layers: list[tuple[str, dict]]) -> dict:
+    merged = OmegaConf.create({})
+    for _, data in layers:
+        merged = OmegaConf.merge(merged, OmegaConf.create(data))
+    return OmegaConf.to_container(merged, resolve=False)
+
+
+def _typed(schema: type, data: dict, what: str) -> Any:
+    """Validate types by merging into the structured schema; return the dataclass instance."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(data))
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        msg = str(e).splitlines()[0]
+        if "Missing mandatory value" in msg:
+            raise ConfigError(f"{what}: required key '{key}' is not set") from None
+        raise ConfigError(f"{what}: invalid value for '{key}': {msg}") from None
+
+
+# ----------------------------------------------------------------------------- public API
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load a recipe file (plus its bases and overrides) into a validated :class:`Recipe`."""
+    recipe_path = resolve_recipe_path(path)
+    layers = _read_layers(recipe_path)
+    if overrides:
+        layers.append(("override", _parse_overrides(list(overrides))))
+    return recipe_from_layers(layers, str(recipe_path))
+
+
+def recipe_from_dict(data: dict, origin: str = "<dict>") -> Recipe:
+    """Validate a recipe given as a plain dict (e.g. built in an ablation script)."""
+    data = dict(data)
+    data.pop("base", None)
+    return recipe_from_layers([(origin, data)], origin)
+
+
+def recipe_from_layers(layers: list[tuple[str, dict]], what: str) -> Recipe:
+    from prefopt.objectives import OBJECTIVES
+
+    for origin, data in layers:
+        if "objective" in data and not isinstance(data["objective"], dict):
+            raise ConfigError(f"{origin}: 'objective' must be a mapping with at least 'name'")
+        check_keys({k: v for k, v in data.items() if k != "objective"}, Recipe, origin)
+    merged = _merge(layers)
+    objective = merged.pop("objective", None) or {"name": "dpo"}
+    recipe = _typed(Recipe, merged, what)
+
+    name = objective.get("name", "dpo")
+    objective_cls = OBJECTIVES.get(name) if name in OBJECTIVES else None
+    if objective_cls is None:
+        raise ConfigError(f"{what}: unknown objective.name '{name}'{did_you_mean(str(name), OBJECTIVES.names())}; "
+                          f"available: {', '.join(OBJECTIVES.names())}")
+    for origin, data in layers:
+        layer_obj = dict(data.get("objective") or {})
+        # a base recipe's objective parameters don't apply once a child switches objectives
+        if layer_obj.get("name", name) != name:
+            continue
+        check_keys(layer_obj, objective_cls.Params, origin, "objective.")
+    # keep only the parameters of the chosen objective from every layer (see comment above)
+    kept = {}
+    for _, data in layers:
+        layer_obj = dict(data.get("objective") or {})
+        if layer_obj.get("name", name) == name:
+            kept.update(layer_obj)
+    kept["name"] = name
+    recipe.objective = _typed(objective_cls.Params, kept, what)
+    validate_recipe(recipe, what)
+    return recipe
+
+
+def _positive(value: float, key: str, what: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{what}: '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def _one_of(value: Any, choices: tuple, key: str, what: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{what}: '{key}' must be one of {', '.join(map(str, choices))}, "
+                          f"got '{value}'{did_you_mean(str(value), map(str, choices))}")
+
+
+def validate_recipe(recipe: Recipe, what: str = "recipe") -> None:
+    """Cross-field checks that typing alone cannot express."""
+    from prefopt.objectives import OBJECTIVES
+
+    t, learner = recipe.train, recipe.roles.learner
+    _positive(t.batch_size, "train.batch_size", what)
+    _positive(t.micro_batch_size, "train.micro_batch_size", what)
+    _positive(t.lr, "train.lr", what)
+    _positive(t.epochs, "train.epochs", what)
+    _positive(learner.num_actors, "roles.learner.num_actors", what)
+    _positive(learner.num_cpus, "roles.learner.num_cpus", what, allow_zero=True)
+    _positive(learner.num_gpus, "roles.learner.num_gpus", what, allow_zero=True)
+    _positive(t.max_grad_norm, "train.max_grad_norm", what, allow_zero=True)
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"{what}: 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
+    if len(t.adam_betas) != 2:
+        raise ConfigError(f"{what}: 'train.adam_betas' needs two values, got {list(t.adam_betas)}")
+    _one_of(t.lr_scheduler, ("constant", "linear", "cosine"), "train.lr_scheduler", what)
+    _one_of(t.precision, ("fp32", "bf16", "fp16"), "train.precision", what)
+    _one_of(learner.zero_stage, (0, 1, 2, 3), "roles.learner.zero_stage", what)
+    _one_of(learner.placement, ("pack", "spread"), "roles.learner.placement", what)
+    per_step = t.micro_batch_size * learner.num_actors
+    if t.batch_size % per_step:
+        raise ConfigError(
+            f"{what}: 'train.batch_size' ({t.batch_size}) must be a multiple of "
+            f"train.micro_batch_size x roles.learner.num_actors ({t.micro_batch_size} x {learner.num_actors})")
+    if recipe.roles.reference is not None:
+        _one_of(recipe.roles.reference.placement, ("learner", "actor"), "roles.reference.placement", what)
+
+    objective_cls = OBJECTIVES.get(recipe.objective.name)
+    for role in sorted(objective_cls.needs):
+        if getattr(recipe.roles, role, None) is None:
+            raise ConfigError(f"{what}: objective '{recipe.objective.name}' needs the '{role}' role, "
+                              f"but roles.{role} is not set (add e.g. `roles: {{{role}: {{}}}}`)")
+    check = getattr(recipe.objective, "validate", None)
+    if callable(check):
+        try:
+            check()
+        except ConfigError as e:
+            raise ConfigError(f"{what}: {e}") from None
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    """Plain-dict form of a validated recipe (what ``prefopt show`` prints and runs save)."""
+    return dataclasses.asdict(recipe)
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return OmegaConf.to_yaml(OmegaConf.create(recipe_to_dict(recipe)))
+
+
+def as_container(value: Any) -> Any:
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return value

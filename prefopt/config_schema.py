@@ -1,0 +1,138 @@
+"""Typed schema of a prefopt recipe.
+
+A recipe is a YAML file whose sections map onto these dataclasses. `prefopt.config.load_recipe`
+merges a recipe with its ``base:`` recipes and ``key=value`` overrides, checks every key against
+this schema (suggesting the closest valid key for a typo), and returns a :class:`Recipe`.
+
+The ``objective`` section is checked against the parameter dataclass that the chosen objective
+registers (see ``prefopt.objectives``), so ``objective.gamma`` is valid for SimPO but an error
+for DPO.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    # A local HF checkpoint directory, a hub name (needs network), or "builtin:tiny-llama"
+    # (a tiny Llama-family model + tokenizer built offline; used by tests, demo and benchmarks).
+    path: str = MISSING
+    tokenizer: Optional[str] = None          # defaults to `path`
+    trust_remote_code: bool = False          # secure default: never run code shipped with a checkpoint
+    attn_implementation: str = "sdpa"        # "sdpa" | "eager" | "flash_attention_2"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class SyntheticDataConfig:
+    """Parameters of the synthetic, learnable preference data (data.path: synthetic:pairs|lists)."""
+    num_rows: int = 1024
+    list_size: int = 4        # responses per prompt for synthetic:lists
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # A local .jsonl/.json/.parquet file (or a directory of them), a `datasets` name, or
+    # "synthetic:pairs" / "synthetic:lists" (generated offline into the cache).
+    path: str = MISSING
+    split: str = "train"
+    eval_path: Optional[str] = None          # held-out data; default: a split of `path`
+    eval_split: Optional[str] = None
+    eval_fraction: float = 0.1               # held-out fraction when eval_path is not given
+    max_eval_examples: int = 512
+    max_length: int = 512                    # prompt + response tokens, per response
+    max_prompt_length: int = 256             # prompts are truncated first (their start is dropped)
+    prompt_field: str = "prompt"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    responses_field: str = "responses"       # listwise rows: {prompt, responses: [...], scores: [...]}
+    scores_field: str = "scores"
+    on_error: str = "raise"                  # "raise" | "skip" (drop and count malformed rows)
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+
+@dataclass
+class LearnerRoleConfig:
+    num_actors: int = 1                      # data-parallel DeepSpeed ranks, one Ray actor each
+    num_cpus: float = 1
+    num_gpus: float = 0
+    resources: dict[str, float] = field(default_factory=dict)
+    placement: str = "pack"                  # "pack" | "spread" across nodes
+    zero_stage: int = 2                      # 0 | 1 | 2 | 3
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+@dataclass
+class ReferenceRoleConfig:
+    # "learner": the learner group computes reference log-probs once, before the first update
+    #   (no extra model in memory; works under ZeRO-3).
+    # "actor": separate Ray actor(s) holding a frozen copy compute them.
+    placement: str = "learner"
+    num_actors: int = 1
+    num_cpus: float = 1
+    num_gpus: float = 0
+
+
+@dataclass
+class RolesConfig:
+    learner: LearnerRoleConfig = field(default_factory=LearnerRoleConfig)
+    reference: Optional[ReferenceRoleConfig] = None
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 1
+    max_steps: int = -1                      # > 0 caps the number of optimizer steps
+    batch_size: int = 8                      # examples (pairs or lists) per optimizer step, all learners
+    micro_batch_size: int = 4                # examples per learner per forward/backward
+    lr: float = 5.0e-7
+    lr_scheduler: str = "cosine"             # "constant" | "linear" | "cosine"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1.0e-8
+    max_grad_norm: float = 1.0               # 0 disables clipping
+    precision: str = "fp32"                  # "fp32" | "bf16" | "fp16"
+    eval_every: int = 0                      # steps between held-out evaluations (0: start and end only)
+    log_every: int = 1
+
+
+@dataclass
+class OutputConfig:
+    root: str = "runs"
+    run_dir: Optional[str] = None            # default: {root}/{name}-{timestamp}; must not hold results
+    save_model: bool = True                  # final model in HF format (safetensors)
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class RayConfig:
+    # "local": an embedded single-node cluster (dashboard off, bound to 127.0.0.1);
+    # "auto" or "HOST:PORT" / "ray://HOST:10001": connect to an existing cluster.
+    address: str = "local"
+    num_cpus: Optional[int] = None           # logical CPUs of the embedded cluster (default: what roles need)
+    include_dashboard: bool = False
+    call_timeout_s: float = 1800.0           # bound on any remote call; a dead actor never hangs the run
+    env: dict[str, str] = field(default_factory=dict)  # extra environment variables for every actor
+
+
+@dataclass
+class Recipe:
+    name: str = "run"
+    description: str = ""
+    base: Optional[str] = None               # path of a recipe this one extends (relative to this file)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: Any = field(default_factory=lambda: {"name": "dpo"})
+    roles: RolesConfig = field(default_factory=RolesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    ray: RayConfig = field(default_factory=RayConfig)

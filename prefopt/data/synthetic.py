@@ -1,0 +1,86 @@
+"""Synthetic, *learnable* preference data, generated offline.
+
+Responses are short sequences of words. Two disjoint word sets carry the preference: responses
+made of "good" words are preferred over responses made of "bad" words, whatever the prompt. A
+policy learns this quickly (it only has to shift probability mass between two word sets), and a
+held-out split with fresh word combinations measures whether it did. Lengths vary, so padding,
+truncation and length normalisation are exercised.
+
+* pairs: ``{"prompt", "chosen", "rejected"}``: chosen is mostly good words, rejected mostly bad.
+* lists: ``{"prompt", "responses", "scores"}``: K responses at K distinct quality levels; level
+  ``l`` draws each word from the good set with probability ``l / (K - 1)``; the score is ``l``.
+
+``corpus()`` lists sentences covering every word, used to train the tiny offline tokenizer.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+GOOD_WORDS = ("kind clear honest helpful bright calm gentle brave precise careful warm fair "
+              "patient thoughtful polite useful simple accurate friendly wise").split()
+BAD_WORDS = ("rude vague false useless dull harsh sloppy lazy wrong cruel noisy messy "
+             "careless hostile boring bitter reckless confusing unfair silly").split()
+NOUNS = ("river mountain garden city robot ocean forest teacher library engine planet market "
+         "kitchen music castle island bridge window letter journey").split()
+TEMPLATES = ("Describe the {a}.", "Tell me about the {a} and the {b}.", "What is a {a} like?",
+             "Write a note about the {a}.", "Compare the {a} with the {b}.")
+
+
+def _prompt(rng: random.Random) -> str:
+    a, b = rng.sample(NOUNS, 2)
+    return rng.choice(TEMPLATES).format(a=a, b=b)
+
+
+def _response(rng: random.Random, p_good: float, min_words: int = 3, max_words: int = 10) -> str:
+    n = rng.randint(min_words, max_words)
+    words = [rng.choice(GOOD_WORDS if rng.random() < p_good else BAD_WORDS) for _ in range(n)]
+    return " ".join(words) + "."
+
+
+def make_pairs(num_rows: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt": _prompt(rng), "chosen": _response(rng, 0.9), "rejected": _response(rng, 0.1)}
+            for _ in range(num_rows)]
+
+
+def make_lists(num_rows: int, list_size: int = 4, seed: int = 0) -> list[dict]:
+    if list_size < 2:
+        raise ValueError("list_size must be >= 2")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_rows):
+        levels = list(range(list_size))
+        rng.shuffle(levels)
+        responses = [_response(rng, lvl / (list_size - 1)) for lvl in levels]
+        rows.append({"prompt": _prompt(rng), "responses": responses, "scores": [float(l) for l in levels]})
+    return rows
+
+
+def corpus() -> list[str]:
+    """Sentences that cover every word and template, for training the tiny tokenizer."""
+    rng = random.Random(1234)
+    lines = [" ".join(GOOD_WORDS) + ".", " ".join(BAD_WORDS) + ".", " ".join(NOUNS) + "."]
+    for _ in range(400):
+        lines.append(_prompt(rng) + " " + _response(rng, rng.random()))
+    return lines
+
+
+def materialize(kind: str, num_rows: int, seed: int, list_size: int, cache_dir: str | Path) -> Path:
+    """Write the synthetic data set as JSONL under ``cache_dir`` (once) and return its path."""
+    if kind not in ("pairs", "lists"):
+        raise ValueError(f"unknown synthetic data kind '{kind}' (expected 'pairs' or 'lists')")
+    name = f"synthetic-{kind}-n{num_rows}-s{seed}" + (f"-k{list_size}" if kind == "lists" else "")
+    path = Path(cache_dir) / "data" / f"{name}.jsonl"
+    if path.exists():
+        return path
+    rows = make_pairs(num_rows, seed) if kind == "pairs" else make_lists(num_rows, list_size, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+    return path

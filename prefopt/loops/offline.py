@@ -1,0 +1,222 @@
+"""The offline preference-optimization driver (DPO, SimPO, IPO, LiPO, ListMLE).
+
+Reads top to bottom like the algorithm:
+
+1. validate the recipe and the data (tokenize every row) — before Ray starts;
+2. start/join Ray, place ``num_actors`` learner actors, join them into one process group;
+3. cache reference log-probs once (learner group or reference actors), if the objective needs them;
+4. for each global batch: every learner takes its shard, accumulates gradients over its
+   micro-batches and DeepSpeed all-reduces and steps; log metrics;
+5. evaluate on the held-out split at the start, every ``eval_every`` steps and at the end;
+6. save the final model (HF format, safetensors) and a summary.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prefopt.config_schema import Recipe
+from prefopt.io.run_dir import MetricsLogger, create_run_dir, write_config
+from prefopt.loops import batching
+from prefopt.loops.metrics import means, merge_summaries
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    steps: int
+    final_train: dict
+    eval_history: list[dict] = field(default_factory=list)
+    train_history: list[dict] = field(default_factory=list)
+
+    @property
+    def final_eval(self) -> dict:
+        return self.eval_history[-1] if self.eval_history else {}
+
+
+class Roles:
+    """The Ray actors of one run; collective calls go to every learner at once."""
+
+    def __init__(self, recipe: Recipe, pad_id: int):
+        import ray
+
+        from prefopt.cluster import placement_group_for
+        from prefopt.roles.learner import LearnerWorker
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.recipe, self.timeout = recipe, recipe.ray.call_timeout_s
+        lr = recipe.roles.learner
+        bundle = {"CPU": lr.num_cpus, **({"GPU": lr.num_gpus} if lr.num_gpus else {}), **lr.resources}
+        self.pg = placement_group_for([bundle] * lr.num_actors, lr.placement, timeout_s=120)
+        cls = ray.remote(num_cpus=lr.num_cpus, num_gpus=lr.num_gpus, resources=lr.resources or None)(LearnerWorker)
+        self.learners = [
+            cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=rank)).remote(recipe, rank, lr.num_actors)
+            for rank in range(lr.num_actors)]
+        self.references = []
+        ref = recipe.roles.reference
+        if ref is not None and ref.placement == "actor":
+            from prefopt.roles.reference import ReferenceWorker
+            rcls = ray.remote(num_cpus=ref.num_cpus, num_gpus=ref.num_gpus)(ReferenceWorker)
+            self.references = [rcls.remote(recipe, pad_id) for _ in range(ref.num_actors)]
+
+    def call(self, method: str, per_learner_args: list[tuple] | None = None, what: str | None = None, **kwargs):
+        from prefopt.cluster import remote_get
+        args = per_learner_args or [()] * len(self.learners)
+        refs = [getattr(a, method).remote(*arg, **kwargs) for a, arg in zip(self.learners, args)]
+        return remote_get(refs, self.timeout, what or f"learner.{method}")
+
+    def setup(self, *, total_steps: int, grad_accum: int, pad_id: int) -> list[dict]:
+        from prefopt.cluster import remote_get
+        addr, port = remote_get(self.learners[0].address.remote(), self.timeout, "learner.address")
+        return self.call("setup", [(addr, port)] * len(self.learners), total_steps=total_steps,
+                         grad_accum=grad_accum, pad_id=pad_id)
+
+    def shutdown(self) -> None:
+        import ray
+        for actor in self.learners + self.references:
+            ray.kill(actor)
+        ray.util.remove_placement_group(self.pg)
+
+
+def _run_inference(roles: Roles, method: str, items: list, micro: int, workers=None):
+    """Run a no-grad ``method`` over ``items`` on all learners (or reference actors); keep order."""
+    from prefopt.cluster import remote_get
+    workers = workers or roles.learners
+    plan, keep = batching.shard_for_inference(items, len(workers), micro)
+    refs = [getattr(w, method).remote(p) for w, p in zip(workers, plan)]
+    results = remote_get(refs, roles.timeout, f"{method} on {len(items)} examples")
+    return [out for worker_out, flags in zip(results, keep) for out, k in zip(worker_out, flags) if k]
+
+
+def cache_reference_logps(roles: Roles, examples: list[dict], micro: int) -> None:
+    """Attach ``ref_logps`` (one per response) to every example, computed once."""
+    workers = roles.references or roles.learners
+    per_micro = _run_inference(roles, "compute_logps", examples, micro, workers)
+    flat = [logps for micro_out in per_micro for logps in micro_out]
+    assert len(flat) == len(examples), (len(flat), len(examples))
+    for ex, logps in zip(examples, flat):
+        ex["ref_logps"] = logps
+
+
+def evaluate(roles: Roles, examples: list[dict], micro: int) -> dict[str, float]:
+    return means(merge_summaries(_run_inference(roles, "evaluate", examples, micro)))
+
+
+def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -> RunResult:
+    """Run an offline recipe end to end. Returns the run's metrics and directory."""
+    from prefopt.data import load_preference_data
+    from prefopt.cache import cache_dir
+    from prefopt.config import validate_recipe
+    from prefopt.models.load import load_tokenizer
+    from prefopt.models.tiny import resolve_model_path
+    from prefopt.objectives import get_objective
+
+    validate_recipe(recipe)
+    objective_cls = get_objective(recipe.objective.name)
+    t, lr_cfg = recipe.train, recipe.roles.learner
+    # Builtin models are materialised once here, so actors only ever load a local directory.
+    recipe.model.path = resolve_model_path(recipe.model.path)
+    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path,
+                               trust_remote_code=recipe.model.trust_remote_code)
+    data = load_preference_data(recipe.data, tokenizer, seed=t.seed, cache_dir=cache_dir())
+    if data.kind != objective_cls.batch_kind:
+        from prefopt.errors import ConfigError
+        raise ConfigError(f"objective '{recipe.objective.name}' trains on {objective_cls.batch_kind}, but "
+                          f"{data.source} holds {data.kind} rows")
+    for ex in data.train + data.eval:
+        ex["kind"] = data.kind
+    steps = batching.step_batches(len(data.train), t.batch_size, seed=t.seed, epochs=t.epochs,
+                                  max_steps=t.max_steps)
+    if not steps:
+        from prefopt.errors import ConfigError
+        raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {len(data.train)} training examples")
+    grad_accum = t.batch_size // (t.micro_batch_size * lr_cfg.num_actors)
+
+    run_dir = Path(run_dir) if run_dir else create_run_dir(recipe)
+    write_config(run_dir, recipe)
+    logger = MetricsLogger(run_dir, tensorboard=recipe.output.tensorboard)
+
+    from prefopt.cluster import init_ray
+    started_ray = init_ray(recipe.ray, num_cpus_needed=lr_cfg.num_cpus * lr_cfg.num_actors)
+    roles = None
+    try:
+        roles = Roles(recipe, tokenizer.pad_token_id)
+        info = roles.setup(total_steps=len(steps), grad_accum=grad_accum, pad_id=tokenizer.pad_token_id)
+        (run_dir / "placement.json").write_text(json.dumps(info, indent=1))
+        if "reference" in objective_cls.needs:
+            start = time.perf_counter()
+            cache_reference_logps(roles, data.train + data.eval, t.micro_batch_size)
+            logger.log(0, {"time_s": time.perf_counter() - start,
+                           "examples": len(data.train) + len(data.eval)}, prefix="reference")
+        result = RunResult(run_dir=run_dir, steps=len(steps), final_train={})
+        result.eval_history.append({"step": 0, **evaluate(roles, data.eval, t.micro_batch_size)})
+        logger.log(0, result.eval_history[-1], prefix="eval")
+
+        progress = _progress(len(steps), recipe, quiet)
+        for step, indices in enumerate(steps, start=1):
+            examples = [data.train[i] for i in indices]
+            shards = batching.split_for_learners(examples, lr_cfg.num_actors, t.micro_batch_size)
+            start = time.perf_counter()
+            per_learner = roles.call("train_step", [(s,) for s in shards], what=f"train step {step}")
+            elapsed = time.perf_counter() - start
+            stats = means(merge_summaries(per_learner))
+            stats.update(grad_norm=per_learner[0]["grad_norm"], lr=per_learner[0]["lr"],
+                         epoch=(step - 1) * t.batch_size / len(data.train),
+                         tokens_per_s=sum(p["tokens"] for p in per_learner) / elapsed,
+                         examples_per_s=t.batch_size / elapsed, step_time_s=elapsed)
+            _check_finite(stats, step)
+            result.train_history.append({"step": step, **stats})
+            if step % t.log_every == 0 or step == len(steps):
+                logger.log(step, stats)
+            if t.eval_every and step % t.eval_every == 0 and step != len(steps):
+                result.eval_history.append({"step": step, **evaluate(roles, data.eval, t.micro_batch_size)})
+                logger.log(step, result.eval_history[-1], prefix="eval")
+            progress.update(1)
+            progress.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats.get(objective_cls.accuracy_metric, math.nan):.3f}")
+        progress.close()
+        result.eval_history.append({"step": len(steps), **evaluate(roles, data.eval, t.micro_batch_size)})
+        logger.log(len(steps), result.eval_history[-1], prefix="eval")
+        result.final_train = result.train_history[-1]
+
+        if recipe.output.save_model:
+            model_dir = run_dir / "model"
+            roles.call("save_model", [(str(model_dir),)] * lr_cfg.num_actors, what="save model")
+            tokenizer.save_pretrained(str(model_dir))
+        _write_summary(result, recipe, objective_cls.accuracy_metric, len(data.train), len(data.eval),
+                       data.num_skipped)
+        return result
+    finally:
+        logger.close()
+        if roles is not None:
+            roles.shutdown()
+        if started_ray:
+            import ray
+            ray.shutdown()
+
+
+def _check_finite(stats: dict, step: int) -> None:
+    if not math.isfinite(stats["loss"]):
+        raise FloatingPointError(f"non-finite loss {stats['loss']} at step {step}")
+
+
+def _progress(total: int, recipe: Recipe, quiet: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=recipe.name, unit="step", disable=quiet or not recipe.output.progress_bar)
+
+
+def _write_summary(result: RunResult, recipe: Recipe, accuracy_metric: str, n_train: int, n_eval: int,
+                   n_skipped: int) -> None:
+    first, last = result.eval_history[0], result.eval_history[-1]
+    summary = {
+        "name": recipe.name, "objective": recipe.objective.name, "steps": result.steps,
+        "train_examples": n_train, "eval_examples": n_eval, "skipped_rows": n_skipped,
+        "final_train_loss": result.final_train.get("loss"),
+        "accuracy_metric": accuracy_metric,
+        "eval_accuracy_start": first.get(accuracy_metric), "eval_accuracy_final": last.get(accuracy_metric),
+        "eval_loss_final": last.get("loss"), "run_dir": str(result.run_dir),
+    }
+    (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -1,0 +1,1 @@
+"""Model loading (any HF causal LM by path) and the offline tiny model builder."""

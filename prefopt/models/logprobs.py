@@ -1,0 +1,32 @@
+"""Per-sequence log-probabilities of response tokens."""
+from __future__ import annotations
+
+import torch
+
+from prefopt.objectives.base import PolicyOutput
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(labels) under ``logits`` ([N, T, V] -> [N, T]), in float32 or wider.
+
+    Uses gather - logsumexp, which never materialises a full [N, T, V] log-softmax copy.
+    """
+    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> PolicyOutput:
+    """Summed log-probs of the tokens where ``loss_mask`` is True, predicted from position t-1."""
+    labels = input_ids[:, 1:]
+    mask = loss_mask[:, 1:].to(torch.bool)
+    per_token = token_logps(logits[:, :-1, :], labels.clamp(min=0))
+    per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
+    return PolicyOutput(logps=per_token.sum(-1), num_tokens=mask.sum(-1).to(per_token.dtype))
+
+
+def forward_logps(model, batch: dict[str, torch.Tensor]) -> PolicyOutput:
+    """One forward of every row in ``batch`` (chosen and rejected concatenated) -> PolicyOutput."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   use_cache=False).logits
+    return sequence_logps(logits, batch["input_ids"], batch["loss_mask"])

@@ -1,0 +1,14 @@
+"""Objectives, registered by name (``objective.name`` in a recipe).
+
+Importing this package registers every built-in objective.
+"""
+from prefopt.objectives.base import (OBJECTIVES, LossOut, Objective, ObjectiveParams,
+                                     PolicyOutput, register_objective)
+from prefopt.objectives import dpo, lipo, listmle, simpo  # noqa: F401  (registration)
+
+__all__ = ["OBJECTIVES", "LossOut", "Objective", "ObjectiveParams", "PolicyOutput",
+           "register_objective", "get_objective"]
+
+
+def get_objective(name: str) -> type[Objective]:
+    return OBJECTIVES.get(name)

@@ -1,0 +1,91 @@
+"""The interface every objective implements.
+
+An objective is two things:
+
+* a **pure loss function** in its own module (``dpo_loss``, ``simpo_loss``, ...), tensors in,
+  tensors out, documented and unit-tested alone;
+* a thin :class:`Objective` subclass, registered by name, that declares which roles the
+  objective needs and adapts a learner's micro-batch to the pure function.
+
+The learner computes, for every response row of a micro-batch, the *summed* log-probability of
+the response tokens under the policy (``policy.logps``) and the number of response tokens
+(``policy.num_tokens``). Row order is fixed by :func:`prefopt.data.collate.collate_examples`:
+
+* pairs: ``[chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}]`` (one concatenated forward);
+* lists: the valid slots of ``batch["slot_mask"]`` (``[B, K]``) in row-major order.
+
+Reference log-probs, when the objective needs them, arrive in ``batch["ref_logps"]`` in the same
+row order (computed once before training and cached, never in the training step).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from prefopt.registry import Registry
+
+
+@dataclass
+class ObjectiveParams:
+    """Parameters common to every objective; each objective subclasses this with its own."""
+    name: str = "dpo"
+
+
+@dataclass
+class PolicyOutput:
+    logps: torch.Tensor        # [N] summed response log-probs
+    num_tokens: torch.Tensor   # [N] response token counts (float)
+
+
+@dataclass
+class LossOut:
+    loss: torch.Tensor                                   # scalar: mean over the micro-batch examples
+    # Per-example values ([B]) or scalars; the driver averages them over examples and learners.
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class Objective:
+    name: ClassVar[str]
+    Params: ClassVar[type[ObjectiveParams]] = ObjectiveParams
+    needs: ClassVar[frozenset[str]] = frozenset()        # roles beyond the learner: {"reference"}, ...
+    batch_kind: ClassVar[str] = "pairs"                  # "pairs" | "lists" | "rollouts"
+    # Name of the metric reported as held-out accuracy by evaluations.
+    accuracy_metric: ClassVar[str] = "rewards/accuracy"
+
+    def __init__(self, params: ObjectiveParams):
+        self.params = params
+
+    def loss(self, policy: PolicyOutput, batch: dict[str, torch.Tensor]) -> LossOut:
+        raise NotImplementedError
+
+    def after_step(self, stats: dict) -> None:
+        """Hook run on the driver after each optimizer step (e.g. Lagrange multiplier updates)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+OBJECTIVES: Registry[type[Objective]] = Registry("objective")
+
+
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: registers ``cls`` under ``cls.name``."""
+    return OBJECTIVES.register(cls.name)(cls)
+
+
+def split_pairs(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a ``[2B]`` pairs row vector into (chosen ``[B]``, rejected ``[B]``)."""
+    half = values.shape[0] // 2
+    return values[:half], values[half:]
+
+
+def scatter_slots(values: torch.Tensor, slot_mask: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """Place the ``[N]`` row values of a lists batch into a ``[B, K]`` tensor (padded slots = fill)."""
+    out = values.new_full(slot_mask.shape, fill)
+    out[slot_mask] = values
+    return out

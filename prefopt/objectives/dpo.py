@@ -1,0 +1,126 @@
+"""DPO (Rafailov et al. 2023, arXiv 2305.18290), its label-smoothed variant cDPO, and IPO
+(Azar et al. 2023, arXiv 2310.12036).
+
+With h = [logp_pi(y_w) - logp_ref(y_w)] - [logp_pi(y_l) - logp_ref(y_l)]:
+
+* DPO:  -log sigma(beta h)
+* cDPO: -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)   (eps = ``label_smoothing``)
+* IPO:  (h - 1/(2 beta))^2, on log-probs averaged over response tokens (as TRL does; see below).
+
+The implicit reward of a response is beta * (logp_pi(y) - logp_ref(y)).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from prefopt.errors import ConfigError
+from prefopt.objectives.base import (LossOut, Objective, ObjectiveParams, PolicyOutput,
+                                     register_objective, split_pairs)
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, *,
+             beta: float, label_smoothing: float = 0.0, ipo: bool = False,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example DPO / cDPO / IPO losses.
+
+    Args:
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps: ``[B]``
+            response log-probs. For DPO/cDPO these are *summed* over response tokens. For IPO the
+            caller passes log-probs *averaged* over response tokens, as TRL's DPOTrainer does for
+            ``loss_type="ipo"`` (the IPO authors' normalisation); :class:`DPO` does this division.
+        beta: inverse temperature (for IPO the regulariser tau of the paper, Eq. 17).
+        label_smoothing: eps of cDPO, the assumed probability that a label is flipped; 0 is DPO.
+        ipo: use the IPO squared loss instead of the logistic one.
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are
+        ``beta * (policy - ref)`` of the inputs given, detached.
+    """
+    if ipo and label_smoothing != 0.0:
+        raise ValueError("label_smoothing does not apply to the IPO loss")
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    if ipo:
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        losses = (-(1.0 - label_smoothing) * F.logsigmoid(beta * h)
+                  - label_smoothing * F.logsigmoid(-beta * h))
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                 chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-example ``[B]`` metrics of a pairwise objective (all detached)."""
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    return {
+        "rewards/chosen": chosen_rewards,
+        "rewards/rejected": rejected_rewards,
+        "rewards/accuracy": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype),
+        "rewards/margin": chosen_rewards - rejected_rewards,
+        "logps/chosen": chosen_logps.detach(),
+        "logps/rejected": rejected_logps.detach(),
+    }
+
+
+@register_objective
+class DPO(Objective):
+    """DPO / cDPO (``label_smoothing > 0``) / IPO (``ipo=True``) on pairs; needs the reference."""
+
+    name = "dpo"
+    needs = frozenset({"reference"})
+    batch_kind = "pairs"
+
+    @dataclass
+    class Params(ObjectiveParams):
+        name: str = "dpo"
+        beta: float = 0.1
+        label_smoothing: float = 0.0   # cDPO eps, in [0, 0.5)
+        ipo: bool = False
+
+        def __post_init__(self):
+            self.validate()
+
+        def validate(self) -> None:
+            if not self.beta > 0:
+                raise ConfigError(f"objective.beta must be > 0, got {self.beta}")
+            if not 0.0 <= self.label_smoothing < 0.5:
+                raise ConfigError(
+                    f"objective.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+            if self.ipo and self.label_smoothing != 0.0:
+                raise ConfigError("objective.label_smoothing does not apply to IPO; set it to 0")
+
+    def loss(self, policy: PolicyOutput, batch: dict[str, torch.Tensor]) -> LossOut:
+        p = self.params
+        policy_logps, ref_logps = policy.logps, batch["ref_logps"]
+        if p.ipo:  # IPO works on per-token averages (TRL clamps the count at 1 the same way)
+            n = policy.num_tokens.clamp(min=1.0)
+            policy_logps, ref_logps = policy_logps / n, ref_logps / n
+        pol_c, pol_r = split_pairs(policy_logps)
+        ref_c, ref_r = split_pairs(ref_logps)
+        losses, rew_c, rew_r = dpo_loss(pol_c, pol_r, ref_c, ref_r, beta=p.beta,
+                                        label_smoothing=p.label_smoothing, ipo=p.ipo)
+        # logps/* report the summed policy log-probs whatever the loss works on.
+        sum_c, sum_r = split_pairs(policy.logps)
+        return LossOut(loss=losses.mean(), metrics=pair_metrics(rew_c, rew_r, sum_c, sum_r))
+
+
+@register_objective
+class IPO(DPO):
+    """IPO (Azar et al. 2023, arXiv 2310.12036): :class:`DPO` with ``ipo=True`` by default.
+
+    For IPO, ``rewards/*`` are beta times the per-token-averaged log-ratios the loss works on.
+    """
+
+    name = "ipo"
+
+    @dataclass
+    class Params(DPO.Params):
+        name: str = "ipo"
+        ipo: bool = True

@@ -1,0 +1,78 @@
+"""SimPO (Meng et al. 2024, arXiv 2405.14734): reference-free, length-normalised DPO with a margin.
+
+    loss = -log sigma( beta * avg_logp(y_w) - beta * avg_logp(y_l) - gamma )
+
+where avg_logp(y) = logp_pi(y) / |y| is the mean token log-prob of the response and gamma is the
+*absolute* target reward margin. The official code (princeton-nlp/SimPO) is parameterised by
+``gamma_beta_ratio = gamma / beta`` instead; TRL's CPOTrainer (``loss_type="simpo"``) by the
+absolute ``simpo_gamma``, like here. ``label_smoothing`` eps gives the conservative form of the
+official code: -(1 - eps) log sigma(z) - eps log sigma(-z).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from prefopt.errors import ConfigError
+from prefopt.objectives.base import (LossOut, Objective, ObjectiveParams, PolicyOutput,
+                                     register_objective, split_pairs)
+from prefopt.objectives.dpo import pair_metrics
+
+
+def simpo_loss(policy_chosen_avg_logps: torch.Tensor, policy_rejected_avg_logps: torch.Tensor, *,
+               beta: float, gamma: float, label_smoothing: float = 0.0,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-example SimPO losses.
+
+    Args:
+        policy_chosen_avg_logps, policy_rejected_avg_logps: ``[B]`` response log-probs *averaged*
+            over response tokens.
+        beta: reward scale.
+        gamma: absolute target margin (official code: ``gamma_beta_ratio * beta``).
+        label_smoothing: eps of the conservative loss; 0 is the paper's loss.
+
+    Returns:
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are
+        ``beta * avg_logp``, detached.
+    """
+    z = beta * (policy_chosen_avg_logps - policy_rejected_avg_logps) - gamma
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    return losses, beta * policy_chosen_avg_logps.detach(), beta * policy_rejected_avg_logps.detach()
+
+
+@register_objective
+class SimPO(Objective):
+    """SimPO on pairs; reference-free (needs no role beyond the learner)."""
+
+    name = "simpo"
+    needs = frozenset()
+    batch_kind = "pairs"
+
+    @dataclass
+    class Params(ObjectiveParams):
+        name: str = "simpo"
+        beta: float = 2.0
+        gamma: float = 1.0             # absolute margin; official code's gamma_beta_ratio = gamma / beta
+        label_smoothing: float = 0.0
+
+        def __post_init__(self):
+            self.validate()
+
+        def validate(self) -> None:
+            if not self.beta > 0:
+                raise ConfigError(f"objective.beta must be > 0, got {self.beta}")
+            if not self.gamma >= 0:
+                raise ConfigError(f"objective.gamma (absolute margin) must be >= 0, got {self.gamma}")
+            if not 0.0 <= self.label_smoothing < 0.5:
+                raise ConfigError(
+                    f"objective.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+    def loss(self, policy: PolicyOutput, batch: dict[str, torch.Tensor]) -> LossOut:
+        p = self.params
+        avg_c, avg_r = split_pairs(policy.logps / policy.num_tokens.clamp(min=1.0))
+        losses, rew_c, rew_r = simpo_loss(avg_c, avg_r, beta=p.beta, gamma=p.gamma,
+                                          label_smoothing=p.label_smoothing)
+        # logps/* are the average log-probs the loss works on.
+        return LossOut(loss=losses.mean(), metrics=pair_metrics(rew_c, rew_r, avg_c, avg_r))

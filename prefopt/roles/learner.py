@@ -1,0 +1,133 @@
+"""The learner role: one data-parallel DeepSpeed rank per Ray actor.
+
+The driver creates ``num_actors`` of these; they join one torch.distributed group and split each
+global batch. Every public method that touches the model is *collective*: the driver calls it on
+all learners at once, with the same number of micro-batches on each (see ``loops/batching.py``).
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from prefopt.config_schema import Recipe
+
+
+class LearnerWorker:
+    def __init__(self, recipe: Recipe, rank: int, world_size: int):
+        self.recipe, self.rank, self.world_size = recipe, rank, world_size
+        self.engine = None
+
+    # ------------------------------------------------------------------ set-up
+    def address(self) -> tuple[str, int]:
+        from prefopt.backends.distributed import free_port, node_ip
+        return node_ip(), free_port()
+
+    def setup(self, master_addr: str, master_port: int, *, total_steps: int, grad_accum: int,
+              pad_id: int) -> dict:
+        import torch
+
+        from prefopt.backends.deepspeed_engine import init_engine
+        from prefopt.backends.distributed import init_process_group
+        from prefopt.models.load import load_causal_lm
+        from prefopt.objectives import get_objective
+
+        r = self.recipe
+        torch.manual_seed(r.train.seed)
+        backend = init_process_group(self.rank, self.world_size, master_addr, master_port,
+                                     timeout_s=r.ray.call_timeout_s)
+        model = load_causal_lm(r.model.path, precision="fp32", trust_remote_code=r.model.trust_remote_code,
+                               attn_implementation=r.model.attn_implementation)
+        if r.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.engine = init_engine(model, r.train, r.roles.learner, grad_accum=grad_accum,
+                                  total_steps=total_steps)
+        self.objective = get_objective(r.objective.name)(r.objective)
+        self.pad_id = pad_id
+        self.device = self.engine.device
+        return {"rank": self.rank, "backend": backend, "device": str(self.device), "pid": os.getpid(),
+                "node_ip": master_addr if self.rank == 0 else None,
+                "num_parameters": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                                      for p in self.engine.module.parameters())}
+
+    # ------------------------------------------------------------------ helpers
+    def _collate(self, examples: list[dict]):
+        from prefopt.roles.common import collate_to
+        return collate_to(examples, self.pad_id, self.device)
+
+    def _forward(self, batch):
+        from prefopt.models.logprobs import forward_logps
+        return forward_logps(self.engine, batch)
+
+    # ------------------------------------------------------------------ collective calls
+    def compute_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
+        """Summed response log-probs (eval mode, no grad), e.g. to cache reference log-probs."""
+        from prefopt.roles.common import response_logps
+        self.engine.eval()
+        try:
+            return response_logps(self.engine, micro_batches, self.pad_id, self.device)
+        finally:
+            self.engine.train()
+
+    def evaluate(self, micro_batches: list[list[dict]]) -> list[dict]:
+        """Objective loss and metrics on held-out micro-batches (no update)."""
+        import torch
+
+        from prefopt.loops.metrics import summarize_loss
+        self.engine.eval()
+        out = []
+        with torch.no_grad():
+            for examples in micro_batches:
+                batch = self._collate(examples)
+                out.append(summarize_loss(self.objective.loss(self._forward(batch), batch), len(examples)))
+        self.engine.train()
+        return out
+
+    def train_step(self, micro_batches: list[list[dict]]) -> dict:
+        """One optimizer step: forward/backward on each micro-batch, then DeepSpeed's step."""
+        from prefopt.data.collate import count_tokens
+        from prefopt.loops.metrics import merge_summaries, summarize_loss
+
+        start = time.perf_counter()
+        lr = self.engine.get_lr()[0]
+        summaries, grad_norm = [], None
+        for examples in micro_batches:
+            batch = self._collate(examples)
+            out = self.objective.loss(self._forward(batch), batch)
+            self.engine.backward(out.loss)
+            if self.engine.is_gradient_accumulation_boundary() and self.engine.zero_optimization_stage() == 0:
+                grad_norm = self._full_grad_norm()   # ZeRO-0 does not record it; grads are all-reduced here
+            self.engine.step()   # applies the update only at the accumulation boundary
+            summaries.append(summarize_loss(out, len(examples)))
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        stats = merge_summaries(summaries)
+        stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        stats["lr"] = float(lr)
+        stats["tokens"] = sum(count_tokens(m) for m in micro_batches)
+        stats["time_s"] = time.perf_counter() - start
+        return stats
+
+    def _full_grad_norm(self) -> float:
+        import torch
+        grads = [p.grad.detach().double() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+    def save_model(self, out_dir: str) -> bool:
+        """Write the policy in HF format (safetensors). Collective under ZeRO-3; rank 0 writes."""
+        if self.recipe.roles.learner.zero_stage == 3:
+            state = self.engine._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.engine.module.state_dict() if self.rank == 0 else None
+        if self.rank == 0:
+            self.engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+        import torch.distributed as dist
+        dist.barrier()
+        return self.rank == 0
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def shutdown(self) -> None:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()

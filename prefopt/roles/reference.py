@@ -1,0 +1,27 @@
+"""The reference role as separate actors: a frozen copy of the initial policy.
+
+Used when ``roles.reference.placement: actor``. With ``placement: learner`` (the default) the
+learner group computes the same log-probs before its first update and no extra model is loaded.
+Either way reference log-probs are computed once and cached with the examples.
+"""
+from __future__ import annotations
+
+from prefopt.config_schema import Recipe
+
+
+class ReferenceWorker:
+    def __init__(self, recipe: Recipe, pad_id: int):
+        import torch
+
+        from prefopt.models.load import load_causal_lm
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = load_causal_lm(recipe.model.path, precision="fp32",
+                                    trust_remote_code=recipe.model.trust_remote_code,
+                                    attn_implementation=recipe.model.attn_implementation).to(self.device)
+        self.model.eval().requires_grad_(False)
+        self.pad_id = pad_id
+
+    def compute_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
+        from prefopt.roles.common import response_logps
+        return response_logps(self.model, micro_batches, self.pad_id, self.device)

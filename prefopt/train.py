@@ -1,0 +1,14 @@
+"""``prefopt.train(recipe)``: run any recipe with the loop its objective needs."""
+from __future__ import annotations
+
+from prefopt.config_schema import Recipe
+
+
+def train(recipe: Recipe, **kwargs):
+    from prefopt.objectives import get_objective
+
+    kind = get_objective(recipe.objective.name).batch_kind
+    if kind in ("pairs", "lists"):
+        from prefopt.loops.offline import train as offline_train
+        return offline_train(recipe, **kwargs)
+    raise NotImplementedError(f"no training loop for batch kind '{kind}'")
