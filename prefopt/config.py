@@ -122,7 +122,7 @@ def _typed(schema: type, data: dict, what: str) -> Any:
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
         msg = str(e).splitlines()[0]
-        if "Missing mandatory value" in msg:
+        if "issing mandatory value" in msg:
             raise ConfigError(f"{what}: required key '{key}' is not set") from None
         raise ConfigError(f"{what}: invalid value for '{key}': {msg}") from None
 

@@ -108,7 +108,7 @@ def test_dpo_class_uses_split_pairs_and_reports_metrics():
     torch.testing.assert_close(m["rewards/chosen"], rew_c, **TOL)
     torch.testing.assert_close(m["rewards/rejected"], rew_r, **TOL)
     torch.testing.assert_close(m["rewards/margin"], rew_c - rew_r, **TOL)
-    torch.testing.assert_close(m["rewards/accuracy"], (rew_c > rew_r).double())
+    torch.testing.assert_close(m["rewards/accuracy"], (rew_c > rew_r).double() + 0.5 * (rew_c == rew_r).double())
     torch.testing.assert_close(m["logps/chosen"], pc.detach())
     torch.testing.assert_close(m["logps/rejected"], pr.detach())
     assert all(v.shape == (B,) and not v.requires_grad for v in m.values())
@@ -159,7 +159,7 @@ def test_simpo_class_averages_and_needs_no_reference():
     expected, rew_c, rew_r = simpo_loss(avg[:B], avg[B:], beta=2.0, gamma=1.0)
     torch.testing.assert_close(out.loss, expected.mean(), **TOL)
     torch.testing.assert_close(out.metrics["logps/chosen"], avg[:B].detach(), **TOL)
-    torch.testing.assert_close(out.metrics["rewards/accuracy"], (rew_c > rew_r).double())
+    torch.testing.assert_close(out.metrics["rewards/accuracy"], (rew_c > rew_r).double() + 0.5 * (rew_c == rew_r).double())
     assert SimPO.needs == frozenset()
 
 
@@ -320,3 +320,11 @@ def test_invalid_params_raise_config_error(cls, kwargs):
 def test_default_params():
     assert DPO.Params() == DPO.Params(name="dpo", beta=0.1, label_smoothing=0.0, ipo=False)
     assert SimPO.Params() == SimPO.Params(name="simpo", beta=2.0, gamma=1.0, label_smoothing=0.0)
+
+
+def test_accuracy_counts_ties_as_half():
+    from prefopt.objectives.dpo import pair_metrics
+    c = torch.tensor([1.0, 0.0, -1.0, 0.0], dtype=torch.float64)
+    r = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    m = pair_metrics(c, r, c, r)
+    assert m["rewards/accuracy"].tolist() == [1.0, 0.5, 0.0, 0.0]

@@ -272,3 +272,10 @@ def test_invalid_list_params(cls, kwargs):
         cls.Params(**kwargs)
     with pytest.raises(ValueError):
         lipo_lambda_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), beta=1.0, weights="x")
+
+
+def test_ranking_accuracy_of_untrained_policy_is_chance():
+    from prefopt.objectives.lipo import list_metrics
+    s = torch.zeros(2, 4, dtype=torch.float64)            # policy == reference: all rewards tie
+    scores = torch.tensor([[3.0, 1.0, 0.0, 2.0], [0.0, 1.0, 2.0, 3.0]], dtype=torch.float64)
+    assert list_metrics(s, scores)["ranking/accuracy"].tolist() == [0.5, 0.5]

@@ -229,10 +229,11 @@ def _render_row(row, i: int, kind: str, tokenizer, cfg: DataConfig, source: str)
                             source=source, row=i, field=sf)
         scores = []
         for j, s in enumerate(raw_scores):
-            if not isinstance(s, Real) or isinstance(s, bool) or not math.isfinite(s):
+            value = _finite_float(s)
+            if value is None:
                 raise DataError(f"score {j} must be a finite number, got {_describe(s)}",
                                 source=source, row=i, field=sf)
-            scores.append(float(s))
+            scores.append(value)
         if len(set(scores)) == 1:
             raise DataError(f"all scores are equal ({scores[0]}): no preference signal",
                             source=source, row=i, field=sf)
@@ -370,6 +371,16 @@ def _check_unicode(text: str, source, row, name) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise DataError(f"invalid unicode text: {e.reason}", source=source, row=row, field=name) from None
+
+
+def _finite_float(value) -> float | None:
+    if not isinstance(value, Real) or isinstance(value, bool):
+        return None
+    try:
+        value = float(value)
+    except (OverflowError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _describe(value) -> str:

@@ -62,7 +62,9 @@ def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
     return {
         "rewards/chosen": chosen_rewards,
         "rewards/rejected": rejected_rewards,
-        "rewards/accuracy": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype),
+        # ties count half: a policy that cannot tell the two apart scores chance (0.5), not 0
+        "rewards/accuracy": ((chosen_rewards > rejected_rewards).to(chosen_rewards.dtype)
+                             + 0.5 * (chosen_rewards == rejected_rewards).to(chosen_rewards.dtype)),
         "rewards/margin": chosen_rewards - rejected_rewards,
         "logps/chosen": chosen_logps.detach(),
         "logps/rejected": rejected_logps.detach(),

@@ -124,7 +124,8 @@ def list_metrics(s: torch.Tensor, scores: torch.Tensor,
                  mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-list ``[B]`` metrics of a listwise objective (shared by LiPO and ListMLE), detached.
 
-    * ``ranking/accuracy``: fraction of ordered pairs (psi_i > psi_j) with s_i > s_j. A list with
+    * ``ranking/accuracy``: fraction of ordered pairs (psi_i > psi_j) with s_i > s_j, ties s_i = s_j
+      counting half (so an untrained policy scores chance, 0.5). A list with
       no ordered pair (one valid slot, or all labels tied) has no accuracy; to keep the values
       NaN-free and the plain mean over the micro-batch equal to the mean over lists that have
       pairs, such a list gets the mean of the others (0.5 if no list in the batch has a pair).
@@ -138,9 +139,10 @@ def list_metrics(s: torch.Tensor, scores: torch.Tensor,
         s = s.detach().masked_fill(~mask, 0.0)
         psi = scores.detach().to(s.dtype)
         pairs = ordered_pairs(psi, mask)
-        correct = pairs & (s.unsqueeze(-1) > s.unsqueeze(-2))
+        diff = s.unsqueeze(-1) - s.unsqueeze(-2)
+        correct = (pairs & (diff > 0)).to(s.dtype) + 0.5 * (pairs & (diff == 0)).to(s.dtype)  # ties: half
         n_pairs = pairs.sum((-2, -1)).to(s.dtype)
-        acc = correct.sum((-2, -1)).to(s.dtype) / n_pairs.clamp(min=1.0)
+        acc = correct.sum((-2, -1)) / n_pairs.clamp(min=1.0)
         has = n_pairs > 0
         fill = acc[has].mean() if bool(has.any()) else acc.new_tensor(0.5)
         acc = torch.where(has, acc, fill)

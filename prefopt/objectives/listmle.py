@@ -20,7 +20,7 @@ import torch
 from prefopt.errors import ConfigError
 from prefopt.objectives.base import (LossOut, Objective, ObjectiveParams, PolicyOutput,
                                      register_objective)
-from prefopt.objectives.lipo import valid_mask, implicit_rewards, list_inputs, list_metrics, ranks
+from prefopt.objectives.lipo import implicit_rewards, list_inputs, list_metrics, ranks, valid_mask
 
 
 def listmle_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, scores: torch.Tensor, *,

@@ -1,0 +1,86 @@
+"""Collate tokenized preference examples into padded micro-batch tensors.
+
+One tensor row per response, prompt + response, right-padded to the longest row of the
+micro-batch. Row order (what the objectives expect, see :mod:`prefopt.objectives.base`):
+
+* pairs: ``[chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}]`` (one concatenated forward);
+* lists: the responses of each example in order, example after example (row-major over the
+  valid slots of ``slot_mask``).
+
+``loss_mask[i, t]`` is True when token ``t`` of row ``i`` is a response token (the learner scores
+token ``t`` with the logits at ``t - 1``, so position 0 is never True).
+"""
+from __future__ import annotations
+
+import torch
+
+KINDS = ("pairs", "lists")
+
+
+def collate_examples(examples: list[dict], *, pad_id: int, kind: str) -> dict[str, torch.Tensor]:
+    """Tensors of a micro-batch of ``B`` examples with ``N`` response rows in total.
+
+    ``input_ids`` / ``attention_mask`` ``[N, L]`` long, ``loss_mask`` ``[N, L]`` bool,
+    ``scores`` ``[B, K]`` float (0 on padded slots), ``slot_mask`` ``[B, K]`` bool, and
+    ``ref_logps`` ``[N]`` float64 when every example carries ``"ref_logps"``.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown batch kind '{kind}' (expected one of {KINDS})")
+    if not examples:
+        raise ValueError("cannot collate an empty micro-batch")
+    if pad_id is None:
+        raise ValueError("pad_id is None (set the tokenizer's pad token)")
+    if kind == "pairs":
+        for ex in examples:
+            if len(ex["response_ids"]) != 2:
+                raise ValueError(f"a pairs example has 2 responses, row {ex.get('row')} has "
+                                 f"{len(ex['response_ids'])}")
+        slots = [(b, k) for k in range(2) for b in range(len(examples))]
+    else:
+        slots = [(b, k) for b, ex in enumerate(examples) for k in range(len(ex["response_ids"]))]
+
+    lengths = [len(examples[b]["prompt_ids"]) + len(examples[b]["response_ids"][k]) for b, k in slots]
+    n, width = len(slots), max(lengths)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    loss_mask = torch.zeros((n, width), dtype=torch.bool)
+    for i, ((b, k), length) in enumerate(zip(slots, lengths)):
+        prompt = examples[b]["prompt_ids"]
+        input_ids[i, :length] = torch.tensor(list(prompt) + list(examples[b]["response_ids"][k]),
+                                             dtype=torch.long)
+        attention_mask[i, :length] = 1
+        loss_mask[i, len(prompt):length] = True
+
+    num_slots = max(len(ex["response_ids"]) for ex in examples)
+    scores = torch.zeros((len(examples), num_slots), dtype=torch.float32)
+    slot_mask = torch.zeros((len(examples), num_slots), dtype=torch.bool)
+    for b, ex in enumerate(examples):
+        k = len(ex["response_ids"])
+        if len(ex["scores"]) != k:
+            raise ValueError(f"row {ex.get('row')}: {len(ex['scores'])} scores for {k} responses")
+        scores[b, :k] = torch.tensor(ex["scores"], dtype=torch.float32)
+        slot_mask[b, :k] = True
+
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
+             "scores": scores, "slot_mask": slot_mask}
+    if all("ref_logps" in ex for ex in examples):
+        for ex in examples:
+            if len(ex["ref_logps"]) != len(ex["response_ids"]):
+                raise ValueError(f"row {ex.get('row')}: {len(ex['ref_logps'])} ref_logps for "
+                                 f"{len(ex['response_ids'])} responses")
+        batch["ref_logps"] = torch.tensor([float(examples[b]["ref_logps"][k]) for b, k in slots],
+                                          dtype=torch.float64)
+    return batch
+
+
+def count_tokens(examples: list[dict]) -> int:
+    """Non-pad tokens of the collated micro-batch (the prompt counts once per response row)."""
+    return sum(len(ex["prompt_ids"]) * len(ex["response_ids"]) + sum(len(r) for r in ex["response_ids"])
+               for ex in examples)
+
+
+def make_micro_batches(examples: list[dict], micro_batch_size: int) -> list[list[dict]]:
+    """Consecutive chunks of ``micro_batch_size`` examples (the last one may be smaller)."""
+    if micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be >= 1 (got {micro_batch_size})")
+    return [examples[i:i + micro_batch_size] for i in range(0, len(examples), micro_batch_size)]
