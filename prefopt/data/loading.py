@@ -98,6 +98,8 @@ def _load_file(file: Path, split: str, cache: Path, *, source: str) -> list[dict
     except Exception as e:
         if fmt == "json":
             _precheck_json(file, source, full=True)   # raises with the line, if it finds it
+        if "corresponds to no data" in str(e):
+            raise DataError("no data: the records have no fields", source=source) from e
         raise DataError(f"could not read the file: {_describe(e)}", source=source) from e
     return _to_rows(ds, source)
 

@@ -31,6 +31,7 @@ class RunResult:
     final_train: dict
     eval_history: list[dict] = field(default_factory=list)
     train_history: list[dict] = field(default_factory=list)
+    reference_time_s: float = 0.0
 
     @property
     def final_eval(self) -> dict:
@@ -147,12 +148,13 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         roles = Roles(recipe, tokenizer.pad_token_id)
         info = roles.setup(total_steps=len(steps), grad_accum=grad_accum, pad_id=tokenizer.pad_token_id)
         (run_dir / "placement.json").write_text(json.dumps(info, indent=1))
+        result = RunResult(run_dir=run_dir, steps=len(steps), final_train={})
         if "reference" in objective_cls.needs:
             start = time.perf_counter()
             cache_reference_logps(roles, data.train + data.eval, t.micro_batch_size)
-            logger.log(0, {"time_s": time.perf_counter() - start,
+            result.reference_time_s = time.perf_counter() - start
+            logger.log(0, {"time_s": result.reference_time_s,
                            "examples": len(data.train) + len(data.eval)}, prefix="reference")
-        result = RunResult(run_dir=run_dir, steps=len(steps), final_train={})
         result.eval_history.append({"step": 0, **evaluate(roles, data.eval, t.micro_batch_size)})
         logger.log(0, result.eval_history[-1], prefix="eval")
 
@@ -165,6 +167,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
             elapsed = time.perf_counter() - start
             stats = means(merge_summaries(per_learner))
             stats.update(grad_norm=per_learner[0]["grad_norm"], lr=per_learner[0]["lr"],
+                         peak_memory_mb=max(p["peak_memory_mb"] for p in per_learner),
                          epoch=(step - 1) * t.batch_size / len(data.train),
                          tokens_per_s=sum(p["tokens"] for p in per_learner) / elapsed,
                          examples_per_s=t.batch_size / elapsed, step_time_s=elapsed)
@@ -218,5 +221,10 @@ def _write_summary(result: RunResult, recipe: Recipe, accuracy_metric: str, n_tr
         "accuracy_metric": accuracy_metric,
         "eval_accuracy_start": first.get(accuracy_metric), "eval_accuracy_final": last.get(accuracy_metric),
         "eval_loss_final": last.get("loss"), "run_dir": str(result.run_dir),
+        "reference_time_s": result.reference_time_s,
+        "train_time_s": sum(h["step_time_s"] for h in result.train_history),
+        "peak_memory_mb": max(h["peak_memory_mb"] for h in result.train_history),
     }
+    summary["examples_per_s"] = (result.steps * recipe.train.batch_size
+                                 / (summary["train_time_s"] + summary["reference_time_s"]))
     (result.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

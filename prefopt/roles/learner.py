@@ -12,6 +12,16 @@ import time
 from prefopt.config_schema import Recipe
 
 
+def peak_memory_mb() -> float:
+    """Peak memory of this process: GPU memory allocated on CUDA, else peak resident set size."""
+    import resource
+
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 class LearnerWorker:
     def __init__(self, recipe: Recipe, rank: int, world_size: int):
         self.recipe, self.rank, self.world_size = recipe, rank, world_size
@@ -105,6 +115,7 @@ class LearnerWorker:
         stats["lr"] = float(lr)
         stats["tokens"] = sum(count_tokens(m) for m in micro_batches)
         stats["time_s"] = time.perf_counter() - start
+        stats["peak_memory_mb"] = peak_memory_mb()
         return stats
 
     def _full_grad_norm(self) -> float:

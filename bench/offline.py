@@ -1,0 +1,417 @@
+#!/usr/bin/env python
+"""Offline DPO throughput and peak memory: prefopt vs TRL's ``DPOTrainer``, same everything.
+
+    python bench/offline.py            # full bench (tiny-llama and llama-30m), ~10 minutes on 2 CPU cores
+    python bench/offline.py --quick    # smoke run: tiny model only, few steps (~2 minutes)
+    python bench/offline.py --models tiny --out /tmp/b
+
+Every configuration (one table row) runs in its own subprocess (``--worker trl|prefopt``) so
+that its peak RSS is clean. All rows of one model share the model directory, the JSONL data
+file, the global batch (pairs per optimizer step), micro-batch, lr, schedule, number of steps,
+max_length, beta and precision (fp32). See bench/README.md for the definitions:
+
+* pairs/s = (steps x global batch) / (training wall time + reference log-prob time), excluding
+  process / Ray start, model loading, tokenization and evaluation. TRL: ``on_train_begin`` ->
+  ``on_train_end`` of a TrainerCallback, plus the time of ``DPOTrainer._precompute_ref_logps``
+  (in TRL 1.16 the precompute runs inside ``DPOTrainer.__init__``, so it is timed separately).
+  prefopt: ``summary.json``'s ``train_time_s`` plus ``reference_time_s`` minus the held-out
+  examples' share of the latter (the eval set is one micro-batch, given as ``data.eval_path``).
+* peak MB = peak RSS (``ru_maxrss``) of the process that trained: TRL's worker process; for
+  prefopt the learner actor (``summary.json`` ``peak_memory_mb``, max over learners). Both
+  include that process's Python/torch baseline. For 2 learners the sampled *sum* over the
+  learner processes is reported too.
+
+Results go to ``$BENCH_OUT`` (default ``runs/bench/<timestamp>``): ``results.json``,
+``results.md`` and one log per row under ``logs/``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Per model: the workload shared by every row.
+MODELS = {
+    "tiny": dict(model="builtin:tiny-llama", label="tiny-llama (0.16M)", steps=64,
+                 batch=16, micro=8, max_length=64, max_prompt_length=32, min_words=3, max_words=10,
+                 lr=2.0e-3, beta=0.1),
+    "30m": dict(model="builtin:llama-30m", label="llama-30m (30M)", steps=12,
+                batch=8, micro=4, max_length=256, max_prompt_length=64, min_words=48, max_words=148,
+                lr=1.0e-4, beta=0.1),
+}
+QUICK = {"tiny": dict(steps=16)}
+
+CPUS = os.cpu_count() or 1
+# Rows, in table order. kind: trl | prefopt. TRL's keys are DPOConfig overrides *on top of* what
+# every TRL row sets (see trl_worker); absent keys keep TRL's defaults.
+ROWS = [
+    dict(id="trl-default", kind="trl", label="TRL defaults (grad ckpt on, ref model per step)",
+         threads=CPUS, trl={}),
+    dict(id="trl-precompute", kind="trl", label="TRL precompute_ref_log_probs (grad ckpt on)",
+         threads=CPUS, trl={"precompute_ref_log_probs": True}),
+    dict(id="trl-fair", kind="trl", label="TRL precompute, no grad ckpt (fair)",
+         threads=CPUS, trl={"precompute_ref_log_probs": True, "gradient_checkpointing": False}),
+    dict(id="trl-fair-1t", kind="trl", label="TRL precompute, no grad ckpt, 1 thread",
+         threads=1, trl={"precompute_ref_log_probs": True, "gradient_checkpointing": False}),
+    dict(id="prefopt-1l", kind="prefopt", label="prefopt 1 learner, ZeRO-0, 1 thread",
+         threads=1, learners=1, zero=0),
+    dict(id="prefopt-1l-2t", kind="prefopt", label=f"prefopt 1 learner, ZeRO-0, {CPUS} threads",
+         threads=CPUS, learners=1, zero=0),
+    dict(id="prefopt-2l", kind="prefopt", label="prefopt 2 learners, ZeRO-2, 1 thread each",
+         threads=1, learners=2, zero=2),
+]
+BASELINES = ("trl-default", "trl-fair")
+
+
+# ============================================================================ data
+
+def write_data(spec: dict, out_dir: Path, tokenizer) -> tuple[Path, Path, dict]:
+    """Synthetic pairs (prefopt's generator, response length from the spec) as JSONL: a train
+    file of exactly steps x batch rows (one epoch) and a one-micro-batch eval file."""
+    import random
+
+    from prefopt.data import synthetic
+
+    rng = random.Random(0)
+    n_train, n_eval = spec["steps"] * spec["batch"], spec["micro"]
+    rows = []
+    for _ in range(n_train + n_eval):
+        lo, hi = spec["min_words"], spec["max_words"]
+        # responses start with a space so that prompt+response (TRL) and the response alone (prefopt)
+        # tokenize the same way at the boundary
+        rows.append({"prompt": synthetic._prompt(rng),
+                     "chosen": " " + synthetic._response(rng, 0.9, lo, hi),
+                     "rejected": " " + synthetic._response(rng, 0.1, lo, hi)})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train, evals = out_dir / "train.jsonl", out_dir / "eval.jsonl"
+    for path, part in ((train, rows[:n_train]), (evals, rows[n_train:])):
+        path.write_text("".join(json.dumps(r) + "\n" for r in part))
+    # token statistics; check nothing gets truncated by either framework
+    lengths, resp = [], []
+    for r in rows[:n_train]:
+        p = len(tokenizer(r["prompt"])["input_ids"])
+        for k in ("chosen", "rejected"):
+            n = len(tokenizer(r[k], add_special_tokens=False)["input_ids"]) + 1  # + eos
+            resp.append(n)
+            lengths.append(p + n)
+            if p > spec["max_prompt_length"] or p + n > spec["max_length"]:
+                raise SystemExit(f"bench data: a row would be truncated ({p} + {n} tokens)")
+    stats = {"train_rows": n_train, "eval_rows": n_eval,
+             "response_tokens": [min(resp), statistics.mean(resp), max(resp)],
+             "sequence_tokens": [min(lengths), statistics.mean(lengths), max(lengths)]}
+    return train, evals, stats
+
+
+# ============================================================================ workers
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def trl_worker(cfg: dict) -> dict:
+    import torch
+    torch.set_num_threads(cfg["threads"])
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    baseline_mb = _rss_mb()
+    # TRL 1.16 precomputes reference log-probs inside DPOTrainer.__init__: time that method.
+    pre = {"s": 0.0, "calls": 0}
+    original = DPOTrainer._precompute_ref_logps
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            pre["s"] += time.perf_counter() - start
+            pre["calls"] += 1
+
+    DPOTrainer._precompute_ref_logps = timed
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.begin = self.end = self.step_start = None
+            self.steps = []
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.begin = time.perf_counter()
+
+        def on_step_begin(self, args, state, control, **kw):
+            self.step_start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.steps.append(time.perf_counter() - self.step_start)
+
+        def on_train_end(self, args, state, control, **kw):
+            self.end = time.perf_counter()
+
+    rows = [json.loads(line) for line in Path(cfg["train_path"]).read_text().splitlines()]
+    dataset = Dataset.from_list(rows)   # in memory: no datasets cache reused across runs
+    tokenizer = AutoTokenizer.from_pretrained(cfg["model_dir"])
+    model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"], dtype=torch.float32,
+                                                 attn_implementation="sdpa")
+    spec = cfg["spec"]
+    kwargs = dict(  # what every TRL row sets: the shared workload, fp32, no I/O side effects
+        output_dir=cfg["tmp"], per_device_train_batch_size=spec["micro"],
+        gradient_accumulation_steps=spec["batch"] // spec["micro"], max_steps=spec["steps"],
+        num_train_epochs=1, learning_rate=spec["lr"], lr_scheduler_type="linear", warmup_steps=0,
+        beta=spec["beta"], max_length=spec["max_length"], bf16=False, seed=0,
+        report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True)
+    kwargs.update(cfg["trl"])
+    # TRL's own defaults, as declared (bf16=None means "True unless fp16"); on a CPU-only machine
+    # DPOConfig() with them raises ("doesn't support bf16/gpu"), so every row sets bf16=False.
+    fields = DPOConfig.__dataclass_fields__
+    defaults = {k: fields[k].default for k in (
+        "bf16", "gradient_checkpointing", "precompute_ref_log_probs", "learning_rate", "max_length",
+        "logging_steps", "per_device_train_batch_size")}
+    try:
+        DPOConfig(output_dir=cfg["tmp"])
+        defaults["defaults_construct"] = "ok"
+    except Exception as e:  # noqa: BLE001 - recorded, not handled
+        defaults["defaults_construct"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+    args = DPOConfig(**kwargs)
+    timer = Timer()
+    trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=dataset,
+                         callbacks=[timer])
+    init_mb = _rss_mb()
+    out = trainer.train()
+    n_tokens = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"])
+                   for r in trainer.train_dataset)
+    train_s = timer.end - timer.begin
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "pairs": spec["steps"] * spec["batch"], "train_s": train_s, "reference_s": pre["s"],
+        "precompute_calls": pre["calls"], "peak_mb": _rss_mb(), "baseline_mb": baseline_mb,
+        "after_init_mb": init_mb, "threads": torch.get_num_threads(),
+        "step_s_median": statistics.median(timer.steps) if timer.steps else None,
+        "steps_done": out.global_step, "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None, "train_tokens": n_tokens,
+        "effective": {k: getattr(args, k) for k in (
+            "bf16", "gradient_checkpointing", "precompute_ref_log_probs", "per_device_train_batch_size",
+            "gradient_accumulation_steps", "max_length", "learning_rate", "beta", "logging_steps")},
+        "trl_defaults": defaults,
+        "ref_model_kept": trainer.ref_model is not None,
+    }
+
+
+class _LearnerRSS(threading.Thread):
+    """Samples the summed RSS of the Ray learner actor processes (for >1 learner)."""
+
+    def __init__(self, interval: float = 0.1):
+        super().__init__(daemon=True)
+        self.interval, self.peak_sum_mb, self.pids, self.stop = interval, 0.0, set(), threading.Event()
+
+    def run(self):
+        import psutil
+        while not self.stop.is_set():
+            total, pids = 0, set()
+            for p in psutil.process_iter(["cmdline"]):
+                try:
+                    cmd = " ".join(p.info["cmdline"] or [])
+                    if cmd.startswith("ray::LearnerWorker"):
+                        total += p.memory_info().rss
+                        pids.add(p.pid)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    pass
+            self.pids |= pids
+            self.peak_sum_mb = max(self.peak_sum_mb, total / 2**20)
+            self.stop.wait(self.interval)
+
+
+def prefopt_worker(cfg: dict) -> dict:
+    from prefopt.config import load_recipe
+    from prefopt.loops.offline import train
+
+    spec, t = cfg["spec"], cfg["threads"]
+    overrides = [
+        f"name=bench-{cfg['id']}", f"model.path={cfg['model_dir']}",
+        f"data.path={cfg['train_path']}", f"data.eval_path={cfg['eval_path']}", "data.eval_fraction=0",
+        f"data.max_length={spec['max_length']}", f"data.max_prompt_length={spec['max_prompt_length']}",
+        f"objective.beta={spec['beta']}",
+        f"roles.learner.num_actors={cfg['learners']}", f"roles.learner.zero_stage={cfg['zero']}",
+        f"roles.learner.num_cpus={t}",
+        f"train.batch_size={spec['batch']}", f"train.micro_batch_size={spec['micro']}", "train.epochs=1",
+        f"train.max_steps={spec['steps']}", f"train.lr={spec['lr']}", "train.lr_scheduler=linear",
+        "train.warmup_ratio=0", "train.eval_every=0", "train.precision=fp32", "train.seed=0",
+        f"output.root={cfg['tmp']}", "output.save_model=false", "output.tensorboard=false",
+        "output.progress_bar=false", f"ray.num_cpus={max(CPUS, t * cfg['learners'])}",
+    ]
+    if t != 1:  # prefopt pins every actor to 1 BLAS/OpenMP thread unless ray.env says otherwise
+        overrides += [f"ray.env.OMP_NUM_THREADS={t}", f"ray.env.MKL_NUM_THREADS={t}"]
+    recipe = load_recipe(REPO / "recipes" / "tiny_dpo.yaml", overrides)
+    sampler = _LearnerRSS()
+    sampler.start()
+    result = train(recipe, quiet=True)
+    sampler.stop.set()
+    sampler.join()
+    summary = json.loads((result.run_dir / "summary.json").read_text())
+    metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    n_train, n_eval = summary["train_examples"], summary["eval_examples"]
+    # reference_time_s covers train + eval examples; keep the training examples' share
+    reference_s = summary["reference_time_s"] * n_train / (n_train + n_eval)
+    steps = [h["step_time_s"] for h in result.train_history]
+    tokens = sum(h["tokens_per_s"] * h["step_time_s"] for h in result.train_history)
+    return {
+        "pairs": summary["steps"] * spec["batch"], "train_s": summary["train_time_s"],
+        "reference_s": reference_s, "reference_s_incl_eval": summary["reference_time_s"],
+        "peak_mb": summary["peak_memory_mb"], "peak_sum_mb": sampler.peak_sum_mb if cfg["learners"] > 1 else None,
+        "learner_pids": sorted(sampler.pids), "threads": t, "driver_peak_mb": _rss_mb(),
+        "step_s_median": statistics.median(steps),
+        "steps_done": summary["steps"], "train_examples": n_train, "eval_examples": n_eval,
+        "first_loss": result.train_history[0]["loss"], "last_loss": result.train_history[-1]["loss"],
+        "train_tokens": tokens, "summary_examples_per_s": summary["examples_per_s"],
+        "metrics_lines": len(metrics),
+    }
+
+
+def run_worker(kind: str, config_path: str) -> None:
+    cfg = json.loads(Path(config_path).read_text())
+    out = (trl_worker if kind == "trl" else prefopt_worker)(cfg)
+    Path(cfg["result"]).write_text(json.dumps(out, indent=1, default=str))
+
+
+# ============================================================================ orchestration
+
+def versions() -> dict:
+    from importlib.metadata import version
+    v = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "trl", "accelerate", "datasets", "deepspeed", "ray"):
+        try:
+            v[pkg] = version(pkg)
+        except Exception:
+            v[pkg] = None
+    return v
+
+
+def run_row(row: dict, spec: dict, model_dir: str, data: tuple[Path, Path], out: Path, key: str,
+            timeout: float) -> dict:
+    name = f"{key}-{row['id']}"
+    tmp = tempfile.mkdtemp(prefix=f"bench-{name}-")
+    cfg = {"id": name, "spec": spec, "model_dir": model_dir, "train_path": str(data[0]),
+           "eval_path": str(data[1]), "tmp": tmp, "threads": row["threads"],
+           "trl": row.get("trl", {}), "learners": row.get("learners"), "zero": row.get("zero"),
+           "result": str(out / "raw" / f"{name}.json")}
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "raw" / f"{name}.config.json"
+    cfg_path.write_text(json.dumps(cfg, indent=1))
+    env = dict(os.environ)
+    # the TRL process runs torch in-process with `threads` intra-op threads; prefopt's driver needs
+    # none (its actors get theirs from prefopt's worker env / ray.env)
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(row["threads"] if row["kind"] == "trl" else 1)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    env.setdefault("RAY_AUTH_MODE", "disabled")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env["TQDM_DISABLE"] = "1"
+    start = time.perf_counter()
+    with open(out / "logs" / f"{name}.log", "w") as log:
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", row["kind"],
+                               "--config", str(cfg_path)], stdout=log, stderr=subprocess.STDOUT,
+                              env=env, cwd=str(REPO), timeout=timeout)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = (out / "logs" / f"{name}.log").read_text()[-3000:]
+        raise SystemExit(f"bench row {name} failed (exit {proc.returncode}); log tail:\n{tail}")
+    res = json.loads(Path(cfg["result"]).read_text())
+    res.update(process_wall_s=wall, pairs_per_s=res["pairs"] / (res["train_s"] + res["reference_s"]))
+    return res
+
+
+def fmt_table(results: list[dict]) -> str:
+    head = ("| model | framework / config | threads | steps x batch | pairs/s | train s | ref s "
+            "| peak MB | x TRL defaults | x TRL fair | mem / TRL fair |")
+    lines = [head, "|" + "---|" * 11]
+    for r in results:
+        base = {b: next((x for x in results if x["model"] == r["model"] and x["row"] == b), None)
+                for b in BASELINES}
+        ratio = {b: (f"{r['pairs_per_s'] / base[b]['pairs_per_s']:.2f}" if base[b] else "-") for b in BASELINES}
+        mem = f"{r['peak_mb'] / base['trl-fair']['peak_mb']:.2f}" if base["trl-fair"] else "-"
+        peak = f"{r['peak_mb']:.0f}"
+        if r.get("peak_sum_mb"):
+            peak += f" (sum {r['peak_sum_mb']:.0f})"
+        threads = f"{r['threads']}" if r["kind"] == "trl" or r.get("learners", 1) == 1 \
+            else f"{r['learners']}x{r['threads']}"
+        lines.append(f"| {r['model_label']} | {r['label']} | {threads} | {r['steps_done']} x {r['batch']} "
+                     f"| {r['pairs_per_s']:.1f} | {r['train_s']:.2f} | {r['reference_s']:.2f} | {peak} "
+                     f"| {ratio['trl-default']} | {ratio['trl-fair']} | {mem} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="tiny model only, few steps (smoke run)")
+    ap.add_argument("--models", default=None, help="comma-separated subset of: " + ",".join(MODELS))
+    ap.add_argument("--rows", default=None, help="comma-separated subset of row ids: "
+                    + ",".join(r["id"] for r in ROWS))
+    ap.add_argument("--out", default=os.environ.get("BENCH_OUT"), help="output folder "
+                    "(default $BENCH_OUT or runs/bench/<timestamp>)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per row")
+    ap.add_argument("--worker", choices=("trl", "prefopt"), help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.worker:
+        return run_worker(a.worker, a.config)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from prefopt.models.load import load_tokenizer
+    from prefopt.models.tiny import resolve_model_path
+
+    keys = a.models.split(",") if a.models else (["tiny"] if a.quick else list(MODELS))
+    rows = [r for r in ROWS if not a.rows or r["id"] in a.rows.split(",")]
+    out = Path(a.out) if a.out else REPO / "runs" / "bench" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"versions": versions(), "cpus": CPUS, "machine": platform.machine(),
+            "processor": _cpu_name(), "quick": a.quick, "models": {}}
+    results = []
+    t0 = time.perf_counter()
+    for key in keys:
+        spec = dict(MODELS[key], **(QUICK.get(key, {}) if a.quick else {}))
+        model_dir = resolve_model_path(spec["model"])
+        data = write_data(spec, out / "data" / key, load_tokenizer(model_dir))
+        meta["models"][key] = {"spec": spec, "model_dir": model_dir, "data": data[2]}
+        print(f"== {spec['label']}: {spec['steps']} steps x {spec['batch']} pairs (micro {spec['micro']}), "
+              f"max_length {spec['max_length']}, sequence tokens min/mean/max "
+              f"{data[2]['sequence_tokens'][0]}/{data[2]['sequence_tokens'][1]:.0f}/{data[2]['sequence_tokens'][2]}",
+              flush=True)
+        for row in rows:
+            res = run_row(row, spec, model_dir, data[:2], out, key, a.timeout)
+            res.update(model=key, model_label=spec["label"], row=row["id"], label=row["label"],
+                       kind=row["kind"], learners=row.get("learners"), batch=spec["batch"])
+            results.append(res)
+            print(f"  {row['label']:<50} {res['pairs_per_s']:8.1f} pairs/s  peak {res['peak_mb']:6.0f} MB  "
+                  f"(train {res['train_s']:.2f}s + ref {res['reference_s']:.2f}s; "
+                  f"process {res['process_wall_s']:.0f}s)", flush=True)
+    meta["total_s"] = time.perf_counter() - t0
+    table = fmt_table(results)
+    print("\n" + table)
+    print(f"\n{len(results)} rows in {meta['total_s']:.0f}s; results in {out}")
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
+    (out / "results.md").write_text(table + "\n")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()

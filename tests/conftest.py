@@ -1,0 +1,27 @@
+"""Test-wide settings: one thread per process, offline hub, a cache inside the repo, and one
+embedded Ray cluster shared by the end-to-end tests (started on first use)."""
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("PREFOPT_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "prefopt"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster (4 logical CPUs: 2 learners + a reference actor + slack)."""
+    import ray
+
+    from prefopt.cluster import init_ray
+    from prefopt.config_schema import RayConfig
+
+    started = init_ray(RayConfig(num_cpus=4), num_cpus_needed=4)
+    yield ray
+    if started:
+        ray.shutdown()
