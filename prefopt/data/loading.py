@@ -15,7 +15,8 @@ A name that looks local (a file suffix, a leading ``./``, ``../``, ``/`` or ``~`
 path separators; ``org/name`` hub names have one) but does not exist is a :class:`DataError`.
 
 Row numbers in errors are 0-based record indices in what was loaded (for JSONL, blank lines are
-not counted); JSON syntax errors also give the 1-based line number.
+not counted; for a directory, the index in its loaded split); JSON syntax errors also give the
+1-based line number.
 """
 from __future__ import annotations
 
@@ -156,7 +157,10 @@ def _quiet_datasets():
 def _to_rows(ds, source: str) -> list[dict]:
     if hasattr(ds, "keys") and not hasattr(ds, "to_list"):   # a DatasetDict: no split chosen
         raise DataError(f"expected one split, got {list(ds.keys())}", source=source)
-    rows = ds.to_list()
+    try:
+        rows = ds.to_list()
+    except Exception as e:   # e.g. pyarrow refusing duplicate field names
+        raise DataError(f"could not convert the rows: {_describe(e)}", source=source) from e
     if not rows:
         raise DataError("no rows", source=source)
     return rows

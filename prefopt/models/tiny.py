@@ -7,6 +7,8 @@ written atomically (a temp directory renamed into place).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -16,8 +18,9 @@ from prefopt.cache import cache_dir
 
 # name -> LlamaConfig overrides. vocab_size is the tokenizer's.
 BUILTIN_MODELS: dict[str, dict] = {
+    # head_dim 32: the smallest head size vLLM's CPU attention supports
     "tiny-llama": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2),
+                       num_attention_heads=2, num_key_value_heads=2),
     # random-weight models big enough that compute dominates (benchmarks)
     "llama-30m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                       num_attention_heads=8, num_key_value_heads=8),
@@ -82,7 +85,11 @@ def build_model(name: str, out_dir: str | Path, seed: int = 0) -> Path:
 
 def builtin_model_path(name: str, seed: int = 0) -> Path:
     """The cached directory of builtin model ``name``, built on first use."""
-    path = cache_dir() / "models" / f"{name}-s{seed}"
+    if name not in BUILTIN_MODELS:
+        build_model(name, "", seed)  # raises the ConfigError naming the valid builtins
+    spec = json.dumps([BUILTIN_MODELS[name], VOCAB_SIZE, MAX_POSITIONS, CHAT_TEMPLATE], sort_keys=True)
+    digest = hashlib.sha256(spec.encode()).hexdigest()[:8]   # a changed definition never reuses a stale build
+    path = cache_dir() / "models" / f"{name}-s{seed}-{digest}"
     if (path / "config.json").exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,299 @@
+"""Validate and tokenize preference rows into examples (one per row).
+
+Rows are pairs ``{prompt, chosen, rejected}`` or lists ``{prompt, responses: [...], scores: [...]}``
+(field names from ``DataConfig.*_field``); the kind is detected from the first row. Prompts and
+responses are strings or chat messages (lists of ``{"role", "content"}``).
+
+Tokenization:
+
+* plain prompt: ``tokenizer(prompt)`` (special tokens, i.e. bos); plain response: tokenized
+  without special tokens, then eos appended;
+* chat: when the prompt or a response is a message list, the row is a conversation (a string
+  prompt becomes a user message, a string response an assistant message; a response that repeats
+  the prompt messages first has them stripped). The prompt is
+  ``apply_chat_template(prompt, add_generation_prompt=True)``; a response is the text the template
+  renders for ``prompt + response`` beyond the prompt's rendering (it must be a prefix). Both are
+  tokenized without special tokens (the template writes bos/eos itself).
+
+Truncation, per row: a prompt longer than ``max_prompt_length`` keeps its *last* tokens (the
+question at its end stays); if it started with bos, bos is re-added at its start, so it keeps bos
+plus its last ``max_prompt_length - 1`` tokens. Each response then keeps its *first*
+``max_length - len(prompt)`` tokens (>= 1, since ``max_prompt_length < max_length``); a truncated
+response loses its eos.
+
+An example is ``{"prompt_ids": [int], "response_ids": [[int]], "scores": [float], "row": int}``;
+pairs have two responses, chosen first, scores ``[1.0, 0.0]``. ``row`` is the 0-based index of the
+row in its source, as in error messages ("row 12").
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+
+from prefopt.config_schema import DataConfig
+from prefopt.errors import DataError
+
+MAX_SKIP_MESSAGES = 5
+
+
+def detect_kind(row, cfg: DataConfig, *, source: str, row_index: int) -> str:
+    """``"pairs"`` or ``"lists"`` from the (non-null) fields of ``row``."""
+    if not isinstance(row, dict):
+        raise DataError(f"expected an object with fields, got {type(row).__name__}",
+                        source=source, row=row_index)
+    present = [k for k, v in row.items() if v is not None]
+    if cfg.chosen_field in present or cfg.rejected_field in present:
+        return "pairs"
+    if cfg.responses_field in present or cfg.scores_field in present:
+        return "lists"
+    raise DataError(
+        f"cannot tell the row kind: expected fields '{cfg.prompt_field}', '{cfg.chosen_field}', "
+        f"'{cfg.rejected_field}' (pairs) or '{cfg.prompt_field}', '{cfg.responses_field}', "
+        f"'{cfg.scores_field}' (lists); found {present}", source=source, row=row_index)
+
+
+@dataclass
+class _Rendered:
+    row: int
+    prompt: str
+    prompt_special: bool           # tokenize the prompt with special tokens (plain text: bos)
+    responses: list[str]
+    response_fields: list[str]
+    append_eos: bool
+    scores: list[float]
+
+
+def build_examples(rows: list, tokenizer, cfg: DataConfig, *, source: str
+                   ) -> tuple[str, list[dict], int, list[str]]:
+    """Validate and tokenize ``rows``: ``(kind, examples, num_skipped, first_skip_messages)``.
+
+    With ``cfg.on_error == "skip"`` malformed rows are dropped and counted; if none is left, the
+    first error is raised anyway.
+    """
+    skip = cfg.on_error == "skip"
+    errors: list[DataError] = []
+    kind: str | None = None
+    rendered: list[_Rendered] = []
+    for i, row in enumerate(rows):
+        try:
+            if kind is None:
+                kind = detect_kind(row, cfg, source=source, row_index=i)
+            rendered.append(_render_row(row, i, kind, tokenizer, cfg, source))
+        except DataError as e:
+            if not skip:
+                raise
+            errors.append(e)
+
+    plain = _tokenize([r.prompt for r in rendered if r.prompt_special], tokenizer, True)
+    chat = _tokenize([r.prompt for r in rendered if not r.prompt_special], tokenizer, False)
+    responses = iter(_tokenize([t for r in rendered for t in r.responses], tokenizer, False))
+    plain, chat = iter(plain), iter(chat)
+    examples = []
+    for r in rendered:
+        prompt_ids = next(plain) if r.prompt_special else next(chat)
+        response_ids = [next(responses) for _ in r.responses]
+        try:
+            examples.append(_make_example(r, prompt_ids, response_ids, tokenizer, cfg, source))
+        except DataError as e:
+            if not skip:
+                raise
+            errors.append(e)
+    if not examples:
+        if errors:
+            raise DataError(f"all {len(errors)} rows are malformed; the first: {errors[0]}", source=source)
+        raise DataError("no rows", source=source)
+    return kind, examples, len(errors), [str(e) for e in errors[:MAX_SKIP_MESSAGES]]
+
+
+def _render_row(row, i: int, kind: str, tokenizer, cfg: DataConfig, source: str) -> _Rendered:
+    if not isinstance(row, dict):
+        raise DataError(f"expected an object with fields, got {type(row).__name__}", source=source, row=i)
+
+    def get(name: str):
+        value = row.get(name)
+        if value is None:
+            raise DataError(f"missing field (found fields {[k for k, v in row.items() if v is not None]})",
+                            source=source, row=i, field=name)
+        return value
+
+    prompt = _parse_text(get(cfg.prompt_field), source, i, cfg.prompt_field)
+    if kind == "pairs":
+        fields = [cfg.chosen_field, cfg.rejected_field]
+        responses = [_parse_text(get(f), source, i, f) for f in fields]
+        if responses[0] == responses[1]:
+            raise DataError(f"'{cfg.chosen_field}' and '{cfg.rejected_field}' are identical "
+                            f"(no preference signal)", source=source, row=i, field=cfg.rejected_field)
+        scores = [1.0, 0.0]
+    else:
+        raw, raw_scores = get(cfg.responses_field), get(cfg.scores_field)
+        rf, sf = cfg.responses_field, cfg.scores_field
+        if not isinstance(raw, list):
+            raise DataError(f"expected a list of responses, got {_describe(raw)}", source=source, row=i, field=rf)
+        if len(raw) < 2:
+            raise DataError(f"needs at least 2 responses, got {len(raw)}", source=source, row=i, field=rf)
+        if not isinstance(raw_scores, list):
+            raise DataError(f"expected a list of numbers, got {_describe(raw_scores)}",
+                            source=source, row=i, field=sf)
+        if len(raw_scores) != len(raw):
+            raise DataError(f"{len(raw_scores)} scores for {len(raw)} responses ('{rf}')",
+                            source=source, row=i, field=sf)
+        scores = []
+        for j, s in enumerate(raw_scores):
+            value = _finite_float(s)
+            if value is None:
+                raise DataError(f"score {j} must be a finite number, got {_describe(s)}",
+                                source=source, row=i, field=sf)
+            scores.append(value)
+        if len(set(scores)) == 1:
+            raise DataError(f"all scores are equal ({scores[0]}): no preference signal",
+                            source=source, row=i, field=sf)
+        fields = [f"{rf}[{j}]" for j in range(len(raw))]
+        responses = [_parse_text(r, source, i, f) for r, f in zip(raw, fields)]
+    return _render(prompt, responses, fields, scores, tokenizer, cfg, source, i)
+
+
+def _parse_text(value, source: str, row: int, name: str):
+    """A non-empty string or a validated list of chat messages (None-valued keys dropped)."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError("empty text", source=source, row=row, field=name)
+        _check_unicode(value, source, row, name)
+        return value
+    if not isinstance(value, list):
+        raise DataError(f"expected a string or a list of chat messages, got {_describe(value)}",
+                        source=source, row=row, field=name)
+    if not value:
+        raise DataError("empty list of chat messages", source=source, row=row, field=name)
+    messages = []
+    for j, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise DataError(f"chat message {j} must be an object with 'role' and 'content', "
+                            f"got {_describe(m)}", source=source, row=row, field=name)
+        for key in ("role", "content"):
+            if not isinstance(m.get(key), str) or (key == "role" and not m[key].strip()):
+                raise DataError(f"chat message {j} needs a string '{key}' (got {_describe(m.get(key))})",
+                                source=source, row=row, field=name)
+            _check_unicode(m[key], source, row, name)
+        messages.append({k: v for k, v in m.items() if v is not None})
+    if not any(m["content"].strip() for m in messages):
+        raise DataError("chat messages with empty content", source=source, row=row, field=name)
+    return messages
+
+
+def _render(prompt, responses, fields, scores, tokenizer, cfg, source, row) -> _Rendered:
+    if not isinstance(prompt, list) and not any(isinstance(r, list) for r in responses):
+        return _Rendered(row, prompt, True, responses, fields, True, scores)
+    prompt_messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+    prompt_text = _apply_template(tokenizer, prompt_messages, True, source, row, cfg.prompt_field)
+    texts = []
+    for response, name in zip(responses, fields):
+        if isinstance(response, str):
+            messages = [{"role": "assistant", "content": response}]
+        else:
+            messages = _strip_prompt(response, prompt_messages)
+            if not messages:
+                raise DataError("the response only repeats the prompt messages", source=source,
+                                row=row, field=name)
+        full = _apply_template(tokenizer, prompt_messages + messages, False, source, row, name)
+        if not full.startswith(prompt_text):
+            raise DataError("the chat template's rendering of prompt + response does not start with its "
+                            "rendering of the prompt (add_generation_prompt=True), so the response "
+                            "cannot be separated", source=source, row=row, field=name)
+        text = full[len(prompt_text):]
+        if not text.strip():
+            raise DataError("the response renders to empty text", source=source, row=row, field=name)
+        texts.append(text)
+    return _Rendered(row, prompt_text, False, texts, fields, False, scores)
+
+
+def _strip_prompt(messages: list[dict], prompt_messages: list[dict]) -> list[dict]:
+    """Drop a leading copy of the prompt messages (responses stored as whole conversations)."""
+    def key(m):
+        return m.get("role"), m.get("content")
+    n = len(prompt_messages)
+    if len(messages) >= n and [key(m) for m in messages[:n]] == [key(m) for m in prompt_messages]:
+        return messages[n:]
+    return messages
+
+
+def _apply_template(tokenizer, messages, add_generation_prompt, source, row, name) -> str:
+    try:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                             tokenize=False)
+    except Exception as e:
+        raise DataError(f"the chat template failed: {type(e).__name__}: {e}", source=source,
+                        row=row, field=name) from e
+    if not isinstance(text, str):
+        raise DataError(f"the chat template returned {type(text).__name__}, not text",
+                        source=source, row=row, field=name)
+    return text
+
+
+def _tokenize(texts: list[str], tokenizer, add_special_tokens: bool) -> list:
+    """Token ids per text (batched); an exception instead of ids for a text that fails alone."""
+    if not texts:
+        return []
+    kwargs = dict(add_special_tokens=add_special_tokens, return_attention_mask=False, verbose=False)
+    try:
+        return [list(ids) for ids in tokenizer(texts, **kwargs)["input_ids"]]
+    except Exception:
+        out = []
+        for text in texts:
+            try:
+                out.append(list(tokenizer(text, **kwargs)["input_ids"]))
+            except Exception as e:
+                out.append(e)
+        return out
+
+
+def _make_example(r: _Rendered, prompt_ids, response_ids, tokenizer, cfg, source) -> dict:
+    for ids, name in [(prompt_ids, cfg.prompt_field)] + list(zip(response_ids, r.response_fields)):
+        if isinstance(ids, Exception):
+            raise DataError(f"tokenization failed: {type(ids).__name__}: {ids}", source=source,
+                            row=r.row, field=name)
+    eos = tokenizer.eos_token_id
+    if r.append_eos and eos is not None:
+        response_ids = [ids + [eos] for ids in response_ids]
+    if not prompt_ids:
+        raise DataError("the prompt has no tokens", source=source, row=r.row, field=cfg.prompt_field)
+    for ids, name in zip(response_ids, r.response_fields):
+        if not ids:
+            raise DataError("the response has no tokens", source=source, row=r.row, field=name)
+    prompt_ids, response_ids = truncate(prompt_ids, response_ids, max_prompt_length=cfg.max_prompt_length,
+                                        max_length=cfg.max_length, bos_id=tokenizer.bos_token_id)
+    return {"prompt_ids": prompt_ids, "response_ids": response_ids, "scores": list(r.scores), "row": r.row}
+
+
+def truncate(prompt_ids: list[int], response_ids: list[list[int]], *, max_prompt_length: int,
+             max_length: int, bos_id: int | None = None) -> tuple[list[int], list[list[int]]]:
+    """Apply the truncation policy of the module docstring."""
+    if len(prompt_ids) > max_prompt_length:
+        if bos_id is not None and prompt_ids[0] == bos_id and max_prompt_length >= 2:
+            prompt_ids = [bos_id] + prompt_ids[len(prompt_ids) - (max_prompt_length - 1):]
+        else:
+            prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length:]
+    budget = max(1, max_length - len(prompt_ids))
+    return list(prompt_ids), [list(ids[:budget]) for ids in response_ids]
+
+
+def _check_unicode(text: str, source, row, name) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"invalid unicode text: {e.reason}", source=source, row=row, field=name) from None
+
+
+def _finite_float(value) -> float | None:
+    if not isinstance(value, Real) or isinstance(value, bool):
+        return None
+    try:
+        value = float(value)
+    except (OverflowError, TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _describe(value) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"
