@@ -80,9 +80,36 @@ class ReferenceRoleConfig:
 
 
 @dataclass
+class SamplingConfig:
+    """vLLM sampling parameters of the rollout role."""
+    n: int = 4                               # samples per prompt (the group size of grpo/rloo)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 64
+    stop: list[str] = field(default_factory=list)
+    seed: int = 0
+
+
+@dataclass
+class RolloutRoleConfig:
+    engines: int = 1                         # vLLM engines, one Ray actor each
+    num_cpus: float = 1
+    num_gpus: float = 0
+    dtype: str = "auto"                      # "auto": float32 on CPU, bfloat16 on GPU
+    max_model_len: int = 512
+    gpu_memory_utilization: float = 0.5
+    cpu_kv_cache_gib: float = 1.0            # VLLM_CPU_KVCACHE_SPACE on CPU-only nodes
+    enforce_eager: bool = True
+    weight_sync: str = "object_store"        # how new policy weights reach the engines
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+@dataclass
 class RolesConfig:
     learner: LearnerRoleConfig = field(default_factory=LearnerRoleConfig)
     reference: Optional[ReferenceRoleConfig] = None
+    rollout: Optional[RolloutRoleConfig] = None
 
 
 @dataclass

@@ -32,3 +32,16 @@ def load_causal_lm(path: str, *, precision: str = "fp32", trust_remote_code: boo
         attn_implementation=attn_implementation, use_safetensors=True)
     model.config.use_cache = False
     return model
+
+
+def load_value_model(path: str, *, precision: str = "fp32", trust_remote_code: bool = False,
+                     attn_implementation: str = "sdpa"):
+    """A critic: the checkpoint's backbone with a fresh one-output token head (V per position)."""
+    from transformers import AutoModelForTokenClassification
+
+    model = AutoModelForTokenClassification.from_pretrained(
+        resolve_model_path(path), num_labels=1, dtype=DTYPES[precision],
+        trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+        use_safetensors=True)
+    model.config.use_cache = False
+    return model

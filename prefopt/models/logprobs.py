@@ -22,11 +22,23 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
     mask = loss_mask[:, 1:].to(torch.bool)
     per_token = token_logps(logits[:, :-1, :], labels.clamp(min=0))
     per_token = torch.where(mask, per_token, torch.zeros_like(per_token))
-    return PolicyOutput(logps=per_token.sum(-1), num_tokens=mask.sum(-1).to(per_token.dtype))
+    return PolicyOutput(logps=per_token.sum(-1), num_tokens=mask.sum(-1).to(per_token.dtype),
+                        token_logps=per_token, token_mask=mask)
 
 
-def forward_logps(model, batch: dict[str, torch.Tensor]) -> PolicyOutput:
+def forward_logps(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> PolicyOutput:
     """One forward of every row in ``batch`` (chosen and rejected concatenated) -> PolicyOutput."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    use_cache=False).logits
+    if temperature != 1.0:
+        logits = logits / temperature
     return sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+
+
+def forward_values(model, batch: dict[str, torch.Tensor]) -> PolicyOutput:
+    """Critic forward: a one-output token-classification head gives V at every position."""
+    values = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., 0]
+    mask = batch["loss_mask"][:, 1:].to(torch.bool)
+    zero = values.new_zeros(values.shape[0])
+    return PolicyOutput(logps=zero, num_tokens=mask.sum(-1).to(values.dtype), token_mask=mask,
+                        values=values[:, :-1].float())

@@ -37,6 +37,10 @@ class ObjectiveParams:
 class PolicyOutput:
     logps: torch.Tensor        # [N] summed response log-probs
     num_tokens: torch.Tensor   # [N] response token counts (float)
+    # Per-token view, aligned with next-token prediction: index t-1 is the token at position t.
+    token_logps: torch.Tensor | None = None   # [N, L-1] log-probs (0 outside token_mask)
+    token_mask: torch.Tensor | None = None    # [N, L-1] True on response tokens
+    values: torch.Tensor | None = None        # [N, L-1] critic values V(prefix before token t)
 
 
 @dataclass

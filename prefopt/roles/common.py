@@ -3,10 +3,31 @@ from __future__ import annotations
 
 
 def collate_to(examples: list[dict], pad_id: int, device):
-    from prefopt.data.collate import collate_examples
-
-    batch = collate_examples(examples, pad_id=pad_id, kind=examples[0].get("kind", "pairs"))
+    """Collate pairs, lists or rollout samples (by their ``kind``) and move them to ``device``."""
+    kind = examples[0].get("kind", "pairs")
+    if kind == "rollouts":
+        from prefopt.data.rollouts import collate_rollouts
+        batch = collate_rollouts(examples, pad_id=pad_id)
+    else:
+        from prefopt.data.collate import collate_examples
+        batch = collate_examples(examples, pad_id=pad_id, kind=kind)
     return {k: v.to(device) for k, v in batch.items()}
+
+
+def token_logps(model, micro_batches: list[list[dict]], pad_id: int, device,
+                temperature: float = 1.0) -> list[list[list[float]]]:
+    """No-grad per-token log-probs of each rollout sample's response tokens."""
+    import torch
+
+    from prefopt.data.rollouts import response_values
+    from prefopt.models.logprobs import forward_logps
+
+    out = []
+    with torch.no_grad():
+        for samples in micro_batches:
+            policy = forward_logps(model, collate_to(samples, pad_id, device), temperature)
+            out.append(response_values(policy.token_logps.double().cpu(), samples))
+    return out
 
 
 def response_logps(model, micro_batches: list[list[dict]], pad_id: int, device) -> list[list[list[float]]]:

@@ -3,13 +3,16 @@
 The driver creates ``num_actors`` of these; they join one torch.distributed group and split each
 global batch. Every public method that touches the model is *collective*: the driver calls it on
 all learners at once, with the same number of micro-batches on each (see ``loops/batching.py``).
+
+A learner trains either the policy (``model_kind="policy"``: causal LM, log-prob forward) or the
+critic (``model_kind="critic"``: the same backbone with a one-output token head, value forward).
 """
 from __future__ import annotations
 
 import os
 import time
 
-from prefopt.config_schema import Recipe
+from prefopt.config_schema import LearnerRoleConfig, Recipe
 
 
 def peak_memory_mb() -> float:
@@ -23,8 +26,12 @@ def peak_memory_mb() -> float:
 
 
 class LearnerWorker:
-    def __init__(self, recipe: Recipe, rank: int, world_size: int):
+    def __init__(self, recipe: Recipe, rank: int, world_size: int, *, model_kind: str = "policy",
+                 role_cfg: LearnerRoleConfig | None = None, objective=None):
         self.recipe, self.rank, self.world_size = recipe, rank, world_size
+        self.model_kind = model_kind
+        self.role_cfg = role_cfg or recipe.roles.learner
+        self._objective = objective
         self.engine = None
 
     # ------------------------------------------------------------------ set-up
@@ -33,29 +40,33 @@ class LearnerWorker:
         return node_ip(), free_port()
 
     def setup(self, master_addr: str, master_port: int, *, total_steps: int, grad_accum: int,
-              pad_id: int) -> dict:
+              pad_id: int, lr: float | None = None) -> dict:
+        import dataclasses
+
         import torch
 
         from prefopt.backends.deepspeed_engine import init_engine
-        from prefopt.backends.distributed import init_process_group
-        from prefopt.models.load import load_causal_lm
+        from prefopt.backends.distributed import init_process_group, node_ip
+        from prefopt.models.load import load_causal_lm, load_value_model
         from prefopt.objectives import get_objective
 
         r = self.recipe
         torch.manual_seed(r.train.seed)
         backend = init_process_group(self.rank, self.world_size, master_addr, master_port,
                                      timeout_s=r.ray.call_timeout_s)
-        model = load_causal_lm(r.model.path, precision="fp32", trust_remote_code=r.model.trust_remote_code,
-                               attn_implementation=r.model.attn_implementation)
+        load = load_causal_lm if self.model_kind == "policy" else load_value_model
+        model = load(r.model.path, precision="fp32", trust_remote_code=r.model.trust_remote_code,
+                     attn_implementation=r.model.attn_implementation)
         if r.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.engine = init_engine(model, r.train, r.roles.learner, grad_accum=grad_accum,
+        train_cfg = r.train if lr is None else dataclasses.replace(r.train, lr=lr)
+        self.engine = init_engine(model, train_cfg, self.role_cfg, grad_accum=grad_accum,
                                   total_steps=total_steps)
-        self.objective = get_objective(r.objective.name)(r.objective)
+        self.objective = self._objective or get_objective(r.objective.name)(r.objective)
         self.pad_id = pad_id
         self.device = self.engine.device
-        return {"rank": self.rank, "backend": backend, "device": str(self.device), "pid": os.getpid(),
-                "node_ip": master_addr if self.rank == 0 else None,
+        return {"role": self.model_kind, "rank": self.rank, "backend": backend, "device": str(self.device),
+                "pid": os.getpid(), "node_ip": node_ip(),
                 "num_parameters": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                       for p in self.engine.module.parameters())}
 
@@ -65,8 +76,10 @@ class LearnerWorker:
         return collate_to(examples, self.pad_id, self.device)
 
     def _forward(self, batch):
-        from prefopt.models.logprobs import forward_logps
-        return forward_logps(self.engine, batch)
+        from prefopt.models.logprobs import forward_logps, forward_values
+        if self.model_kind == "critic":
+            return forward_values(self.engine, batch)
+        return forward_logps(self.engine, batch, getattr(self.objective, "temperature", 1.0))
 
     # ------------------------------------------------------------------ collective calls
     def compute_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
@@ -77,6 +90,23 @@ class LearnerWorker:
             return response_logps(self.engine, micro_batches, self.pad_id, self.device)
         finally:
             self.engine.train()
+
+    def compute_token_values(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
+        """Per response token of each rollout sample: log-probs (policy) or values (critic)."""
+        import torch
+
+        from prefopt.data.rollouts import response_values
+        self.engine.eval()
+        out = []
+        try:
+            with torch.no_grad():
+                for samples in micro_batches:
+                    result = self._forward(self._collate(samples))
+                    per_token = result.values if self.model_kind == "critic" else result.token_logps
+                    out.append(response_values(per_token.double().cpu(), samples))
+        finally:
+            self.engine.train()
+        return out
 
     def evaluate(self, micro_batches: list[list[dict]]) -> list[dict]:
         """Objective loss and metrics on held-out micro-batches (no update)."""
@@ -94,14 +124,14 @@ class LearnerWorker:
 
     def train_step(self, micro_batches: list[list[dict]]) -> dict:
         """One optimizer step: forward/backward on each micro-batch, then DeepSpeed's step."""
-        from prefopt.data.collate import count_tokens
         from prefopt.loops.metrics import merge_summaries, summarize_loss
 
         start = time.perf_counter()
         lr = self.engine.get_lr()[0]
-        summaries, grad_norm = [], None
+        summaries, grad_norm, tokens = [], None, 0
         for examples in micro_batches:
             batch = self._collate(examples)
+            tokens += int(batch["attention_mask"].sum())
             out = self.objective.loss(self._forward(batch), batch)
             self.engine.backward(out.loss)
             if self.engine.is_gradient_accumulation_boundary() and self.engine.zero_optimization_stage() == 0:
@@ -113,7 +143,7 @@ class LearnerWorker:
         stats = merge_summaries(summaries)
         stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         stats["lr"] = float(lr)
-        stats["tokens"] = sum(count_tokens(m) for m in micro_batches)
+        stats["tokens"] = tokens
         stats["time_s"] = time.perf_counter() - start
         stats["peak_memory_mb"] = peak_memory_mb()
         return stats
@@ -123,9 +153,39 @@ class LearnerWorker:
         grads = [p.grad.detach().double() for p in self.engine.module.parameters() if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
 
+    def export_weights(self) -> list | None:
+        """The policy's named parameters as CPU tensors on rank 0 (gathered under ZeRO-3)."""
+        import deepspeed
+
+        zero3 = self.engine.zero_optimization_stage() == 3
+        out = []
+        for name, param in self.engine.module.named_parameters():
+            if zero3:
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    if self.rank == 0:
+                        out.append((name, param.data.detach().cpu().clone()))
+            elif self.rank == 0:
+                out.append((name, param.data.detach().cpu().clone()))
+        return out if self.rank == 0 else None
+
+    def greedy_generate(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """HF greedy decoding with the current weights (ZeRO 0-2; for checks and tests)."""
+        import torch
+        model = self.engine.module
+        model.eval()
+        outs = []
+        with torch.no_grad():
+            for ids in prompt_ids:
+                x = torch.tensor([ids], device=self.device)
+                y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                                   do_sample=False, pad_token_id=self.pad_id, use_cache=True)
+                outs.append(y[0, len(ids):].tolist())
+        model.train()
+        return outs
+
     def save_model(self, out_dir: str) -> bool:
         """Write the policy in HF format (safetensors). Collective under ZeRO-3; rank 0 writes."""
-        if self.recipe.roles.learner.zero_stage == 3:
+        if self.engine.zero_optimization_stage() == 3:
             state = self.engine._zero3_consolidated_16bit_state_dict()
         else:
             state = self.engine.module.state_dict() if self.rank == 0 else None

