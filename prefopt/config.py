@@ -105,6 +105,11 @@ def check_keys(data: Any, schema: type, origin: str, prefix: str = "") -> None:
         sub = _unwrap_optional(hints[key])
         if dataclasses.is_dataclass(sub) and isinstance(value, dict):
             check_keys(value, sub, origin, f"{dotted}.")
+        elif typing.get_origin(sub) is list and isinstance(value, list):
+            item_type = typing.get_args(sub)[0] if typing.get_args(sub) else None
+            if dataclasses.is_dataclass(item_type):
+                for i, item in enumerate(value):
+                    check_keys(item, item_type, origin, f"{dotted}[{i}].")
 
 
 def _merge(layers: list[tuple[str, dict]]) -> dict:
@@ -220,7 +225,8 @@ def validate_recipe(recipe: Recipe, what: str = "recipe") -> None:
         _one_of(recipe.roles.reference.placement, ("learner", "actor"), "roles.reference.placement", what)
 
     objective_cls = OBJECTIVES.get(recipe.objective.name)
-    for role in sorted(objective_cls.needs):
+    required = getattr(objective_cls, "required_roles", None)
+    for role in sorted(required(recipe.objective) if required else objective_cls.needs):
         if getattr(recipe.roles, role, None) is None:
             raise ConfigError(f"{what}: objective '{recipe.objective.name}' needs the '{role}' role, "
                               f"but roles.{role} is not set (add e.g. `roles: {{{role}: {{}}}}`)")

@@ -106,10 +106,35 @@ class RolloutRoleConfig:
 
 
 @dataclass
+class RewardSourceConfig:
+    name: Optional[str] = None               # label of this component in metrics (default: from fn)
+    fn: Optional[str] = None                 # "package.module:function", called per sample
+    weight: float = 1.0                      # weight in the combined sequence reward
+
+
+@dataclass
+class RewardRoleConfig:
+    """Sequence rewards: a weighted sum of sources, computed on the driver per rollout sample.
+
+    A reward function is imported only from the module the recipe names; it receives
+    ``prompt`` (text), ``response`` (text) and ``row`` (the prompt row's fields) and returns a float.
+    """
+    sources: list[RewardSourceConfig] = field(default_factory=list)
+
+
+@dataclass
+class CriticRoleConfig(LearnerRoleConfig):
+    path: Optional[str] = None               # critic initialisation (default: model.path)
+    lr: Optional[float] = None               # default: train.lr
+
+
+@dataclass
 class RolesConfig:
     learner: LearnerRoleConfig = field(default_factory=LearnerRoleConfig)
     reference: Optional[ReferenceRoleConfig] = None
     rollout: Optional[RolloutRoleConfig] = None
+    reward: Optional[RewardRoleConfig] = None
+    critic: Optional[CriticRoleConfig] = None
 
 
 @dataclass
@@ -128,6 +153,9 @@ class TrainConfig:
     max_grad_norm: float = 1.0               # 0 disables clipping
     precision: str = "fp32"                  # "fp32" | "bf16" | "fp16"
     eval_every: int = 0                      # steps between held-out evaluations (0: start and end only)
+    # online (rollout) objectives: each iteration samples prompts_per_iteration x sampling.n responses
+    iterations: int = 10
+    prompts_per_iteration: int = 8
     log_every: int = 1
 
 

@@ -39,24 +39,15 @@ class RunResult:
 
 
 class Roles:
-    """The Ray actors of one run; collective calls go to every learner at once."""
+    """The Ray actors of an offline run: the learner group and optional reference actors."""
 
     def __init__(self, recipe: Recipe, pad_id: int):
         import ray
 
-        from prefopt.cluster import placement_group_for
-        from prefopt.roles.learner import LearnerWorker
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        from prefopt.roles.group import LearnerGroup
 
-        self.recipe, self.timeout = recipe, recipe.ray.call_timeout_s
-        lr = recipe.roles.learner
-        bundle = {"CPU": lr.num_cpus, **({"GPU": lr.num_gpus} if lr.num_gpus else {}), **lr.resources}
-        self.pg = placement_group_for([bundle] * lr.num_actors, lr.placement, timeout_s=120)
-        cls = ray.remote(num_cpus=lr.num_cpus, num_gpus=lr.num_gpus, resources=lr.resources or None)(LearnerWorker)
-        self.learners = [
-            cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
-                placement_group=self.pg, placement_group_bundle_index=rank)).remote(recipe, rank, lr.num_actors)
-            for rank in range(lr.num_actors)]
+        self.timeout = recipe.ray.call_timeout_s
+        self.learners = LearnerGroup(recipe, recipe.roles.learner)
         self.references = []
         ref = recipe.roles.reference
         if ref is not None and ref.placement == "actor":
@@ -64,39 +55,18 @@ class Roles:
             rcls = ray.remote(num_cpus=ref.num_cpus, num_gpus=ref.num_gpus)(ReferenceWorker)
             self.references = [rcls.remote(recipe, pad_id) for _ in range(ref.num_actors)]
 
-    def call(self, method: str, per_learner_args: list[tuple] | None = None, what: str | None = None, **kwargs):
-        from prefopt.cluster import remote_get
-        args = per_learner_args or [()] * len(self.learners)
-        refs = [getattr(a, method).remote(*arg, **kwargs) for a, arg in zip(self.learners, args)]
-        return remote_get(refs, self.timeout, what or f"learner.{method}")
-
-    def setup(self, *, total_steps: int, grad_accum: int, pad_id: int) -> list[dict]:
-        from prefopt.cluster import remote_get
-        addr, port = remote_get(self.learners[0].address.remote(), self.timeout, "learner.address")
-        return self.call("setup", [(addr, port)] * len(self.learners), total_steps=total_steps,
-                         grad_accum=grad_accum, pad_id=pad_id)
-
     def shutdown(self) -> None:
         import ray
-        for actor in self.learners + self.references:
+        for actor in self.references:
             ray.kill(actor)
-        ray.util.remove_placement_group(self.pg)
-
-
-def _run_inference(roles: Roles, method: str, items: list, micro: int, workers=None):
-    """Run a no-grad ``method`` over ``items`` on all learners (or reference actors); keep order."""
-    from prefopt.cluster import remote_get
-    workers = workers or roles.learners
-    plan, keep = batching.shard_for_inference(items, len(workers), micro)
-    refs = [getattr(w, method).remote(p) for w, p in zip(workers, plan)]
-    results = remote_get(refs, roles.timeout, f"{method} on {len(items)} examples")
-    return [out for worker_out, flags in zip(results, keep) for out, k in zip(worker_out, flags) if k]
+        self.learners.kill()
 
 
 def cache_reference_logps(roles: Roles, examples: list[dict], micro: int) -> None:
     """Attach ``ref_logps`` (one per response) to every example, computed once."""
-    workers = roles.references or roles.learners
-    per_micro = _run_inference(roles, "compute_logps", examples, micro, workers)
+    from prefopt.roles.group import run_sharded
+    workers = roles.references or roles.learners.actors
+    per_micro = run_sharded(workers, "compute_logps", examples, micro, roles.timeout)
     flat = [logps for micro_out in per_micro for logps in micro_out]
     assert len(flat) == len(examples), (len(flat), len(examples))
     for ex, logps in zip(examples, flat):
@@ -104,7 +74,7 @@ def cache_reference_logps(roles: Roles, examples: list[dict], micro: int) -> Non
 
 
 def evaluate(roles: Roles, examples: list[dict], micro: int) -> dict[str, float]:
-    return means(merge_summaries(_run_inference(roles, "evaluate", examples, micro)))
+    return means(merge_summaries(roles.learners.infer("evaluate", examples, micro)))
 
 
 def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -> RunResult:
@@ -146,7 +116,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
     roles = None
     try:
         roles = Roles(recipe, tokenizer.pad_token_id)
-        info = roles.setup(total_steps=len(steps), grad_accum=grad_accum, pad_id=tokenizer.pad_token_id)
+        info = roles.learners.setup(total_steps=len(steps), grad_accum=grad_accum, pad_id=tokenizer.pad_token_id)
         (run_dir / "placement.json").write_text(json.dumps(info, indent=1))
         result = RunResult(run_dir=run_dir, steps=len(steps), final_train={})
         if "reference" in objective_cls.needs:
@@ -161,9 +131,8 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         progress = _progress(len(steps), recipe, quiet)
         for step, indices in enumerate(steps, start=1):
             examples = [data.train[i] for i in indices]
-            shards = batching.split_for_learners(examples, lr_cfg.num_actors, t.micro_batch_size)
             start = time.perf_counter()
-            per_learner = roles.call("train_step", [(s,) for s in shards], what=f"train step {step}")
+            per_learner = roles.learners.train_step(examples, t.micro_batch_size, what=f"train step {step}")
             elapsed = time.perf_counter() - start
             stats = means(merge_summaries(per_learner))
             stats.update(grad_norm=per_learner[0]["grad_norm"], lr=per_learner[0]["lr"],
@@ -187,7 +156,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
 
         if recipe.output.save_model:
             model_dir = run_dir / "model"
-            roles.call("save_model", [(str(model_dir),)] * lr_cfg.num_actors, what="save model")
+            roles.learners.call("save_model", [(str(model_dir),)] * lr_cfg.num_actors, what="save model")
             tokenizer.save_pretrained(str(model_dir))
         _write_summary(result, recipe, objective_cls.accuracy_metric, len(data.train), len(data.eval),
                        data.num_skipped)

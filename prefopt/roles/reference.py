@@ -21,7 +21,13 @@ class ReferenceWorker:
                                     attn_implementation=recipe.model.attn_implementation).to(self.device)
         self.model.eval().requires_grad_(False)
         self.pad_id = pad_id
+        self.temperature = getattr(recipe.objective, "temperature", 1.0)
 
     def compute_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
         from prefopt.roles.common import response_logps
         return response_logps(self.model, micro_batches, self.pad_id, self.device)
+
+    def compute_token_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
+        """Per-token log-probs of rollout samples' responses (the KL penalty's reference)."""
+        from prefopt.roles.common import token_logps
+        return token_logps(self.model, micro_batches, self.pad_id, self.device, self.temperature)

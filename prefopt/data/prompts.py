@@ -1,0 +1,51 @@
+"""Prompt sets for online (rollout) objectives.
+
+Rows need a prompt field (``data.prompt_field``): a string or chat messages (rendered with the
+tokenizer's chat template and a generation prompt). Every other field of the row is kept and
+handed to reward functions as ``row`` (e.g. a reference answer). Over-long prompts keep their
+last ``data.max_prompt_length`` tokens. Any preference data set works as a prompt set too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prefopt.config_schema import DataConfig
+from prefopt.errors import DataError
+
+
+@dataclass
+class PromptSet:
+    source: str
+    prompts: list[dict] = field(default_factory=list)   # {"prompt_ids", "prompt_text", "row"}
+
+
+def load_prompts(cfg: DataConfig, tokenizer, *, cache_dir=None) -> PromptSet:
+    from prefopt.data.loading import load_rows
+
+    rows, source = load_rows(cfg.path, cfg.split, cache_dir=cache_dir, synthetic=cfg.synthetic)
+    out = PromptSet(source=source)
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or cfg.prompt_field not in row:
+            raise DataError(f"missing prompt field (found: {', '.join(map(str, row)) if isinstance(row, dict) else type(row).__name__})",
+                            source=source, row=i, field=cfg.prompt_field)
+        prompt = row[cfg.prompt_field]
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise DataError("empty prompt", source=source, row=i, field=cfg.prompt_field)
+            text, ids = prompt, tokenizer(prompt)["input_ids"]
+        elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                         for m in prompt):
+            try:
+                text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+            except Exception as e:
+                raise DataError(f"chat template failed: {e}", source=source, row=i, field=cfg.prompt_field) from None
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            raise DataError(f"expected a string or a list of chat messages, got {type(prompt).__name__}",
+                            source=source, row=i, field=cfg.prompt_field)
+        if len(ids) > cfg.max_prompt_length:
+            ids = ids[-cfg.max_prompt_length:]
+        out.prompts.append({"prompt_ids": ids, "prompt_text": text, "row": row})
+    if not out.prompts:
+        raise DataError("no prompts", source=source)
+    return out

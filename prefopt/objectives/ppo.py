@@ -1,0 +1,101 @@
+"""PPO for RLHF (token level), with a pluggable advantage estimator (gae | grpo | rloo).
+
+The pure losses live in :mod:`prefopt.rl.ppo`; this thin class adapts a rollout micro-batch to
+them. The loop (``loops/online.py``) fills each sample's ``old_logps`` (recomputed by the
+learner before the update), ``ref_logps``, ``advantages`` and, with a critic, ``values`` /
+``returns``; :class:`ValueObjective` trains the critic on the same samples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from prefopt.errors import ConfigError
+from prefopt.objectives.base import LossOut, Objective, ObjectiveParams, PolicyOutput, register_objective
+
+
+@dataclass
+class PPOParams(ObjectiveParams):
+    name: str = "ppo"
+    advantage: str = "grpo"             # gae (needs roles.critic) | grpo | rloo
+    gamma: float = 1.0                  # GAE discount
+    lam: float = 0.95                   # GAE lambda
+    clip_eps: float = 0.2               # policy ratio clip
+    value_clip_eps: Optional[float] = 0.2
+    kl_coef: float = 0.05               # KL(policy || reference) coefficient (0: no reference needed)
+    kl_estimator: str = "k1"            # k1 | k2 | k3 | abs
+    kl_in_reward: bool = True           # per-token penalty in the reward (PPO) or a loss term (GRPO)
+    entropy_coef: float = 0.0
+    whiten_advantages: bool = True
+    reward_clip: Optional[list[float]] = None   # [low, high] on the sequence reward
+    normalize_rewards: bool = False     # running mean/std normalisation of the sequence reward
+    ppo_epochs: int = 1                 # passes over each iteration's rollouts
+    temperature: float = 1.0            # must match the rollout sampling temperature
+
+    def validate(self) -> None:
+        from prefopt.rl.advantages import ADVANTAGES
+        if self.advantage not in ADVANTAGES:
+            ADVANTAGES.get(self.advantage)  # raises with a suggestion
+        if self.clip_eps <= 0:
+            raise ConfigError(f"objective.clip_eps must be > 0, got {self.clip_eps}")
+        if self.kl_coef < 0:
+            raise ConfigError(f"objective.kl_coef must be >= 0, got {self.kl_coef}")
+        if self.kl_estimator not in ("k1", "k2", "k3", "abs"):
+            raise ConfigError(f"objective.kl_estimator must be one of k1, k2, k3, abs, got '{self.kl_estimator}'")
+        if self.reward_clip is not None and (len(self.reward_clip) != 2 or self.reward_clip[0] >= self.reward_clip[1]):
+            raise ConfigError(f"objective.reward_clip must be [low, high] with low < high, got {self.reward_clip}")
+        if self.ppo_epochs < 1:
+            raise ConfigError(f"objective.ppo_epochs must be >= 1, got {self.ppo_epochs}")
+
+
+@register_objective
+class PPO(Objective):
+    name = "ppo"
+    Params = PPOParams
+    needs = frozenset({"rollout", "reward"})
+    batch_kind = "rollouts"
+    accuracy_metric = "reward/mean"
+
+    @property
+    def temperature(self) -> float:
+        return self.params.temperature
+
+    @staticmethod
+    def required_roles(params: PPOParams) -> set[str]:
+        roles = {"rollout", "reward"}
+        if params.advantage == "gae":
+            roles.add("critic")
+        if params.kl_coef > 0:
+            roles.add("reference")
+        return roles
+
+    def loss(self, policy: PolicyOutput, batch: dict[str, torch.Tensor]) -> LossOut:
+        from prefopt.rl.advantages import masked_mean
+        from prefopt.rl.ppo import kl_penalty, policy_loss
+
+        p = self.params
+        mask = policy.token_mask
+        dtype = policy.token_logps.dtype
+        loss, metrics = policy_loss(policy.token_logps, batch["old_logps"].to(dtype),
+                                    batch["advantages"].to(dtype), mask, clip_eps=p.clip_eps)
+        if p.kl_coef > 0 and not p.kl_in_reward:
+            kl = masked_mean(kl_penalty(policy.token_logps, batch["ref_logps"].to(dtype), kind="k3"), mask)
+            loss = loss + p.kl_coef * kl
+            metrics["kl_loss"] = kl.detach()
+        return LossOut(loss=loss, metrics={f"policy/{k}": v for k, v in metrics.items()})
+
+
+class ValueObjective(Objective):
+    """Critic training on PPO rollouts: clipped value loss against the GAE returns."""
+    name = "value"
+    batch_kind = "rollouts"
+
+    def loss(self, policy: PolicyOutput, batch: dict[str, torch.Tensor]) -> LossOut:
+        from prefopt.rl.ppo import value_loss
+
+        values = policy.values
+        loss, metrics = value_loss(values, batch["values"].to(values.dtype), batch["returns"].to(values.dtype),
+                                   policy.token_mask, clip_eps=self.params.value_clip_eps)
+        return LossOut(loss=loss, metrics={f"critic/{k}": v for k, v in metrics.items()})

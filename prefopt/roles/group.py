@@ -1,0 +1,67 @@
+"""A group of DeepSpeed learner actors (policy or critic) that act as one data-parallel model."""
+from __future__ import annotations
+
+from prefopt.config_schema import LearnerRoleConfig, Recipe
+from prefopt.loops import batching
+
+
+class LearnerGroup:
+    """``cfg.num_actors`` LearnerWorker actors in one placement group and one process group."""
+
+    def __init__(self, recipe: Recipe, cfg: LearnerRoleConfig, *, model_kind: str = "policy", objective=None):
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from prefopt.cluster import placement_group_for
+        from prefopt.roles.learner import LearnerWorker
+
+        self.timeout, self.cfg, self.model_kind = recipe.ray.call_timeout_s, cfg, model_kind
+        bundle = {"CPU": cfg.num_cpus, **({"GPU": cfg.num_gpus} if cfg.num_gpus else {}), **cfg.resources}
+        self.pg = placement_group_for([bundle] * cfg.num_actors, cfg.placement, timeout_s=120)
+        remote_cls = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
+                                resources=cfg.resources or None)(LearnerWorker)
+        self.actors = [
+            remote_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
+                placement_group=self.pg, placement_group_bundle_index=rank)).remote(
+                    recipe, rank, cfg.num_actors, model_kind=model_kind, role_cfg=cfg, objective=objective)
+            for rank in range(cfg.num_actors)]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def call(self, method: str, per_actor_args: list[tuple] | None = None, what: str | None = None, **kwargs):
+        """Call ``method`` on every actor at once (a collective) and wait, bounded by the timeout."""
+        from prefopt.cluster import remote_get
+        args = per_actor_args or [()] * len(self.actors)
+        refs = [getattr(a, method).remote(*arg, **kwargs) for a, arg in zip(self.actors, args)]
+        return remote_get(refs, self.timeout, what or f"{self.model_kind}.{method}")
+
+    def setup(self, **kwargs) -> list[dict]:
+        from prefopt.cluster import remote_get
+        addr, port = remote_get(self.actors[0].address.remote(), self.timeout, f"{self.model_kind}.address")
+        return self.call("setup", [(addr, port)] * len(self.actors), **kwargs)
+
+    def train_step(self, examples: list, micro_batch_size: int, what: str) -> list[dict]:
+        """One optimizer step on a global batch, split into equal contiguous shards."""
+        shards = batching.split_for_learners(examples, len(self.actors), micro_batch_size)
+        return self.call("train_step", [(s,) for s in shards], what=what)
+
+    def infer(self, method: str, items: list, micro_batch_size: int) -> list:
+        """A no-grad collective pass over ``items`` (any count); results in the order of ``items``."""
+        return run_sharded(self.actors, method, items, micro_batch_size, self.timeout)
+
+    def kill(self) -> None:
+        import ray
+        for actor in self.actors:
+            ray.kill(actor)
+        ray.util.remove_placement_group(self.pg)
+
+
+def run_sharded(workers: list, method: str, items: list, micro_batch_size: int, timeout_s: float) -> list:
+    """Spread ``items`` over ``workers`` (equal micro-batch counts), call ``method``, flatten in order."""
+    from prefopt.cluster import remote_get
+    plan, keep = batching.shard_for_inference(items, len(workers), micro_batch_size)
+    refs = [getattr(w, method).remote(p) for w, p in zip(workers, plan)]
+    results = remote_get(refs, timeout_s, f"{method} on {len(items)} items")
+    per_micro = [out for worker_out, flags in zip(results, keep) for out, k in zip(worker_out, flags) if k]
+    return per_micro
