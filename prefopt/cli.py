@@ -16,16 +16,24 @@ def _setup_env() -> None:
 def _summary_table(result) -> str:
     import json
     summary = json.loads((result.run_dir / "summary.json").read_text())
-    acc = summary["accuracy_metric"]
-    rows = [
-        ("objective", summary["objective"]),
-        ("steps", summary["steps"]),
-        ("train / held-out examples", f"{summary['train_examples']} / {summary['eval_examples']}"),
-        ("final train loss", f"{summary['final_train_loss']:.4f}"),
-        (f"held-out {acc} (start -> end)", f"{summary['eval_accuracy_start']:.3f} -> {summary['eval_accuracy_final']:.3f}"),
-        ("held-out loss", f"{summary['eval_loss_final']:.4f}"),
-        ("run directory", summary["run_dir"]),
-    ]
+    if "accuracy_metric" in summary:   # offline objectives
+        acc = summary["accuracy_metric"]
+        rows = [
+            ("objective", summary["objective"]),
+            ("steps", summary["steps"]),
+            ("train / held-out examples", f"{summary['train_examples']} / {summary['eval_examples']}"),
+            ("final train loss", f"{summary['final_train_loss']:.4f}"),
+            (f"held-out {acc} (start -> end)",
+             f"{summary['eval_accuracy_start']:.3f} -> {summary['eval_accuracy_final']:.3f}"),
+            ("held-out loss", f"{summary['eval_loss_final']:.4f}"),
+        ]
+    else:                              # online objectives
+        rows = [
+            ("objective", f"{summary['objective']} ({summary['advantage']} advantages)"),
+            ("iterations / optimizer steps", f"{summary['iterations']} / {summary['steps']}"),
+            ("mean reward (first -> last iteration)", f"{summary['reward_first']:.3f} -> {summary['reward_final']:.3f}"),
+        ]
+    rows.append(("run directory", summary["run_dir"]))
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 3 + max(len(str(v)) for _, v in rows))
     return "\n".join([line] + [f"{k:<{width}} | {v}" for k, v in rows] + [line])

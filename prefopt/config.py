@@ -230,6 +230,15 @@ def validate_recipe(recipe: Recipe, what: str = "recipe") -> None:
         if getattr(recipe.roles, role, None) is None:
             raise ConfigError(f"{what}: objective '{recipe.objective.name}' needs the '{role}' role, "
                               f"but roles.{role} is not set (add e.g. `roles: {{{role}: {{}}}}`)")
+    if objective_cls.batch_kind == "rollouts":
+        per_iter = t.prompts_per_iteration * recipe.roles.rollout.sampling.n
+        if per_iter % t.batch_size:
+            raise ConfigError(f"{what}: train.prompts_per_iteration x roles.rollout.sampling.n ({per_iter} samples) "
+                              f"must be a multiple of train.batch_size ({t.batch_size})")
+        critic = recipe.roles.critic
+        if critic is not None and t.batch_size % (t.micro_batch_size * critic.num_actors):
+            raise ConfigError(f"{what}: 'train.batch_size' ({t.batch_size}) must be a multiple of "
+                              f"train.micro_batch_size x roles.critic.num_actors")
     check = getattr(recipe.objective, "validate", None)
     if callable(check):
         try:

@@ -11,4 +11,7 @@ def train(recipe: Recipe, **kwargs):
     if kind in ("pairs", "lists"):
         from prefopt.loops.offline import train as offline_train
         return offline_train(recipe, **kwargs)
+    if kind == "rollouts":
+        from prefopt.loops.online import train as online_train
+        return online_train(recipe, **kwargs)
     raise NotImplementedError(f"no training loop for batch kind '{kind}'")

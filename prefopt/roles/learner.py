@@ -55,7 +55,8 @@ class LearnerWorker:
         backend = init_process_group(self.rank, self.world_size, master_addr, master_port,
                                      timeout_s=r.ray.call_timeout_s)
         load = load_causal_lm if self.model_kind == "policy" else load_value_model
-        model = load(r.model.path, precision="fp32", trust_remote_code=r.model.trust_remote_code,
+        path = getattr(self.role_cfg, "path", None) or r.model.path   # a critic may start elsewhere
+        model = load(path, precision="fp32", trust_remote_code=r.model.trust_remote_code,
                      attn_implementation=r.model.attn_implementation)
         if r.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
