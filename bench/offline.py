@@ -46,7 +46,7 @@ MODELS = {
     "tiny": dict(model="builtin:tiny-llama", label="tiny-llama (0.16M)", steps=64,
                  batch=16, micro=8, max_length=64, max_prompt_length=32, min_words=3, max_words=10,
                  lr=2.0e-3, beta=0.1),
-    "30m": dict(model="builtin:llama-30m", label="llama-30m (30M)", steps=12,
+    "30m": dict(model="builtin:llama-30m", label="llama-30m (30M)", steps=10,
                 batch=8, micro=4, max_length=256, max_prompt_length=64, min_words=48, max_words=148,
                 lr=1.0e-4, beta=0.1),
 }
@@ -59,7 +59,7 @@ ROWS = [
     dict(id="trl-default", kind="trl", label="TRL defaults (grad ckpt on, ref model per step)",
          threads=CPUS, trl={}),
     dict(id="trl-precompute", kind="trl", label="TRL precompute_ref_log_probs (grad ckpt on)",
-         threads=CPUS, trl={"precompute_ref_log_probs": True}),
+         threads=CPUS, trl={"precompute_ref_log_probs": True}, models=("tiny",)),
     dict(id="trl-fair", kind="trl", label="TRL precompute, no grad ckpt (fair)",
          threads=CPUS, trl={"precompute_ref_log_probs": True, "gradient_checkpointing": False}),
     dict(id="trl-fair-1t", kind="trl", label="TRL precompute, no grad ckpt, 1 thread",
@@ -72,6 +72,7 @@ ROWS = [
          threads=1, learners=2, zero=2),
 ]
 BASELINES = ("trl-default", "trl-fair")
+# Rows with a "models" key run only for those models (to keep the full bench near 10 minutes).
 
 
 # ============================================================================ data
@@ -328,7 +329,7 @@ class ForeignLoad(threading.Thread):
         return statistics.mean(self.samples) if self.samples else 0.0
 
 
-def wait_for_quiet(max_wait: float, threshold: float = 0.25, quiet_for: int = 3) -> float:
+def wait_for_quiet(max_wait: float, threshold: float = 0.25, quiet_for: int = 2) -> float:
     """Wait (at most ``max_wait`` s) until other processes use < ``threshold`` cores for
     ``quiet_for`` consecutive seconds. Returns the load seen in the last second."""
     deadline, streak, busy = time.perf_counter() + max_wait, 0, 0.0
@@ -424,7 +425,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=os.environ.get("BENCH_OUT"), help="output folder "
                     "(default $BENCH_OUT or runs/bench/<timestamp>)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per row")
-    ap.add_argument("--wait-quiet", type=float, default=30, help="before each row, wait up to this many "
+    ap.add_argument("--wait-quiet", type=float, default=10, help="before each row, wait up to this many "
                     "seconds for other processes to leave the CPUs idle (the machine may be shared); 0: don't")
     ap.add_argument("--repeat", type=int, default=1, help="run each row N times, keep the fastest "
                     "(all runs are in results.json)")
@@ -456,6 +457,8 @@ def main(argv=None) -> None:
               f"{data[2]['sequence_tokens'][0]}/{data[2]['sequence_tokens'][1]:.0f}/{data[2]['sequence_tokens'][2]}",
               flush=True)
         for row in rows:
+            if key not in row.get("models", (key,)):
+                continue
             runs = [run_row(row, spec, model_dir, data[:2], out, key, a.timeout, a.wait_quiet)
                     for _ in range(max(1, a.repeat))]
             res = dict(max(runs, key=lambda r: r["pairs_per_s"]))

@@ -147,6 +147,21 @@ class RewardNormalizer:
         return (v - self.mean) / (std + 1e-8)
 
 
+def verify_sync(roles: OnlineRoles, prompt_ids: list[list[int]], sampling) -> dict[str, float]:
+    """Engine vs learner after a sync: greedy outputs and the log-probs of the greedy tokens."""
+    from prefopt.cluster import remote_get
+    engine_out = [g[0] for g in roles.generate(prompt_ids, sampling, seed=0, greedy=True)]
+    learner_out = remote_get(roles.policy.actors[0].greedy_generate.remote(prompt_ids, sampling.max_tokens),
+                             roles.timeout, "learner greedy generate")
+    matches = [e["response_ids"] == l for e, l in zip(engine_out, learner_out)]
+    samples = [{"kind": "rollouts", "prompt_ids": p, "response_ids": e["response_ids"]}
+               for p, e in zip(prompt_ids, engine_out) if e["response_ids"]]
+    learner_logps = [x for m in roles.policy.infer("compute_token_values", samples, 8) for x in m]
+    engine_logps = [e["logprobs"] for e in engine_out if e["response_ids"]]
+    diff = max(abs(a - b) for le, ee in zip(learner_logps, engine_logps) for a, b in zip(le, ee))
+    return {"greedy_match": sum(matches) / len(matches), "logp_max_abs_diff": diff}
+
+
 def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -> RunResult:
     from prefopt.cache import cache_dir
     from prefopt.cluster import init_ray
@@ -280,6 +295,10 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
             progress.set_postfix(reward=f"{stats['reward/mean']:.3f}")
         progress.close()
         result.final_train = result.train_history[-1] if result.train_history else {}
+        if ro.verify_sync_prompts > 0:
+            check = verify_sync(roles, [p["prompt_ids"] for p in prompts[:ro.verify_sync_prompts]], ro.sampling)
+            result.final_train.update(check)
+            logger.log(t.iterations, check, prefix="sync_check")
         if r.output.save_model:
             model_dir = run_dir / "model"
             roles.policy.call("save_model", [(str(model_dir),)] * len(roles.policy), what="save model")
