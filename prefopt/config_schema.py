@@ -110,15 +110,19 @@ class RolloutRoleConfig:
 class RewardSourceConfig:
     name: Optional[str] = None               # label of this component in metrics (default: from fn)
     fn: Optional[str] = None                 # "package.module:function", called per sample
+    model: Optional[str] = None              # or an HF sequence-classification reward model (its own actor)
+    num_cpus: float = 1                      # resources of a reward-model actor
+    num_gpus: float = 0
     weight: float = 1.0                      # weight in the combined sequence reward
 
 
 @dataclass
 class RewardRoleConfig:
-    """Sequence rewards: a weighted sum of sources, computed on the driver per rollout sample.
+    """Sequence rewards: a weighted sum of sources per rollout sample.
 
-    A reward function is imported only from the module the recipe names; it receives
-    ``prompt`` (text), ``response`` (text) and ``row`` (the prompt row's fields) and returns a float.
+    A reward function (``fn``) is imported only from the module the recipe names and runs on the
+    driver; it receives ``prompt`` (text), ``response`` (text) and ``row`` (the prompt row's fields)
+    and returns a float. A reward model (``model``) runs in its own Ray actor.
     """
     sources: list[RewardSourceConfig] = field(default_factory=list)
 

@@ -53,6 +53,12 @@ class OnlineRoles:
         ecls = ray.remote(num_cpus=ro.num_cpus, num_gpus=ro.num_gpus)(RolloutWorker)
         self.engines = [ecls.remote(r.model.path, ro, seed=r.train.seed + i,
                                     trust_remote_code=r.model.trust_remote_code) for i in range(ro.engines)]
+        from prefopt.roles.reward_model import RewardModelWorker
+        self.reward_models = {}
+        for i, src in enumerate(roles.reward.sources):
+            if src.model:
+                mcls = ray.remote(num_cpus=src.num_cpus, num_gpus=src.num_gpus)(RewardModelWorker)
+                self.reward_models[i] = mcls.remote(src.model, trust_remote_code=r.model.trust_remote_code)
 
     def generate(self, prompt_ids: list[list[int]], sampling, seed: int, greedy: bool = False):
         from prefopt.cluster import remote_get
@@ -74,7 +80,7 @@ class OnlineRoles:
 
     def shutdown(self) -> None:
         import ray
-        for actor in self.references + self.engines:
+        for actor in self.references + self.engines + list(self.reward_models.values()):
             ray.kill(actor)
         self.policy.kill()
         if self.critic is not None:
@@ -179,7 +185,8 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         r.roles.critic.path = resolve_model_path(r.roles.critic.path)
     tokenizer = load_tokenizer(r.model.tokenizer or r.model.path, trust_remote_code=r.model.trust_remote_code)
     prompts = load_prompts(r.data, tokenizer, cache_dir=cache_dir()).prompts
-    rewards = SequenceRewards(r.roles.reward)
+    from prefopt.rewards.sources import check_sources
+    check_sources(r.roles.reward)
     group = ro.sampling.n
     samples_per_iter = t.prompts_per_iteration * group
     steps_per_iter = samples_per_iter // t.batch_size * params.ppo_epochs
@@ -196,6 +203,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
     normalizer = RewardNormalizer()
     try:
         roles = OnlineRoles(r, tokenizer.pad_token_id)
+        rewards = SequenceRewards(r.roles.reward, roles.reward_models, timeout_s=roles.timeout)
         total_steps = t.iterations * steps_per_iter
         info = roles.policy.setup(total_steps=total_steps, grad_accum=grad_accum, pad_id=tokenizer.pad_token_id)
         if roles.critic is not None:

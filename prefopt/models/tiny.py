@@ -24,6 +24,9 @@ BUILTIN_MODELS: dict[str, dict] = {
     # random-weight models big enough that compute dominates (benchmarks)
     "llama-30m": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
                       num_attention_heads=8, num_key_value_heads=8),
+    # a sequence-classification reward model (one score), random weights
+    "tiny-reward": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=2, head="score"),
     "llama-100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                        num_attention_heads=12, num_key_value_heads=12),
 }
@@ -65,7 +68,7 @@ def build_tokenizer(out_dir: str | Path):
 def build_model(name: str, out_dir: str | Path, seed: int = 0) -> Path:
     """Build the builtin model ``name`` (random weights, seeded) with its tokenizer into ``out_dir``."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     if name not in BUILTIN_MODELS:
         from prefopt.errors import ConfigError, did_you_mean
@@ -73,12 +76,14 @@ def build_model(name: str, out_dir: str | Path, seed: int = 0) -> Path:
                           f"available: {', '.join(BUILTIN_MODELS)}")
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer(out_dir)
+    spec = dict(BUILTIN_MODELS[name])
+    head = spec.pop("head", "lm")
     config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=MAX_POSITIONS,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-                         torch_dtype="float32", **BUILTIN_MODELS[name])
+                         torch_dtype="float32", num_labels=1, **spec)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = LlamaForSequenceClassification(config) if head == "score" else LlamaForCausalLM(config)
     model.save_pretrained(str(out_dir), safe_serialization=True)
     return out_dir
 

@@ -30,29 +30,51 @@ def import_reward_fn(spec: str) -> Callable:
     return fn
 
 
-class SequenceRewards:
-    """The weighted sum of the recipe's reward sources, per sample, with each component kept."""
+def check_sources(cfg: RewardRoleConfig) -> None:
+    """Each source names exactly one of ``fn`` / ``model`` (checked before Ray starts)."""
+    if not cfg.sources:
+        raise ConfigError("roles.reward.sources is empty: name at least one reward source")
+    for i, src in enumerate(cfg.sources):
+        if bool(src.fn) == bool(src.model):
+            raise ConfigError(f"roles.reward.sources[{i}] needs exactly one of 'fn' (a 'package.module:function') "
+                              f"or 'model' (a sequence-classification checkpoint)")
+        if src.fn:
+            import_reward_fn(src.fn)   # a typo fails here, before any actor starts
 
-    def __init__(self, cfg: RewardRoleConfig):
-        if not cfg.sources:
-            raise ConfigError("roles.reward.sources is empty: name at least one reward source")
+
+class SequenceRewards:
+    """The weighted sum of the recipe's reward sources, per sample, with each component kept.
+
+    Function sources run here; model sources are scored by ``RewardModelWorker`` actors, which the
+    caller creates (``model_actors``: source index -> actor handle).
+    """
+
+    def __init__(self, cfg: RewardRoleConfig, model_actors: dict | None = None, timeout_s: float = 1800.0):
+        check_sources(cfg)
         self.sources = []
         for i, src in enumerate(cfg.sources):
-            if not src.fn:
-                raise ConfigError(f"roles.reward.sources[{i}] needs 'fn' (a 'package.module:function')")
-            name = src.name or src.fn.rpartition(":")[2]
-            self.sources.append((name, import_reward_fn(src.fn), float(src.weight)))
+            if src.fn:
+                name = src.name or src.fn.rpartition(":")[2]
+                self.sources.append((name, import_reward_fn(src.fn), None, float(src.weight)))
+            else:
+                name = src.name or f"model{i}"
+                self.sources.append((name, None, (model_actors or {})[i], float(src.weight)))
+        self.timeout_s = timeout_s
 
     def __call__(self, prompts: list[str], responses: list[str], rows: list[dict]):
+        from prefopt.cluster import remote_get
         totals = [0.0] * len(responses)
         components: dict[str, list[float]] = {}
-        for name, fn, weight in self.sources:
-            values = []
-            for i, (p, r, row) in enumerate(zip(prompts, responses, rows)):
-                v = float(fn(prompt=p, response=r, row=row))
+        pending = {name: actor.score.remote([p + r for p, r in zip(prompts, responses)])
+                   for name, fn, actor, _ in self.sources if actor is not None}
+        for name, fn, actor, weight in self.sources:
+            if fn is not None:
+                values = [float(fn(prompt=p, response=r, row=row)) for p, r, row in zip(prompts, responses, rows)]
+            else:
+                values = remote_get(pending[name], self.timeout_s, f"reward model '{name}'")
+            for i, v in enumerate(values):
                 if not math.isfinite(v):
                     raise ValueError(f"reward '{name}' returned {v} for sample {i}")
-                values.append(v)
                 totals[i] += weight * v
             components[name] = values
         return totals, components

@@ -1,0 +1,56 @@
+"""Reward sources: functions by dotted path, reward models in actors, weighted combination."""
+import pytest
+
+from prefopt.config_schema import RewardRoleConfig, RewardSourceConfig
+from prefopt.errors import ConfigError
+from prefopt.rewards.sources import SequenceRewards, check_sources, import_reward_fn
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("prefopt.rewards.builtin.good_word_fraction", r"must look like 'package.module:function'"),
+    ("prefopt.rewards.nope:f", r"cannot import module 'prefopt.rewards.nope'"),
+    ("prefopt.rewards.builtin:nope", r"has no function 'nope'"),
+])
+def test_bad_reward_fn_specs(spec, message):
+    with pytest.raises(ConfigError, match=message):
+        import_reward_fn(spec)
+
+
+def test_each_source_names_exactly_one_of_fn_or_model():
+    with pytest.raises(ConfigError, match=r"sources\[0\] needs exactly one of 'fn'"):
+        check_sources(RewardRoleConfig(sources=[RewardSourceConfig()]))
+    with pytest.raises(ConfigError, match=r"is empty"):
+        check_sources(RewardRoleConfig())
+
+
+def test_weighted_sum_of_function_sources_keeps_components():
+    cfg = RewardRoleConfig(sources=[
+        RewardSourceConfig(fn="prefopt.rewards.builtin:good_word_fraction", weight=2.0),
+        RewardSourceConfig(fn="prefopt.rewards.builtin:response_length", weight=-0.5, name="length")])
+    totals, parts = SequenceRewards(cfg)(["p", "p"], ["kind rude kind.", "wrong"], [{}, {}])
+    assert parts["good_word_fraction"] == pytest.approx([2 / 3, 0.0])
+    assert parts["length"] == [3.0, 1.0]
+    assert totals == pytest.approx([2 * 2 / 3 - 1.5, -0.5])
+
+
+@pytest.mark.slow
+def test_reward_model_actor_scores_like_hf(ray_cluster):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from prefopt.models.tiny import resolve_model_path
+    from prefopt.roles.reward_model import RewardModelWorker
+
+    path = resolve_model_path("builtin:tiny-reward")
+    actor = ray_cluster.remote(num_cpus=1)(RewardModelWorker).remote(path)
+    cfg = RewardRoleConfig(sources=[RewardSourceConfig(model=path, weight=3.0, name="rm")])
+    texts = ["Describe the river. kind clear.", "Describe the city. rude vague wrong sloppy."]
+    totals, parts = SequenceRewards(cfg, {0: actor})(texts, ["", ""], [{}, {}])
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.no_grad():
+        expected = [model(**tok(t, return_tensors="pt")).logits[0, 0].item() for t in texts]
+    assert parts["rm"] == pytest.approx(expected, abs=1e-5)
+    assert totals == pytest.approx([3 * e for e in expected], abs=1e-5)
+    assert expected[0] != pytest.approx(expected[1])
+    ray_cluster.kill(actor)
