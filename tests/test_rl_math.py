@@ -308,3 +308,33 @@ def test_place_step_rewards():
         place_step_rewards(steps, ends, m, 8)                 # position 8 out of range
     with pytest.raises(ValueError):
         place_step_rewards(steps, ends, m, 10, success_reward=torch.ones(2, dtype=D))
+
+
+def test_ppo_objective_entropy_bonus_and_kl_loss():
+    """The PPO class adds -entropy_coef * entropy and, with kl_in_reward=False, kl_coef * k3."""
+    import torch
+    from prefopt.objectives.base import PolicyOutput
+    from prefopt.objectives.ppo import PPO, PPOParams
+    from prefopt.rl.ppo import kl_penalty, policy_loss
+    from prefopt.rl.advantages import masked_mean
+
+    torch.manual_seed(0)
+    n, t = 3, 5
+    logps = torch.randn(n, t, dtype=torch.float64) - 2
+    mask = torch.ones(n, t, dtype=torch.bool)
+    mask[0, 3:] = False
+    batch = {"old_logps": logps + 0.05 * torch.randn(n, t, dtype=torch.float64),
+             "advantages": torch.randn(n, t, dtype=torch.float64),
+             "ref_logps": logps + 0.1 * torch.randn(n, t, dtype=torch.float64)}
+    entropy = torch.rand(n, t, dtype=torch.float64)
+    policy = PolicyOutput(logps=logps.sum(-1), num_tokens=mask.sum(-1).double(), token_logps=logps,
+                          token_mask=mask, entropy=entropy)
+    obj = PPO(PPOParams(entropy_coef=0.01, kl_coef=0.1, kl_in_reward=False))
+    assert obj.wants_entropy
+    out = obj.loss(policy, batch)
+    base, _ = policy_loss(logps, batch["old_logps"], batch["advantages"], mask, clip_eps=0.2)
+    kl = masked_mean(kl_penalty(logps, batch["ref_logps"], kind="k3"), mask)
+    expected = base + 0.1 * kl - 0.01 * masked_mean(entropy, mask)
+    assert float(out.loss) == pytest.approx(float(expected), abs=1e-12)
+    assert float(out.metrics["policy/entropy"]) == pytest.approx(float(masked_mean(entropy, mask)))
+    assert not PPO(PPOParams()).wants_entropy

@@ -26,13 +26,18 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
                         token_logps=per_token, token_mask=mask)
 
 
-def forward_logps(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> PolicyOutput:
+def forward_logps(model, batch: dict[str, torch.Tensor], temperature: float = 1.0,
+                  with_entropy: bool = False) -> PolicyOutput:
     """One forward of every row in ``batch`` (chosen and rejected concatenated) -> PolicyOutput."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    use_cache=False).logits
     if temperature != 1.0:
         logits = logits / temperature
-    return sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+    out = sequence_logps(logits, batch["input_ids"], batch["loss_mask"])
+    if with_entropy:
+        from prefopt.rl.ppo import entropy_from_logits
+        out.entropy = entropy_from_logits(logits[:, :-1, :].float())
+    return out
 
 
 def forward_values(model, batch: dict[str, torch.Tensor]) -> PolicyOutput:

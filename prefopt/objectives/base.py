@@ -41,6 +41,7 @@ class PolicyOutput:
     token_logps: torch.Tensor | None = None   # [N, L-1] log-probs (0 outside token_mask)
     token_mask: torch.Tensor | None = None    # [N, L-1] True on response tokens
     values: torch.Tensor | None = None        # [N, L-1] critic values V(prefix before token t)
+    entropy: torch.Tensor | None = None       # [N, L-1] policy entropy (only if the objective asks)
 
 
 @dataclass

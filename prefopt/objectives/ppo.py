@@ -27,7 +27,7 @@ class PPOParams(ObjectiveParams):
     kl_coef: float = 0.05               # KL(policy || reference) coefficient (0: no reference needed)
     kl_estimator: str = "k1"            # k1 | k2 | k3 | abs
     kl_in_reward: bool = True           # per-token penalty in the reward (PPO) or a loss term (GRPO)
-    entropy_coef: float = 0.0
+    entropy_coef: float = 0.0           # > 0: entropy bonus in the policy loss (and policy/entropy logged)
     whiten_advantages: bool = True
     reward_clip: Optional[list[float]] = None   # [low, high] on the sequence reward
     normalize_rewards: bool = False     # running mean/std normalisation of the sequence reward
@@ -62,6 +62,10 @@ class PPO(Objective):
     def temperature(self) -> float:
         return self.params.temperature
 
+    @property
+    def wants_entropy(self) -> bool:
+        return self.params.entropy_coef > 0
+
     @staticmethod
     def required_roles(params: PPOParams) -> set[str]:
         roles = {"rollout", "reward"}
@@ -84,6 +88,10 @@ class PPO(Objective):
             kl = masked_mean(kl_penalty(policy.token_logps, batch["ref_logps"].to(dtype), kind="k3"), mask)
             loss = loss + p.kl_coef * kl
             metrics["kl_loss"] = kl.detach()
+        if policy.entropy is not None:
+            entropy = masked_mean(policy.entropy, mask)
+            loss = loss - p.entropy_coef * entropy       # entropy bonus
+            metrics["entropy"] = entropy.detach()
         return LossOut(loss=loss, metrics={f"policy/{k}": v for k, v in metrics.items()})
 
 

@@ -80,7 +80,8 @@ class LearnerWorker:
         from prefopt.models.logprobs import forward_logps, forward_values
         if self.model_kind == "critic":
             return forward_values(self.engine, batch)
-        return forward_logps(self.engine, batch, getattr(self.objective, "temperature", 1.0))
+        return forward_logps(self.engine, batch, getattr(self.objective, "temperature", 1.0),
+                             with_entropy=getattr(self.objective, "wants_entropy", False))
 
     # ------------------------------------------------------------------ collective calls
     def compute_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
