@@ -25,3 +25,17 @@ def ray_cluster():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The tiny offline tokenizer (built once, cached)."""
+    from transformers import AutoTokenizer
+
+    from prefopt.models.tiny import resolve_model_path
+    return AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")

@@ -4,6 +4,8 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
+from data_helpers import write_jsonl  # noqa: E402
 import torch
 from transformers import AutoTokenizer
 
@@ -25,20 +27,6 @@ PAIRS = [
     {"prompt": "What is a robot like?", "chosen": "precise careful useful.", "rejected": "sloppy lazy."},
 ]
 
-
-@pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def load(path, tok, cache, seed=0, **kw):

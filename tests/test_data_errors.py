@@ -5,6 +5,8 @@ import json
 import math
 
 import pytest
+
+from data_helpers import write_jsonl  # noqa: E402
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
@@ -18,20 +20,6 @@ GOOD_PAIR = {"prompt": "Describe the river.", "chosen": "kind clear.", "rejected
 GOOD_LIST = {"prompt": "Describe the river.", "responses": ["kind.", "rude.", "calm."], "scores": [2, 0, 1.5]}
 USER = [{"role": "user", "content": "Describe the river."}]
 
-
-@pytest.fixture(scope="module")
-def tok():
-    return AutoTokenizer.from_pretrained(resolve_model_path("builtin:tiny-llama"))
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def load(path, tok, cache, **kw):
