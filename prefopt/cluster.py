@@ -76,3 +76,12 @@ def remote_get(refs, timeout_s: float, what: str):
         raise RuntimeError(f"{what} did not finish within ray.call_timeout_s={timeout_s:g}s") from None
     except RayActorError as e:
         raise RuntimeError(f"{what} failed: an actor died ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+
+
+def release(roles, started_ray: bool) -> None:
+    """End a run: kill its actors, and stop Ray if this run started it."""
+    if roles is not None:
+        roles.shutdown()
+    if started_ray:
+        import ray
+        ray.shutdown()

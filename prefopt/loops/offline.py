@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from prefopt.cluster import release
 from prefopt.config_schema import Recipe
 from prefopt.io.run_dir import MetricsLogger, create_run_dir, write_config
 from prefopt.loops import batching
@@ -163,11 +164,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         return result
     finally:
         logger.close()
-        if roles is not None:
-            roles.shutdown()
-        if started_ray:
-            import ray
-            ray.shutdown()
+        release(roles, started_ray)
 
 
 def _check_finite(stats: dict, step: int) -> None:

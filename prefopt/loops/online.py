@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from prefopt.cluster import release
 from prefopt.config_schema import Recipe
 from prefopt.io.run_dir import MetricsLogger, create_run_dir, write_config
 from prefopt.loops.metrics import means, merge_summaries
@@ -318,8 +319,4 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         return result
     finally:
         logger.close()
-        if roles is not None:
-            roles.shutdown()
-        if started_ray:
-            import ray
-            ray.shutdown()
+        release(roles, started_ray)
