@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -198,7 +199,7 @@ def trl_worker(cfg: dict) -> dict:
         "precompute_calls": pre["calls"], "peak_mb": _rss_mb(), "baseline_mb": baseline_mb,
         "after_init_mb": init_mb, "threads": torch.get_num_threads(),
         "step_s_median": statistics.median(timer.steps) if timer.steps else None,
-        "steps_done": out.global_step, "first_loss": losses[0] if losses else None,
+        "step_s": timer.steps, "steps_done": out.global_step, "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None, "train_tokens": n_tokens,
         "effective": {k: getattr(args, k) for k in (
             "bf16", "gradient_checkpointing", "precompute_ref_log_probs", "per_device_train_batch_size",
@@ -261,6 +262,9 @@ def prefopt_worker(cfg: dict) -> dict:
     sampler.join()
     summary = json.loads((result.run_dir / "summary.json").read_text())
     metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    keep = Path(cfg["result"]).with_suffix("")
+    shutil.copy(result.run_dir / "summary.json", f"{keep}.summary.json")
+    shutil.copy(result.run_dir / "metrics.jsonl", f"{keep}.metrics.jsonl")
     n_train, n_eval = summary["train_examples"], summary["eval_examples"]
     # reference_time_s covers train + eval examples; keep the training examples' share
     reference_s = summary["reference_time_s"] * n_train / (n_train + n_eval)
@@ -271,7 +275,7 @@ def prefopt_worker(cfg: dict) -> dict:
         "reference_s": reference_s, "reference_s_incl_eval": summary["reference_time_s"],
         "peak_mb": summary["peak_memory_mb"], "peak_sum_mb": sampler.peak_sum_mb if cfg["learners"] > 1 else None,
         "learner_pids": sorted(sampler.pids), "threads": t, "driver_peak_mb": _rss_mb(),
-        "step_s_median": statistics.median(steps),
+        "step_s_median": statistics.median(steps), "step_s": steps,
         "steps_done": summary["steps"], "train_examples": n_train, "eval_examples": n_eval,
         "first_loss": result.train_history[0]["loss"], "last_loss": result.train_history[-1]["loss"],
         "train_tokens": tokens, "summary_examples_per_s": summary["examples_per_s"],
@@ -356,8 +360,8 @@ def versions() -> dict:
 
 
 def run_row(row: dict, spec: dict, model_dir: str, data: tuple[Path, Path], out: Path, key: str,
-            timeout: float, wait_quiet: float = 0.0) -> dict:
-    name = f"{key}-{row['id']}"
+            timeout: float, wait_quiet: float = 0.0, rnd: int = 0) -> dict:
+    name = f"{key}-{row['id']}" + (f"-r{rnd}" if rnd else "")
     tmp = tempfile.mkdtemp(prefix=f"bench-{name}-")
     cfg = {"id": name, "spec": spec, "model_dir": model_dir, "train_path": str(data[0]),
            "eval_path": str(data[1]), "tmp": tmp, "threads": row["threads"],
@@ -391,6 +395,7 @@ def run_row(row: dict, spec: dict, model_dir: str, data: tuple[Path, Path], out:
         tail = (out / "logs" / f"{name}.log").read_text()[-3000:]
         raise SystemExit(f"bench row {name} failed (exit {proc.returncode}); log tail:\n{tail}")
     res = json.loads(Path(cfg["result"]).read_text())
+    shutil.rmtree(tmp, ignore_errors=True)   # TRL output_dir / prefopt run dir (metrics were copied)
     res.update(process_wall_s=wall, pairs_per_s=res["pairs"] / (res["train_s"] + res["reference_s"]),
                other_load_cores=monitor.mean, other_load_max=max(monitor.samples, default=0.0), other_load_before=load_before)
     return res
@@ -398,8 +403,8 @@ def run_row(row: dict, spec: dict, model_dir: str, data: tuple[Path, Path], out:
 
 def fmt_table(results: list[dict]) -> str:
     head = ("| model | framework / config | threads | steps x batch | pairs/s | train s | ref s "
-            "| peak MB | x TRL defaults | x TRL fair | mem / TRL fair | other load |")
-    lines = [head, "|" + "---|" * 12]
+            "| median step s | peak MB | x TRL defaults | x TRL fair | mem / TRL fair | other load |")
+    lines = [head, "|" + "---|" * 13]
     for r in results:
         base = {b: next((x for x in results if x["model"] == r["model"] and x["row"] == b), None)
                 for b in BASELINES}
@@ -411,7 +416,7 @@ def fmt_table(results: list[dict]) -> str:
         threads = f"{r['threads']}" if r["kind"] == "trl" or r.get("learners", 1) == 1 \
             else f"{r['learners']}x{r['threads']}"
         lines.append(f"| {r['model_label']} | {r['label']} | {threads} | {r['steps_done']} x {r['batch']} "
-                     f"| {r['pairs_per_s']:.1f} | {r['train_s']:.2f} | {r['reference_s']:.2f} | {peak} "
+                     f"| {r['pairs_per_s']:.1f} | {r['train_s']:.2f} | {r['reference_s']:.2f} | {r['step_s_median']:.3f} | {peak} "
                      f"| {ratio['trl-default']} | {ratio['trl-fair']} | {mem} | {r['other_load_cores']:.2f} |")
     return "\n".join(lines)
 
@@ -456,20 +461,25 @@ def main(argv=None) -> None:
               f"max_length {spec['max_length']}, sequence tokens min/mean/max "
               f"{data[2]['sequence_tokens'][0]}/{data[2]['sequence_tokens'][1]:.0f}/{data[2]['sequence_tokens'][2]}",
               flush=True)
-        for row in rows:
-            if key not in row.get("models", (key,)):
-                continue
-            runs = [run_row(row, spec, model_dir, data[:2], out, key, a.timeout, a.wait_quiet)
-                    for _ in range(max(1, a.repeat))]
-            res = dict(max(runs, key=lambda r: r["pairs_per_s"]))
-            res["all_pairs_per_s"] = [r["pairs_per_s"] for r in runs]
-            res.update(model=key, model_label=spec["label"], row=row["id"], label=row["label"],
-                       kind=row["kind"], learners=row.get("learners"), batch=spec["batch"])
-            results.append(res)
-            print(f"  {row['label']:<50} {res['pairs_per_s']:8.1f} pairs/s  peak {res['peak_mb']:6.0f} MB  "
-                  f"(train {res['train_s']:.2f}s + ref {res['reference_s']:.2f}s; "
-                  f"process {res['process_wall_s']:.0f}s; other procs {res['other_load_cores']:.2f} cores)",
-                  flush=True)
+        todo = [row for row in rows if key in row.get("models", (key,))]
+        runs: dict[str, list[dict]] = {row["id"]: [] for row in todo}
+        # repeats run in interleaved rounds, so that every row sees a similar share of whatever else
+        # the machine is doing; the fastest run of each row is kept
+        for rnd in range(max(1, a.repeat)):
+            for row in todo:
+                res = run_row(row, spec, model_dir, data[:2], out, key, a.timeout, a.wait_quiet, rnd)
+                runs[row["id"]].append(res)
+                print(f"  {row['label']:<50} {res['pairs_per_s']:8.1f} pairs/s  peak {res['peak_mb']:6.0f} MB  "
+                      f"(train {res['train_s']:.2f}s + ref {res['reference_s']:.2f}s, median step "
+                      f"{res['step_s_median']:.3f}s; process {res['process_wall_s']:.0f}s; "
+                      f"other processes {res['other_load_cores']:.2f} cores)", flush=True)
+        for row in todo:
+            best = dict(max(runs[row["id"]], key=lambda r: r["pairs_per_s"]))
+            best.update(model=key, model_label=spec["label"], row=row["id"], label=row["label"],
+                        kind=row["kind"], learners=row.get("learners"), batch=spec["batch"],
+                        all_pairs_per_s=[r["pairs_per_s"] for r in runs[row["id"]]],
+                        all_other_load=[r["other_load_cores"] for r in runs[row["id"]]])
+            results.append(best)
     meta["total_s"] = time.perf_counter() - t0
     table = fmt_table(results)
     print("\n" + table)

@@ -117,14 +117,26 @@ class RewardSourceConfig:
 
 
 @dataclass
+class ProcessRewardConfig:
+    """Step-level (process) rewards, refined as in Gao et al. 2024 (arXiv 2410.15115)."""
+    fn: str = MISSING                        # "package.module:function" -> one reward per step
+    delimiter: str = "\n"                    # steps are the response text split on this
+    alpha: float = 1.0                       # weight of the process rewards next to the success reward
+    clip_eta: Optional[float] = None         # Clip: r~_k = min(r_k - eta, 0)
+    delta: bool = False                      # Delta: r~_k = r_k - r_{k+1}, r~_K = r_K (after Clip if both)
+
+
+@dataclass
 class RewardRoleConfig:
     """Sequence rewards: a weighted sum of sources per rollout sample.
 
     A reward function (``fn``) is imported only from the module the recipe names and runs on the
     driver; it receives ``prompt`` (text), ``response`` (text) and ``row`` (the prompt row's fields)
-    and returns a float. A reward model (``model``) runs in its own Ray actor.
+    and returns a float. A reward model (``model``) runs in its own Ray actor. The weighted sum
+    lands on the response's last token (with process rewards it is the "success" reward).
     """
     sources: list[RewardSourceConfig] = field(default_factory=list)
+    process: Optional[ProcessRewardConfig] = None   # step rewards placed at each step's last token
 
 
 @dataclass

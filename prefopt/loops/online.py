@@ -4,7 +4,8 @@ One iteration, top to bottom:
 
 1. sample ``prompts_per_iteration`` prompts; every rollout engine generates ``sampling.n``
    responses for its share;
-2. score each response with the recipe's reward sources (weighted sum; optional clip/normalise);
+2. score each response with the recipe's reward sources (weighted sum; optional clip/normalise) and,
+   if configured, process rewards per step (Clip / Delta refined, placed at step-end tokens);
 3. per-token log-probs of the frozen reference (reference actors) and of the current policy
    (learner group: the PPO "old" log-probs), values from the critic group (GAE only);
 4. token rewards = sequence reward at the last token - kl_coef * KL per token; advantages from the
@@ -111,6 +112,8 @@ def compute_advantages(samples: list[dict], params, group_size: int) -> dict[str
     last = mask.sum(-1) - 1
     token_rewards[torch.arange(len(samples)), last] = torch.tensor([s["reward"] for s in samples],
                                                                    dtype=torch.float64)
+    if any("process_rewards" in s for s in samples):
+        token_rewards = token_rewards + _per_token(samples, "process_rewards")[0]   # at step ends
     stats = {}
     if params.kl_coef > 0:
         ref, _ = _per_token(samples, "ref_logps")
@@ -205,6 +208,10 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
     try:
         roles = OnlineRoles(r, tokenizer.pad_token_id)
         rewards = SequenceRewards(r.roles.reward, roles.reward_models, timeout_s=roles.timeout)
+        process_rewards = None
+        if r.roles.reward.process is not None:
+            from prefopt.rewards.process_source import ProcessRewards
+            process_rewards = ProcessRewards(r.roles.reward.process, tokenizer)
         total_steps = t.iterations * steps_per_iter
         info = roles.policy.setup(total_steps=total_steps, grad_accum=grad_accum, pad_id=tokenizer.pad_token_id)
         if roles.critic is not None:
@@ -249,6 +256,13 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
                 totals = [normalizer(v) for v in totals]
             for s, v in zip(samples, totals):
                 s["reward"] = v
+            if process_rewards is not None:
+                per_token, process_stats = process_rewards(
+                    [s["prompt_text"] for s in samples], [s["response_ids"] for s in samples],
+                    [s["row"] for s in samples])
+                for s, v in zip(samples, per_token):
+                    s["process_rewards"] = v
+                stats.update(process_stats)
             timings["reward"] = time.perf_counter() - start
 
             start = time.perf_counter()

@@ -27,3 +27,17 @@ def bad_word_fraction(*, prompt: str, response: str, row: dict) -> float:
 def response_length(*, prompt: str, response: str, row: dict) -> float:
     """Number of words (a reward that is easy to over-optimise)."""
     return float(len(_words(response)))
+
+
+def mostly_good(*, prompt: str, response: str, row: dict) -> float:
+    """Success reward of the toy reasoning task: 1 if at least half the words are good words."""
+    return float(good_word_fraction(prompt=prompt, response=response, row=row) >= 0.5)
+
+
+def step_has_good_word(*, prompt: str, steps: list[str], row: dict) -> list[float]:
+    """A rule 'process reward model': each step that contains a good word earns 1.
+
+    It pays for every such step, so a policy can farm it by splitting its answer into many short
+    steps: the reward hacking that Clip and Delta (Gao et al. 2024) remove.
+    """
+    return [float(any(w in _GOOD for w in _words(step))) for step in steps]

@@ -32,8 +32,13 @@ def import_reward_fn(spec: str) -> Callable:
 
 def check_sources(cfg: RewardRoleConfig) -> None:
     """Each source names exactly one of ``fn`` / ``model`` (checked before Ray starts)."""
-    if not cfg.sources:
-        raise ConfigError("roles.reward.sources is empty: name at least one reward source")
+    if not cfg.sources and cfg.process is None:
+        raise ConfigError("roles.reward.sources is empty: name at least one reward source "
+                          "(or process rewards in roles.reward.process)")
+    if cfg.process is not None:
+        import_reward_fn(cfg.process.fn)
+        if not cfg.process.delimiter:
+            raise ConfigError("roles.reward.process.delimiter must be a non-empty string")
     for i, src in enumerate(cfg.sources):
         if bool(src.fn) == bool(src.model):
             raise ConfigError(f"roles.reward.sources[{i}] needs exactly one of 'fn' (a 'package.module:function') "
