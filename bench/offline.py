@@ -255,11 +255,13 @@ def prefopt_worker(cfg: dict) -> dict:
     if t != 1:  # prefopt pins every actor to 1 BLAS/OpenMP thread unless ray.env says otherwise
         overrides += [f"ray.env.OMP_NUM_THREADS={t}", f"ray.env.MKL_NUM_THREADS={t}"]
     recipe = load_recipe(REPO / "recipes" / "tiny_dpo.yaml", overrides)
-    sampler = _LearnerRSS()
-    sampler.start()
+    sampler = _LearnerRSS(interval=0.5)   # only for >1 learner; cheap, but it shares the CPUs
+    if cfg["learners"] > 1:
+        sampler.start()
     result = train(recipe, quiet=True)
-    sampler.stop.set()
-    sampler.join()
+    if cfg["learners"] > 1:
+        sampler.stop.set()
+        sampler.join()
     summary = json.loads((result.run_dir / "summary.json").read_text())
     metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     keep = Path(cfg["result"]).with_suffix("")
@@ -483,6 +485,10 @@ def main(argv=None) -> None:
     meta["total_s"] = time.perf_counter() - t0
     table = fmt_table(results)
     print("\n" + table)
+    print("\npairs/s = steps x batch / (train s + ref s); median step s = median optimizer-step wall time "
+          "(robust to bursts of other load); peak MB = peak RSS of the training process (prefopt: the "
+          "learner actor; sum = sampled total over learners); other load = cores used by processes outside "
+          "this bench while the row ran (the machine may be shared).")
     print(f"\n{len(results)} rows in {meta['total_s']:.0f}s; results in {out}")
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1, default=str))
     (out / "results.md").write_text(table + "\n")

@@ -235,7 +235,7 @@ def validate_recipe(recipe: Recipe, what: str = "recipe") -> None:
         if per_iter % t.batch_size:
             raise ConfigError(f"{what}: train.prompts_per_iteration x roles.rollout.sampling.n ({per_iter} samples) "
                               f"must be a multiple of train.batch_size ({t.batch_size})")
-        _one_of(recipe.roles.rollout.weight_sync, ("object_store",), "roles.rollout.weight_sync", what)
+        _one_of(recipe.roles.rollout.weight_sync, ("object_store", "process_group"), "roles.rollout.weight_sync", what)
         critic = recipe.roles.critic
         if critic is not None and t.batch_size % (t.micro_batch_size * critic.num_actors):
             raise ConfigError(f"{what}: 'train.batch_size' ({t.batch_size}) must be a multiple of "

@@ -101,7 +101,7 @@ class RolloutRoleConfig:
     gpu_memory_utilization: float = 0.5
     cpu_kv_cache_gib: float = 1.0            # VLLM_CPU_KVCACHE_SPACE on CPU-only nodes
     enforce_eager: bool = True
-    weight_sync: str = "object_store"        # how new policy weights reach the engines
+    weight_sync: str = "object_store"        # "object_store" | "process_group" (gloo/NCCL broadcast)
     verify_sync_prompts: int = 0             # > 0: after the last sync, compare engine vs learner greedy outputs
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 

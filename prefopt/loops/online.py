@@ -53,6 +53,7 @@ class OnlineRoles:
             self.references = [rcls.remote(r, pad_id) for _ in range(ref.num_actors)]
         ro = roles.rollout
         ecls = ray.remote(num_cpus=ro.num_cpus, num_gpus=ro.num_gpus)(RolloutWorker)
+        self.transport = ro.weight_sync
         self.engines = [ecls.remote(r.model.path, ro, seed=r.train.seed + i,
                                     trust_remote_code=r.model.trust_remote_code) for i in range(ro.engines)]
         from prefopt.roles.reward_model import RewardModelWorker
@@ -70,14 +71,28 @@ class OnlineRoles:
                 for i, (e, p) in enumerate(zip(self.engines, parts)) if p]
         return [item for part in remote_get(refs, self.timeout, "rollout.generate") for item in part]
 
+    def open_sync_group(self) -> None:
+        """``process_group`` transport: learner rank 0 + every engine join a group of their own."""
+        from prefopt.cluster import remote_get
+        host, port = remote_get(self.policy.actors[0].address.remote(), self.timeout, "learner.address")
+        size = 1 + len(self.engines)
+        refs = [self.policy.actors[0].join_sync_group.remote(host, port, size, self.timeout)]
+        refs += [e.join_sync_group.remote(host, port, i + 1, size, self.timeout) for i, e in enumerate(self.engines)]
+        self.sync_specs = remote_get(refs, self.timeout, "weight-sync group")[0]
+
     def sync_weights(self, version: int) -> float:
-        """Policy learners -> every rollout engine, through the Ray object store. Returns seconds."""
+        """Policy learners -> every rollout engine (no disk). Returns seconds."""
         from prefopt.cluster import remote_get
         start = time.perf_counter()
-        refs = [a.export_weights.remote() for a in self.policy.actors]
-        weights = refs[0]                        # rank 0 holds the full (gathered) tensors
-        loads = [e.update_weights.remote(weights, version) for e in self.engines]
-        remote_get(refs[1:] + loads, self.timeout, "weight sync")
+        if self.transport == "process_group":
+            refs = [a.sync_broadcast.remote() for a in self.policy.actors]
+            refs += [e.receive_weights.remote(self.sync_specs, version) for e in self.engines]
+            remote_get(refs, self.timeout, "weight sync (process group)")
+        else:
+            refs = [a.export_weights.remote() for a in self.policy.actors]
+            weights = refs[0]                        # rank 0 holds the full (gathered) tensors
+            loads = [e.update_weights.remote(weights, version) for e in self.engines]
+            remote_get(refs[1:] + loads, self.timeout, "weight sync (object store)")
         return time.perf_counter() - start
 
     def shutdown(self) -> None:
@@ -161,8 +176,8 @@ def verify_sync(roles: OnlineRoles, prompt_ids: list[list[int]], sampling) -> di
     """Engine vs learner after a sync: greedy outputs and the log-probs of the greedy tokens."""
     from prefopt.cluster import remote_get
     engine_out = [g[0] for g in roles.generate(prompt_ids, sampling, seed=0, greedy=True)]
-    learner_out = remote_get(roles.policy.actors[0].greedy_generate.remote(prompt_ids, sampling.max_tokens),
-                             roles.timeout, "learner greedy generate")
+    learner_out = roles.policy.call("greedy_generate", [(prompt_ids, sampling.max_tokens)] * len(roles.policy),
+                                    what="learner greedy generate")[0]
     matches = [e["response_ids"] == l for e, l in zip(engine_out, learner_out)]
     samples = [{"kind": "rollouts", "prompt_ids": p, "response_ids": e["response_ids"]}
                for p, e in zip(prompt_ids, engine_out) if e["response_ids"]]
@@ -218,6 +233,10 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
             c = r.roles.critic
             info += roles.critic.setup(total_steps=total_steps, grad_accum=t.batch_size // (t.micro_batch_size * c.num_actors),
                                        pad_id=tokenizer.pad_token_id, lr=c.lr)
+        if roles.transport == "process_group":
+            roles.open_sync_group()
+        from prefopt.cluster import remote_get
+        info += remote_get([e.node_info.remote() for e in roles.engines], roles.timeout, "rollout.node_info")
         (run_dir / "placement.json").write_text(json.dumps(info, indent=1))
         result = RunResult(run_dir=run_dir, steps=0, final_train={})
         order = list(range(len(prompts)))

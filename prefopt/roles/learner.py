@@ -170,17 +170,35 @@ class LearnerWorker:
                 out.append((name, param.data.detach().cpu().clone()))
         return out if self.rank == 0 else None
 
+    def join_sync_group(self, host: str, port: int, world_size: int, timeout_s: float) -> list:
+        """Rank 0 joins the weight-sync group with the rollout engines; returns the tensor specs."""
+        from prefopt.backends.weight_sync import StatelessGroup
+        self.sync_group = StatelessGroup(host, port, 0, world_size, timeout_s=timeout_s)
+        return [(name, tuple(getattr(p, "ds_shape", p.shape)), str(p.dtype).removeprefix("torch."))
+                for name, p in self.engine.module.named_parameters()]
+
+    def sync_broadcast(self) -> bool:
+        """Collective: gather (ZeRO-3) and, on rank 0, broadcast every tensor to the engines."""
+        from prefopt.backends.weight_sync import broadcast_weights
+        named = self.export_weights()
+        if self.rank == 0:
+            broadcast_weights(self.sync_group, named)
+        return True
+
     def greedy_generate(self, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """HF greedy decoding with the current weights (ZeRO 0-2; for checks and tests)."""
+        """HF greedy decoding with the current weights. Collective (every rank decodes; under ZeRO-3
+        the ranks stay in lock-step with ``synced_gpus``); for checks and tests."""
         import torch
         model = self.engine.module
         model.eval()
         outs = []
+        zero3 = self.engine.zero_optimization_stage() == 3
         with torch.no_grad():
             for ids in prompt_ids:
                 x = torch.tensor([ids], device=self.device)
                 y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                                   do_sample=False, pad_token_id=self.pad_id, use_cache=True)
+                                   do_sample=False, pad_token_id=self.pad_id, use_cache=True,
+                                   synced_gpus=zero3)
                 outs.append(y[0, len(ids):].tolist())
         model.train()
         return outs

@@ -16,7 +16,7 @@ def _engine_env(cfg: RolloutRoleConfig) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.cpu_kv_cache_gib))))
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # per-sync rotary warnings are noise
 
 
 class RolloutWorker:
@@ -69,6 +69,23 @@ class RolloutWorker:
         self.llm.reset_prefix_cache()   # cached KV of shared prefixes is stale after an update
         self.weight_version = version
         return time.perf_counter() - start
+
+    def join_sync_group(self, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> bool:
+        from prefopt.backends.weight_sync import StatelessGroup
+        self.sync_group = StatelessGroup(host, port, rank, world_size, timeout_s=timeout_s)
+        return True
+
+    def receive_weights(self, specs: list, version: int) -> float:
+        """Receive rank 0's broadcast (``process_group`` transport) and load it; returns seconds."""
+        from prefopt.backends.weight_sync import receive_weights
+        start = time.perf_counter()
+        named = receive_weights(self.sync_group, specs)
+        self.update_weights(named, version)
+        return time.perf_counter() - start
+
+    def node_info(self) -> dict:
+        from prefopt.backends.distributed import node_ip
+        return {"role": "rollout", "pid": os.getpid(), "node_ip": node_ip()}
 
     def pid(self) -> int:
         return os.getpid()

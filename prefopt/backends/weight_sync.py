@@ -1,0 +1,61 @@
+"""Weight transport from the policy learners to the rollout engines.
+
+Two transports, selected by ``roles.rollout.weight_sync``:
+
+* ``object_store``: learner rank 0 returns its named tensors; Ray's object store carries them to
+  every engine (zero-copy between processes of one node).
+* ``process_group``: learner rank 0 and the engines form a *stateless* process group of their own
+  (gloo on CPU, NCCL on GPU) next to the learners' training group and to vLLM's internal group,
+  and rank 0 broadcasts each tensor; engines receive into preallocated buffers. The tensor names,
+  shapes and dtypes travel once through Ray when the group is built.
+
+Neither writes a checkpoint to disk.
+"""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+
+
+class StatelessGroup:
+    """A process group that does not touch torch.distributed's default (global) group."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, *, timeout_s: float = 600.0):
+        import torch.distributed as dist
+
+        timeout = timedelta(seconds=timeout_s)
+        self.store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
+        self.rank, self.world_size = rank, world_size
+        if torch.cuda.is_available():
+            self.pg = dist.ProcessGroupNCCL(self.store, rank, world_size)
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
+            self.device = torch.device("cpu")
+
+    def broadcast(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
+        opts = __import__("torch.distributed", fromlist=["BroadcastOptions"]).BroadcastOptions()
+        opts.rootRank = root
+        self.pg.broadcast([tensor], opts).wait()
+        return tensor
+
+
+def tensor_specs(named: list[tuple[str, torch.Tensor]]) -> list[tuple[str, tuple[int, ...], str]]:
+    return [(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in named]
+
+
+def broadcast_weights(group: StatelessGroup, named: list[tuple[str, torch.Tensor]]) -> None:
+    """Sender side (rank 0): broadcast every tensor, in order."""
+    for _, tensor in named:
+        group.broadcast(tensor.detach().to(group.device).contiguous())
+
+
+def receive_weights(group: StatelessGroup, specs) -> list[tuple[str, torch.Tensor]]:
+    """Receiver side: one buffer per spec, filled by rank 0's broadcasts."""
+    out = []
+    for name, shape, dtype in specs:
+        buf = torch.empty(shape, dtype=getattr(torch, dtype), device=group.device)
+        group.broadcast(buf)
+        out.append((name, buf))
+    return out
