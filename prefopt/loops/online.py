@@ -42,7 +42,9 @@ class OnlineRoles:
 
         r, roles = recipe, recipe.roles
         self.timeout = r.ray.call_timeout_s
-        self.policy = LearnerGroup(r, roles.learner)
+        ro = roles.rollout
+        colocated = {"CPU": ro.num_cpus, "GPU": ro.num_gpus} if ro.colocate_with_learners else None
+        self.policy = LearnerGroup(r, roles.learner, colocated=colocated)
         self.critic = None
         if r.objective.advantage == "gae":
             self.critic = LearnerGroup(r, roles.critic, model_kind="critic", objective=ValueObjective(r.objective))
@@ -51,11 +53,13 @@ class OnlineRoles:
             ref = roles.reference
             rcls = ray.remote(num_cpus=ref.num_cpus, num_gpus=ref.num_gpus)(ReferenceWorker)
             self.references = [rcls.remote(r, pad_id) for _ in range(ref.num_actors)]
-        ro = roles.rollout
         ecls = ray.remote(num_cpus=ro.num_cpus, num_gpus=ro.num_gpus)(RolloutWorker)
         self.transport = ro.weight_sync
-        self.engines = [ecls.remote(r.model.path, ro, seed=r.train.seed + i,
-                                    trust_remote_code=r.model.trust_remote_code) for i in range(ro.engines)]
+        self.engines = []
+        for i in range(ro.engines):
+            opts = {"scheduling_strategy": self.policy.bundle_strategy(i)} if ro.colocate_with_learners else {}
+            self.engines.append(ecls.options(**opts).remote(r.model.path, ro, seed=r.train.seed + i,
+                                                            trust_remote_code=r.model.trust_remote_code))
         from prefopt.roles.reward_model import RewardModelWorker
         self.reward_models = {}
         for i, src in enumerate(roles.reward.sources):

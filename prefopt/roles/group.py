@@ -8,7 +8,9 @@ from prefopt.loops import batching
 class LearnerGroup:
     """``cfg.num_actors`` LearnerWorker actors in one placement group and one process group."""
 
-    def __init__(self, recipe: Recipe, cfg: LearnerRoleConfig, *, model_kind: str = "policy", objective=None):
+    def __init__(self, recipe: Recipe, cfg: LearnerRoleConfig, *, model_kind: str = "policy", objective=None,
+                 colocated: dict[str, float] | None = None):
+        """``colocated``: resources added to every bundle for an actor that shares it (a rollout engine)."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -17,6 +19,9 @@ class LearnerGroup:
 
         self.timeout, self.cfg, self.model_kind = recipe.ray.call_timeout_s, cfg, model_kind
         bundle = {"CPU": cfg.num_cpus, **({"GPU": cfg.num_gpus} if cfg.num_gpus else {}), **cfg.resources}
+        for key, amount in (colocated or {}).items():
+            if amount:
+                bundle[key] = bundle.get(key, 0) + amount
         self.pg = placement_group_for([bundle] * cfg.num_actors, cfg.placement, timeout_s=120)
         remote_cls = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
                                 resources=cfg.resources or None)(LearnerWorker)
@@ -25,6 +30,11 @@ class LearnerGroup:
                 placement_group=self.pg, placement_group_bundle_index=rank)).remote(
                     recipe, rank, cfg.num_actors, model_kind=model_kind, role_cfg=cfg, objective=objective)
             for rank in range(cfg.num_actors)]
+
+    def bundle_strategy(self, index: int):
+        """Scheduling strategy that puts an actor into bundle ``index`` of this group."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+        return PlacementGroupSchedulingStrategy(placement_group=self.pg, placement_group_bundle_index=index)
 
     def __len__(self) -> int:
         return len(self.actors)

@@ -46,7 +46,7 @@ class LearnerWorker:
         import torch
 
         from prefopt.backends.deepspeed_engine import init_engine
-        from prefopt.backends.distributed import init_process_group, node_ip
+        from prefopt.backends.distributed import init_process_group, node_ip, placement_group_id
         from prefopt.models.load import load_causal_lm, load_value_model
         from prefopt.objectives import get_objective
 
@@ -67,7 +67,7 @@ class LearnerWorker:
         self.pad_id = pad_id
         self.device = self.engine.device
         return {"role": self.model_kind, "rank": self.rank, "backend": backend, "device": str(self.device),
-                "pid": os.getpid(), "node_ip": node_ip(),
+                "pid": os.getpid(), "node_ip": node_ip(), "placement_group": placement_group_id(),
                 "num_parameters": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                       for p in self.engine.module.parameters())}
 

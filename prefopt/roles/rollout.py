@@ -84,8 +84,8 @@ class RolloutWorker:
         return time.perf_counter() - start
 
     def node_info(self) -> dict:
-        from prefopt.backends.distributed import node_ip
-        return {"role": "rollout", "pid": os.getpid(), "node_ip": node_ip()}
+        from prefopt.backends.distributed import node_ip, placement_group_id
+        return {"role": "rollout", "pid": os.getpid(), "node_ip": node_ip(), "placement_group": placement_group_id()}
 
     def pid(self) -> int:
         return os.getpid()
