@@ -337,4 +337,20 @@ def test_ppo_objective_entropy_bonus_and_kl_loss():
     expected = base + 0.1 * kl - 0.01 * masked_mean(entropy, mask)
     assert float(out.loss) == pytest.approx(float(expected), abs=1e-12)
     assert float(out.metrics["policy/entropy"]) == pytest.approx(float(masked_mean(entropy, mask)))
-    assert not PPO(PPOParams()).wants_entropy
+    assert not PPO(PPOParams(log_entropy=False)).wants_entropy
+
+
+def test_sequence_reward_clip_and_running_normalisation():
+    from prefopt.loops.online import RewardNormalizer, shape_sequence_rewards
+    from prefopt.objectives.ppo import PPOParams
+
+    clipped = shape_sequence_rewards([-20.0, 0.5, 30.0], PPOParams(reward_clip=[-10.0, 10.0]), RewardNormalizer())
+    assert clipped == [-10.0, 0.5, 10.0]
+    norm = RewardNormalizer()
+    first = shape_sequence_rewards([1.0, 2.0, 3.0], PPOParams(normalize_rewards=True), norm)
+    assert first == pytest.approx([-1.0, 0.0, 1.0])              # mean 2, unbiased std 1
+    second = shape_sequence_rewards([5.0], PPOParams(normalize_rewards=True), norm)
+    values = [1.0, 2.0, 3.0, 5.0]
+    mean = sum(values) / 4
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / 3)
+    assert second == pytest.approx([(5.0 - mean) / std])

@@ -176,6 +176,18 @@ class RewardNormalizer:
         return (v - self.mean) / (std + 1e-8)
 
 
+def shape_sequence_rewards(totals: list[float], params, normalizer: RewardNormalizer) -> list[float]:
+    """Clip sequence rewards to ``objective.reward_clip``, then (optionally) normalise them with
+    running statistics (updated with this batch first, as OpenRLHF does)."""
+    if params.reward_clip is not None:
+        lo, hi = params.reward_clip
+        totals = [min(max(v, lo), hi) for v in totals]
+    if params.normalize_rewards:
+        normalizer.update(totals)
+        totals = [normalizer(v) for v in totals]
+    return totals
+
+
 def verify_sync(roles: OnlineRoles, prompt_ids: list[list[int]], sampling) -> dict[str, float]:
     """Engine vs learner after a sync: greedy outputs and the log-probs of the greedy tokens."""
     from prefopt.cluster import remote_get
@@ -271,12 +283,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
             texts = tokenizer.batch_decode([s["response_ids"] for s in samples], skip_special_tokens=True)
             totals, components = rewards([s["prompt_text"] for s in samples], texts, [s["row"] for s in samples])
             raw = list(totals)
-            if params.reward_clip is not None:
-                lo, hi = params.reward_clip
-                totals = [min(max(v, lo), hi) for v in totals]
-            if params.normalize_rewards:
-                normalizer.update(totals)
-                totals = [normalizer(v) for v in totals]
+            totals = shape_sequence_rewards(totals, params, normalizer)
             for s, v in zip(samples, totals):
                 s["reward"] = v
             if process_rewards is not None:
@@ -333,7 +340,10 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
             stats["grad_norm"] = policy_stats[-1]["grad_norm"] if policy_stats else math.nan
             stats["lr"] = policy_stats[-1]["lr"] if policy_stats else math.nan
             if critic_stats:
-                stats.update({k: v for k, v in means(merge_summaries(critic_stats)).items() if k.startswith("critic/")})
+                critic_means = means(merge_summaries(critic_stats))
+                stats.update({k: v for k, v in critic_means.items() if k.startswith("critic/")})
+                stats["critic/value_loss"] = critic_means["loss"]
+                stats["critic/grad_norm"] = critic_stats[-1]["grad_norm"]
             stats.update({f"time/{k}": v for k, v in timings.items()})
             result.train_history.append({"iteration": it, **stats})
             logger.log(it, stats)

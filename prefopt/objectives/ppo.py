@@ -27,7 +27,8 @@ class PPOParams(ObjectiveParams):
     kl_coef: float = 0.05               # KL(policy || reference) coefficient (0: no reference needed)
     kl_estimator: str = "k1"            # k1 | k2 | k3 | abs
     kl_in_reward: bool = True           # per-token penalty in the reward (PPO) or a loss term (GRPO)
-    entropy_coef: float = 0.0           # > 0: entropy bonus in the policy loss (and policy/entropy logged)
+    entropy_coef: float = 0.0           # > 0: entropy bonus in the policy loss
+    log_entropy: bool = True            # compute and log policy/entropy (an extra [N, T, V] softmax)
     whiten_advantages: bool = True
     reward_clip: Optional[list[float]] = None   # [low, high] on the sequence reward
     normalize_rewards: bool = False     # running mean/std normalisation of the sequence reward
@@ -64,7 +65,7 @@ class PPO(Objective):
 
     @property
     def wants_entropy(self) -> bool:
-        return self.params.entropy_coef > 0
+        return self.params.entropy_coef > 0 or self.params.log_entropy
 
     @staticmethod
     def required_roles(params: PPOParams) -> set[str]:
@@ -90,7 +91,8 @@ class PPO(Objective):
             metrics["kl_loss"] = kl.detach()
         if policy.entropy is not None:
             entropy = masked_mean(policy.entropy, mask)
-            loss = loss - p.entropy_coef * entropy       # entropy bonus
+            if p.entropy_coef > 0:
+                loss = loss - p.entropy_coef * entropy   # entropy bonus
             metrics["entropy"] = entropy.detach()
         return LossOut(loss=loss, metrics={f"policy/{k}": v for k, v in metrics.items()})
 
