@@ -120,7 +120,10 @@ class RewardSourceConfig:
 @dataclass
 class ProcessRewardConfig:
     """Step-level (process) rewards, refined as in Gao et al. 2024 (arXiv 2410.15115)."""
-    fn: str = MISSING                        # "package.module:function" -> one reward per step
+    fn: Optional[str] = None                 # "package.module:function" -> one reward per step, or
+    model: Optional[str] = None              # a sequence-classification PRM scoring prompt + steps[:k+1]
+    num_cpus: float = 1                      # resources of the PRM actor
+    num_gpus: float = 0
     delimiter: str = "\n"                    # steps are the response text split on this
     alpha: float = 1.0                       # weight of the process rewards next to the success reward
     clip_eta: Optional[float] = None         # Clip: r~_k = min(r_k - eta, 0)

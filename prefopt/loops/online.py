@@ -61,7 +61,11 @@ class OnlineRoles:
             self.engines.append(ecls.options(**opts).remote(r.model.path, ro, seed=r.train.seed + i,
                                                             trust_remote_code=r.model.trust_remote_code))
         from prefopt.roles.reward_model import RewardModelWorker
-        self.reward_models = {}
+        self.reward_models, self.process_model = {}, None
+        proc = roles.reward.process
+        if proc is not None and proc.model:
+            pcls = ray.remote(num_cpus=proc.num_cpus, num_gpus=proc.num_gpus)(RewardModelWorker)
+            self.process_model = pcls.remote(proc.model, trust_remote_code=r.model.trust_remote_code)
         for i, src in enumerate(roles.reward.sources):
             if src.model:
                 mcls = ray.remote(num_cpus=src.num_cpus, num_gpus=src.num_gpus)(RewardModelWorker)
@@ -101,7 +105,8 @@ class OnlineRoles:
 
     def shutdown(self) -> None:
         import ray
-        for actor in self.references + self.engines + list(self.reward_models.values()):
+        extra = list(self.reward_models.values()) + ([self.process_model] if self.process_model else [])
+        for actor in self.references + self.engines + extra:
             ray.kill(actor)
         self.policy.kill()
         if self.critic is not None:
@@ -242,7 +247,8 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         process_rewards = None
         if r.roles.reward.process is not None:
             from prefopt.rewards.process_source import ProcessRewards
-            process_rewards = ProcessRewards(r.roles.reward.process, tokenizer)
+            process_rewards = ProcessRewards(r.roles.reward.process, tokenizer, roles.process_model,
+                                             timeout_s=roles.timeout)
         total_steps = t.iterations * steps_per_iter
         info = roles.policy.setup(total_steps=total_steps, grad_accum=grad_accum, pad_id=tokenizer.pad_token_id)
         if roles.critic is not None:

@@ -1,9 +1,10 @@
 """Process rewards in the online loop: split each response into steps, score every step with the
 recipe's step-reward function, refine (Clip / Delta), and place the rewards on step-end tokens.
 
-The step-reward function is named by dotted path (``roles.reward.process.fn``) and called as
-``fn(prompt=..., steps=[...], row=...)``; it returns one float per step (a process reward model as
-a function; e.g. a PRM served elsewhere, or a rule).
+Step rewards come from a function named by dotted path (``roles.reward.process.fn``), called as
+``fn(prompt=..., steps=[...], row=...)`` and returning one float per step (a rule, or a PRM served
+elsewhere), or from a sequence-classification process reward model (``roles.reward.process.model``)
+in its own actor, which scores ``prompt + steps[0] + delimiter + ... + steps[k]`` for every k.
 """
 from __future__ import annotations
 
@@ -16,16 +17,35 @@ from prefopt.rewards.steps import split_steps
 
 
 class ProcessRewards:
-    def __init__(self, cfg: ProcessRewardConfig, tokenizer):
+    def __init__(self, cfg: ProcessRewardConfig, tokenizer, model_actor=None, timeout_s: float = 1800.0):
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.fn = import_reward_fn(cfg.fn)
+        self.fn = import_reward_fn(cfg.fn) if cfg.fn else None
+        self.model_actor, self.timeout_s = model_actor, timeout_s
+        if self.fn is None and model_actor is None:
+            raise ValueError("process rewards need a step function or a PRM actor")
+
+    def _score_with_model(self, prompts: list[str], all_steps: list[list[str]]) -> list[list[float]]:
+        from prefopt.cluster import remote_get
+        d = self.cfg.delimiter
+        texts = [prompt + d.join(steps[:k + 1]) + d for prompt, steps in zip(prompts, all_steps)
+                 for k in range(len(steps))]
+        flat = remote_get(self.model_actor.score.remote(texts), self.timeout_s, "process reward model") if texts else []
+        out, pos = [], 0
+        for steps in all_steps:
+            out.append(flat[pos:pos + len(steps)])
+            pos += len(steps)
+        return out
 
     def __call__(self, prompts: list[str], response_ids: list[list[int]], rows: list[dict]):
         """Per sample, a list of token-level process rewards (one per response token), and stats."""
         split = [split_steps(ids, self.tokenizer, self.cfg.delimiter) for ids in response_ids]
+        scored = self._score_with_model(prompts, [steps for steps, _ in split]) if self.fn is None else None
         raw = []
         for i, ((steps, _), prompt, row) in enumerate(zip(split, prompts, rows)):
-            values = [float(v) for v in self.fn(prompt=prompt, steps=steps, row=row)] if steps else []
+            if scored is not None:
+                values = [float(v) for v in scored[i]]
+            else:
+                values = [float(v) for v in self.fn(prompt=prompt, steps=steps, row=row)] if steps else []
             if len(values) != len(steps):
                 raise ValueError(f"process reward fn '{self.cfg.fn}' returned {len(values)} rewards for "
                                  f"{len(steps)} steps (sample {i})")

@@ -36,7 +36,11 @@ def check_sources(cfg: RewardRoleConfig) -> None:
         raise ConfigError("roles.reward.sources is empty: name at least one reward source "
                           "(or process rewards in roles.reward.process)")
     if cfg.process is not None:
-        import_reward_fn(cfg.process.fn)
+        if bool(cfg.process.fn) == bool(cfg.process.model):
+            raise ConfigError("roles.reward.process needs exactly one of 'fn' (a 'package.module:function') "
+                              "or 'model' (a sequence-classification process reward model)")
+        if cfg.process.fn:
+            import_reward_fn(cfg.process.fn)
         if not cfg.process.delimiter:
             raise ConfigError("roles.reward.process.delimiter must be a non-empty string")
     for i, src in enumerate(cfg.sources):
