@@ -74,3 +74,18 @@ def test_colocated_engine_shares_the_learner_bundle(ray_cluster, tmp_path):
     engine = [p for p in placement if p["role"] == "rollout"][0]
     assert engine["placement_group"] == learner["placement_group"] is not None
     assert len(result.train_history) == 2
+
+
+def test_process_reward_padding_and_its_fixes_short(ray_cluster, tmp_path):
+    """Gao et al. 2024 at toy scale (short version; docs/prm_padding.md has the long run):
+    plain per-step process rewards teach PPO to pad with extra steps; Clip and Delta do not."""
+    def steps(recipe):
+        result = run(recipe, tmp_path / recipe, "train.iterations=32", "output.save_model=false")
+        s = [h["reward/steps_per_response"] for h in result.train_history]
+        return sum(s[:5]) / 5, sum(s[-5:]) / 5
+
+    plain_start, plain_end = steps("tiny_prm")
+    assert plain_end >= 3.0 and plain_end >= 2.5 * plain_start
+    for fixed in ("tiny_prm_clip", "tiny_prm_delta"):
+        start, end = steps(fixed)
+        assert end <= 1.5, (fixed, start, end)
