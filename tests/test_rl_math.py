@@ -341,7 +341,7 @@ def test_ppo_objective_entropy_bonus_and_kl_loss():
 
 
 def test_sequence_reward_clip_and_running_normalisation():
-    from prefopt.loops.online import RewardNormalizer, shape_sequence_rewards
+    from prefopt.rl.signals import RewardNormalizer, shape_sequence_rewards
     from prefopt.objectives.ppo import PPOParams
 
     clipped = shape_sequence_rewards([-20.0, 0.5, 30.0], PPOParams(reward_clip=[-10.0, 10.0]), RewardNormalizer())
@@ -354,3 +354,31 @@ def test_sequence_reward_clip_and_running_normalisation():
     mean = sum(values) / 4
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / 3)
     assert second == pytest.approx([(5.0 - mean) / std])
+
+
+def test_compute_advantages_from_samples():
+    """Sequence reward at the last token + process rewards; GRPO and GAE (gamma = lam = 1, V = 0)."""
+    from prefopt.objectives.ppo import PPOParams
+    from prefopt.rl.signals import compute_advantages
+
+    def samples():
+        return [{"response_ids": [1, 2, 3], "old_logps": [-1.0] * 3, "reward": 1.0},
+                {"response_ids": [1, 2], "old_logps": [-1.0] * 2, "reward": 0.0,
+                 "process_rewards": [0.5, 0.0]}]
+
+    grpo = samples()
+    compute_advantages(grpo, PPOParams(advantage="grpo", kl_coef=0.0, whiten_advantages=False), group_size=2)
+    # scores 1.0 and 0.5 -> (r - mean) / (unbiased std + eps), broadcast over each response
+    std = math.sqrt(((1.0 - 0.75) ** 2 + (0.5 - 0.75) ** 2) / 1)
+    assert grpo[0]["advantages"] == pytest.approx([0.25 / std] * 3, rel=1e-5)
+    assert grpo[1]["advantages"] == pytest.approx([-0.25 / std] * 2, rel=1e-5)
+
+    gae_samples = samples()
+    for s in gae_samples:
+        s["values"] = [0.0] * len(s["response_ids"])
+    stats = compute_advantages(gae_samples, PPOParams(advantage="gae", gamma=1.0, lam=1.0, kl_coef=0.0,
+                                                      whiten_advantages=False), group_size=2)
+    assert gae_samples[0]["returns"] == pytest.approx([1.0, 1.0, 1.0])   # reward-to-go
+    assert gae_samples[1]["returns"] == pytest.approx([0.5, 0.0])
+    assert gae_samples[1]["advantages"] == pytest.approx([0.5, 0.0])
+    assert "critic/explained_variance" in stats

@@ -1,0 +1,118 @@
+"""The actors of an online run: policy (and critic) learner groups, rollout engines, reference
+and reward-model actors; weight sync from the policy learners to the engines."""
+from __future__ import annotations
+
+import time
+
+from prefopt.config_schema import Recipe
+
+
+class OnlineRoles:
+    def __init__(self, recipe: Recipe, pad_id: int):
+        """Create every actor the recipe asks for (learners join their groups in ``setup``)."""
+        import ray
+
+        from prefopt.objectives.ppo import ValueObjective
+        from prefopt.roles.group import LearnerGroup
+        from prefopt.roles.reference import ReferenceWorker
+        from prefopt.roles.rollout import RolloutWorker
+
+        r, roles = recipe, recipe.roles
+        self.timeout = r.ray.call_timeout_s
+        ro = roles.rollout
+        colocated = {"CPU": ro.num_cpus, "GPU": ro.num_gpus} if ro.colocate_with_learners else None
+        self.policy = LearnerGroup(r, roles.learner, colocated=colocated)
+        self.critic = None
+        if r.objective.advantage == "gae":
+            self.critic = LearnerGroup(r, roles.critic, model_kind="critic", objective=ValueObjective(r.objective))
+        self.references = []
+        if r.objective.kl_coef > 0:
+            ref = roles.reference
+            rcls = ray.remote(num_cpus=ref.num_cpus, num_gpus=ref.num_gpus)(ReferenceWorker)
+            self.references = [rcls.remote(r, pad_id) for _ in range(ref.num_actors)]
+        ecls = ray.remote(num_cpus=ro.num_cpus, num_gpus=ro.num_gpus)(RolloutWorker)
+        self.transport = ro.weight_sync
+        self.engines = []
+        for i in range(ro.engines):
+            opts = {"scheduling_strategy": self.policy.bundle_strategy(i)} if ro.colocate_with_learners else {}
+            self.engines.append(ecls.options(**opts).remote(r.model.path, ro, seed=r.train.seed + i,
+                                                            trust_remote_code=r.model.trust_remote_code))
+        from prefopt.roles.reward_model import RewardModelWorker
+        self.reward_models, self.process_model = {}, None
+        proc = roles.reward.process
+        if proc is not None and proc.model:
+            pcls = ray.remote(num_cpus=proc.num_cpus, num_gpus=proc.num_gpus)(RewardModelWorker)
+            self.process_model = pcls.remote(proc.model, trust_remote_code=r.model.trust_remote_code)
+        for i, src in enumerate(roles.reward.sources):
+            if src.model:
+                mcls = ray.remote(num_cpus=src.num_cpus, num_gpus=src.num_gpus)(RewardModelWorker)
+                self.reward_models[i] = mcls.remote(src.model, trust_remote_code=r.model.trust_remote_code)
+
+    def generate(self, prompt_ids: list[list[int]], sampling, seed: int, greedy: bool = False):
+        from prefopt.cluster import remote_get
+        share = -(-len(prompt_ids) // len(self.engines))
+        parts = [prompt_ids[i * share:(i + 1) * share] for i in range(len(self.engines))]
+        refs = [e.generate.remote(p, sampling, greedy=greedy, seed=seed + i)
+                for i, (e, p) in enumerate(zip(self.engines, parts)) if p]
+        return [item for part in remote_get(refs, self.timeout, "rollout.generate") for item in part]
+
+    def open_sync_group(self) -> None:
+        """``process_group`` transport: learner rank 0 + every engine join a group of their own."""
+        from prefopt.cluster import remote_get
+        host, port = remote_get(self.policy.actors[0].address.remote(), self.timeout, "learner.address")
+        size = 1 + len(self.engines)
+        refs = [self.policy.actors[0].join_sync_group.remote(host, port, size, self.timeout)]
+        refs += [e.join_sync_group.remote(host, port, i + 1, size, self.timeout) for i, e in enumerate(self.engines)]
+        self.sync_specs = remote_get(refs, self.timeout, "weight-sync group")[0]
+
+    def sync_weights(self, version: int) -> float:
+        """Policy learners -> every rollout engine (no disk). Returns seconds."""
+        from prefopt.cluster import remote_get
+        start = time.perf_counter()
+        if self.transport == "process_group":
+            refs = [a.sync_broadcast.remote() for a in self.policy.actors]
+            refs += [e.receive_weights.remote(self.sync_specs, version) for e in self.engines]
+            remote_get(refs, self.timeout, "weight sync (process group)")
+        else:
+            refs = [a.export_weights.remote() for a in self.policy.actors]
+            weights = refs[0]                        # rank 0 holds the full (gathered) tensors
+            loads = [e.update_weights.remote(weights, version) for e in self.engines]
+            remote_get(refs[1:] + loads, self.timeout, "weight sync (object store)")
+        return time.perf_counter() - start
+
+    def shutdown(self) -> None:
+        import ray
+        extra = list(self.reward_models.values()) + ([self.process_model] if self.process_model else [])
+        for actor in self.references + self.engines + extra:
+            ray.kill(actor)
+        self.policy.kill()
+        if self.critic is not None:
+            self.critic.kill()
+
+    def setup(self, recipe: Recipe, *, total_steps: int, pad_id: int) -> list[dict]:
+        """Join the learner groups, open the weight-sync group; returns every actor's placement."""
+        from prefopt.cluster import remote_get
+        t = recipe.train
+        info = self.policy.setup(total_steps=total_steps, pad_id=pad_id,
+                                 grad_accum=t.batch_size // (t.micro_batch_size * len(self.policy)))
+        if self.critic is not None:
+            info += self.critic.setup(total_steps=total_steps, pad_id=pad_id, lr=recipe.roles.critic.lr,
+                                      grad_accum=t.batch_size // (t.micro_batch_size * len(self.critic)))
+        if self.transport == "process_group":
+            self.open_sync_group()
+        return info + remote_get([e.node_info.remote() for e in self.engines], self.timeout, "rollout.node_info")
+
+
+def verify_sync(roles: OnlineRoles, prompt_ids: list[list[int]], sampling) -> dict[str, float]:
+    """Engine vs learner after a sync: greedy outputs and the log-probs of the greedy tokens."""
+    from prefopt.cluster import remote_get
+    engine_out = [g[0] for g in roles.generate(prompt_ids, sampling, seed=0, greedy=True)]
+    learner_out = roles.policy.call("greedy_generate", [(prompt_ids, sampling.max_tokens)] * len(roles.policy),
+                                    what="learner greedy generate")[0]
+    matches = [e["response_ids"] == l for e, l in zip(engine_out, learner_out)]
+    samples = [{"kind": "rollouts", "prompt_ids": p, "response_ids": e["response_ids"]}
+               for p, e in zip(prompt_ids, engine_out) if e["response_ids"]]
+    learner_logps = [x for m in roles.policy.infer("compute_token_values", samples, 8) for x in m]
+    engine_logps = [e["logprobs"] for e in engine_out if e["response_ids"]]
+    diff = max(abs(a - b) for le, ee in zip(learner_logps, engine_logps) for a, b in zip(le, ee))
+    return {"greedy_match": sum(matches) / len(matches), "logp_max_abs_diff": diff}
