@@ -25,9 +25,10 @@ def load_prompts(cfg: DataConfig, tokenizer, *, cache_dir=None) -> PromptSet:
     rows, source = load_rows(cfg.path, cfg.split, cache_dir=cache_dir, synthetic=cfg.synthetic)
     out = PromptSet(source=source)
     for i, row in enumerate(rows):
-        if not isinstance(row, dict) or cfg.prompt_field not in row:
-            raise DataError(f"missing prompt field (found: {', '.join(map(str, row)) if isinstance(row, dict) else type(row).__name__})",
-                            source=source, row=i, field=cfg.prompt_field)
+        # (datasets gives a row that lacks a column present in other rows that column as None)
+        if not isinstance(row, dict) or row.get(cfg.prompt_field) is None:
+            found = ", ".join(k for k, v in row.items() if v is not None) if isinstance(row, dict) else type(row).__name__
+            raise DataError(f"missing prompt field (found: {found})", source=source, row=i, field=cfg.prompt_field)
         prompt = row[cfg.prompt_field]
         if isinstance(prompt, str):
             if not prompt.strip():
