@@ -2,39 +2,52 @@
 """Online RLHF throughput: rollout tokens/s, one PPO iteration's time split, samples/s vs TRL GRPO.
 
     python bench/online.py             # full bench (~10 minutes on 2 CPU cores)
-    python bench/online.py --quick     # smoke run: tiny model only, few calls / iterations (~2-3 minutes)
+    python bench/online.py --quick     # smoke run: tiny model only, few calls / iterations (~3 minutes, mostly start-up)
     python bench/online.py --parts rollout --models tiny,100m --out /tmp/b
+    python bench/online.py --parts trl --trl-models 100m        # TRL vs prefopt on llama-100m (~3 minutes)
 
 Three parts; every configuration (one table row) runs in its own subprocess
 (``--worker KIND --config FILE``), so that no row inherits another's threads, Ray cluster or caches:
 
-1. **rollout** — tokens/s of sampling the same prompts (synthetic prompts, prefopt's
-   ``synthetic:pairs`` generator), same ``n``, ``max_tokens`` and temperature 1, three ways:
-   (a) ``vllm.LLM.generate`` in a plain process (no Ray), with the same engine arguments, engine
-   environment and ``SamplingParams`` as prefopt's RolloutWorker (per-call ``seed``, ``logprobs=0``)
-   plus ``ignore_eos``; a second (a0) measurement in the same process drops the seed and logprobs
-   (what a bare ``LLM.generate`` user gets); (b) prefopt's ``RolloutWorker`` as a Ray actor
-   (embedded ``ray.init(address="local")`` through ``prefopt.cluster.init_ray``, so the actor gets
-   prefopt's worker environment), timed in the driver around ``ray.get(actor.generate.remote(...))``;
-   (c) Hugging Face ``model.generate`` (do_sample, left padding, one batch of prompts x n rows,
-   ``min_new_tokens = max_new_tokens``) in a Ray actor with the same resources (1 CPU, 1 thread).
-   One warm-up call, then ``calls`` timed calls; tokens/s = generated tokens / call wall time,
-   median over the timed calls (all calls are in results.json). Random-weight models: EOS is
-   essentially never sampled, so every response has ``max_tokens`` tokens on all three (checked:
-   the table reports the generated tokens per call).
+1. **rollout** — tokens/s of sampling the same prompts (the first 32 of prefopt's ``synthetic:pairs``
+   prompts), same ``n``, ``max_tokens`` and temperature 1, three ways:
+   (a) ``vllm.LLM.generate`` in a plain process (no Ray), with the RolloutWorker's engine arguments,
+   engine environment (``_engine_env``: in-process engine, KV space, TORCHDYNAMO_DISABLE) and
+   exactly its ``SamplingParams`` (per-request ``seed``, ``logprobs=0``) with the same seeds as (b), so
+   (a) and (b) sample the very same tokens (checked by a digest of the token ids); a second (a0)
+   measurement in the same process drops the seed and logprobs (what a bare ``LLM.generate`` user
+   gets), and (a1) keeps (a)'s params but sets ``detokenize=False`` (the loop decodes the ids itself); (b) prefopt's ``RolloutWorker`` as a Ray actor (embedded ``ray.init(address="local")``
+   through ``prefopt.cluster.init_ray``, so the actor gets prefopt's worker environment), timed in the
+   driver around ``ray.get`` of an actor task that runs ``RolloutWorker.generate`` and returns its
+   full output plus the seconds it took inside the actor (so the Ray overhead per call is measured
+   directly); (c) Hugging Face ``model.generate`` (do_sample, top_k 0, left padding, one batch of
+   prompts x n rows, ``min_new_tokens = max_new_tokens``) in a Ray actor with the same resources
+   (1 CPU, 1 thread), timed the same way. Per process: one short warm-up call (same prompts, 8
+   tokens), then ``calls`` timed calls; with ``rounds`` > 1 the three processes run again,
+   interleaved, and the calls are pooled. tokens/s = generated tokens / call wall time; the table
+   shows the best call (contention from other processes only ever slows a call), results.json has
+   every call and the medians. EOS: (a) and (b) stop at EOS like the loop does (the worker has no
+   ignore_eos); random-weight models rarely sample it (a few % of the tokens are cut on the tiny model, none
+   on llama-100m); (c) never stops early. tokens/s counts the tokens actually generated.
 2. **loop** — ``prefopt.loops.online.train`` on ``recipes/tiny_grpo.yaml`` (and llama-100m with
    smaller settings). The loop's per-iteration ``time/*`` metrics give the split; iteration wall
    time is measured between successive metric logs (the bench wraps the loop's MetricsLogger), so
    "other" = wall - sum(time/*). Iteration 1 (first-call warm-up) is excluded. samples/s =
    prompts_per_iteration x n / mean iteration wall time (start-up excluded).
-3. **trl** — TRL's ``GRPOTrainer`` on the same model, prompts (same rows, same token ids: TRL
-   tokenizes the prompt text with the same tokenizer), group size, completion length, prompts per
-   generation, optimizer batch / micro-batch, lr (constant, no warm-up), beta, clip epsilon, fp32,
-   CPU, HF ``generate`` (``use_vllm=False``), no gradient checkpointing. Reward:
-   ``prefopt.rewards.builtin.good_word_fraction`` as a TRL reward function. One TRL "cycle"
-   (one generation of prompts x n completions, then batch/optimizer-batch optimizer steps) is the
-   counterpart of one prefopt iteration; its wall time is measured between ``on_step_end``
-   callbacks; cycle 1 is excluded like iteration 1.
+3. **trl** — TRL's ``GRPOTrainer`` on the loop row's workload (tiny by default; llama-100m with
+   ``--trl-models``): same model, prompts (same rows, same token ids: TRL tokenizes the prompt text
+   with the same tokenizer; checked), group size (``num_generations = n``), completion length
+   (``max_completion_length = max_tokens``), prompts per generation (``generation_batch_size =
+   prompts_per_iteration x n``), optimizer batch / micro-batch (``per_device_train_batch_size x
+   gradient_accumulation_steps``), ``num_iterations = ppo_epochs``, lr (constant, no warm-up), beta
+   (= kl_coef, so TRL loads its reference model), clip epsilon, grad clipping, fp32, CPU, HF
+   ``generate`` (``use_vllm=False``), no gradient checkpointing (TRL's default is on). Reward:
+   ``prefopt.rewards.builtin.good_word_fraction`` as a TRL reward function. One TRL "cycle" (one
+   generation of prompts x n completions, then samples / batch optimizer steps; TRL computes the
+   "old" log-probs because the second step is off-policy, as prefopt does) is the counterpart of one
+   prefopt iteration; its wall time is measured between ``on_step_end`` callbacks; cycle 1 is
+   excluded like iteration 1. TRL runs with 1 thread (like every prefopt actor) and with all CPUs,
+   in interleaved rounds; the fastest round of each is kept.
 
 Before each row the bench waits (up to ``--wait-quiet`` s) for processes outside its own process
 tree to leave the CPUs idle, and records the cores they used while the row ran ("other load"):
@@ -64,10 +77,12 @@ CPUS = os.cpu_count() or 1
 # ---------------------------------------------------------------------------- workloads
 # Part 1: rollouts. Same prompts, n, max_tokens, temperature 1 in (a), (b), (c).
 ROLLOUT = {
-    "tiny": dict(model="builtin:tiny-llama", label="tiny-llama (0.16M)", prompts=32, n=4, max_tokens=64, calls=5),
-    "100m": dict(model="builtin:llama-100m", label="llama-100m (100M)", prompts=32, n=2, max_tokens=64, calls=2),
+    "tiny": dict(model="builtin:tiny-llama", label="tiny-llama (0.16M)", prompts=32, n=4, max_tokens=64, calls=10,
+                 bare_calls=4, rounds=2),
+    "100m": dict(model="builtin:llama-100m", label="llama-100m (100M)", prompts=32, n=2, max_tokens=64, calls=2,
+                 bare_calls=1, rounds=1),
 }
-ROLLOUT_QUICK = {"tiny": dict(calls=3)}
+ROLLOUT_QUICK = {"tiny": dict(calls=4, bare_calls=2, rounds=1)}
 ROLLOUT_ROWS = [
     dict(id="raw", kind="raw-vllm", label="(a) vLLM LLM.generate, plain process"),
     dict(id="ray-vllm", kind="ray-vllm", label="(b) prefopt RolloutWorker, Ray actor"),
@@ -77,16 +92,20 @@ ROLLOUT_ROWS = [
 # Part 2: the real loop. tiny: recipes/tiny_grpo.yaml as shipped (plus iterations / output settings).
 LOOP = {
     "tiny": dict(label="tiny-llama, tiny_grpo.yaml", iterations=20, overrides=[]),
-    "100m": dict(label="llama-100m, 8 prompts x 4, 32 tokens", iterations=4, overrides=[
+    "100m": dict(label="llama-100m, 8 prompts x 4, 32 tokens", iterations=3, overrides=[
         "model.path=builtin:llama-100m", "train.prompts_per_iteration=8", "roles.rollout.sampling.n=4",
         "roles.rollout.sampling.max_tokens=32", "train.batch_size=16", "train.micro_batch_size=8",
         "train.lr=1.0e-5"]),
 }
 LOOP_QUICK = {"tiny": dict(iterations=6)}
 
-# Part 3: TRL GRPOTrainer on the tiny_grpo.yaml workload (read from the recipe), 1 and CPUS threads.
-TRL_ROWS = [dict(id="trl-1t", threads=1), dict(id=f"trl-{CPUS}t", threads=CPUS)]
-TRL_CYCLES, TRL_CYCLES_QUICK = 20, 6
+# Part 3: TRL GRPOTrainer on the workload of the loop row of the same model (recipe + overrides), with
+# 1 thread (like each prefopt actor) and CPUS threads (TRL's natural setting). Rounds run interleaved,
+# the fastest kept (a 2-thread process is very sensitive to other load: see the doc).
+TRL = {"tiny": dict(cycles=20, rounds=2, threads=tuple(sorted({1, CPUS}))),
+       "100m": dict(cycles=3, rounds=1, threads=(1,))}
+TRL_QUICK = {"tiny": dict(cycles=6, rounds=1, threads=(1,))}
+TRL_DEFAULT_MODELS = ("tiny",)      # llama-100m on request (--trl-models tiny,100m): ~1.5 minutes more
 
 
 def _env_for_workers() -> dict:
@@ -113,21 +132,41 @@ def bench_prompts(count: int, tokenizer) -> list[list[int]]:
     return [p["prompt_ids"] for p in load_prompts(cfg, tokenizer, cache_dir=cache_dir()).prompts[:count]]
 
 
-def _timed_calls(fn, calls: int) -> list[dict]:
-    """One warm-up call, then ``calls`` timed ones; fn() -> generated token count."""
+WARMUP_TOKENS = 8     # the warm-up call: same prompts and n, fewer tokens (engine / allocator first-call costs)
+SEED0 = 1000          # call i samples with seed SEED0 + i in (a) and (b): identical outputs, identical work
+
+
+def _timed_calls(fn, calls: int, warmup: bool = True) -> list[dict]:
+    """An optional short warm-up call (i = 0), then ``calls`` timed ones.
+
+    ``fn(i, max_tokens)`` -> (generated token count, (wall seconds measured inside an actor or None,
+    CPU seconds of the generating process), a digest of the sampled token ids)."""
     out = []
-    for i in range(calls + 1):
+    for i in range(0 if warmup else 1, calls + 1):
         start = time.perf_counter()
-        tokens = fn(i)
-        out.append({"s": time.perf_counter() - start, "tokens": tokens, "warmup": i == 0})
+        tokens, (inner, cpu), digest = fn(i, WARMUP_TOKENS if i == 0 else None)
+        out.append({"s": time.perf_counter() - start, "tokens": tokens, "inner_s": inner, "cpu_s": cpu,
+                    "warmup": i == 0, "digest": digest})
     return out
 
 
 def _rollout_summary(calls: list[dict], extra: dict) -> dict:
     timed = [c for c in calls if not c["warmup"]]
     rates = [c["tokens"] / c["s"] for c in timed]
-    return {"calls": calls, "tokens_per_s": statistics.median(rates), "tokens_per_s_best": max(rates),
-            "tokens_per_call": statistics.mean(c["tokens"] for c in timed), **extra}
+    res = {"calls": calls, "tokens_per_s": max(rates), "tokens_per_s_median": statistics.median(rates),
+           "tokens_per_call": statistics.mean(c["tokens"] for c in timed),
+           # CPU seconds of the generating process (all its threads): far less sensitive to other load
+           "tokens_per_cpu_s": max(c["tokens"] / c["cpu_s"] for c in timed), **extra}
+    if all(c["inner_s"] is not None for c in timed):
+        res["in_actor_tokens_per_s"] = max(c["tokens"] / c["inner_s"] for c in timed)
+        res["ray_overhead_ms"] = statistics.median(1e3 * (c["s"] - c["inner_s"]) for c in timed)
+        res["ray_overhead_frac"] = statistics.median((c["s"] - c["inner_s"]) / c["s"] for c in timed)
+    return res
+
+
+def _digest(ids: list[list[int]]) -> str:
+    import hashlib
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:12]
 
 
 def _rollout_cfg(spec: dict):
@@ -166,10 +205,21 @@ class HFGenerator:
         return self.torch.get_num_threads()
 
 
+def _timed_in_actor(self, method: str, *args, **kwargs):
+    """Run ``self.<method>(*args, **kwargs)`` inside the actor; return (its seconds, its full output).
+    Called through ``actor.__ray_call__``, so the driver-side timing includes Ray and the transfer
+    of the whole output, exactly as a direct ``actor.<method>.remote`` call would."""
+    start, cpu = time.perf_counter(), time.process_time()
+    out = getattr(self, method)(*args, **kwargs)
+    return (time.perf_counter() - start, time.process_time() - cpu), out
+
+
 # ============================================================================ workers
 
 def raw_vllm_worker(cfg: dict) -> dict:
     """(a): LLM.generate in this process, as the RolloutWorker builds it, no Ray."""
+    import dataclasses
+
     import torch
 
     from prefopt.models.load import load_tokenizer
@@ -189,17 +239,29 @@ def raw_vllm_worker(cfg: dict) -> dict:
     requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
 
     def run(params_for):
-        def call(i):
-            outs = llm.generate(requests, params_for(i), use_tqdm=False)
-            return sum(len(c.token_ids) for o in outs for c in o.outputs)
+        def call(i, max_tokens):
+            s = rcfg.sampling if max_tokens is None else dataclasses.replace(rcfg.sampling, max_tokens=max_tokens)
+            cpu = time.process_time()
+            outs = llm.generate(requests, params_for(i, s), use_tqdm=False)
+            cpu = time.process_time() - cpu
+            ids = [list(c.token_ids) for o in outs for c in o.outputs]
+            return sum(map(len, ids)), (None, cpu), _digest(ids)
         return call
 
-    s = rcfg.sampling
-    same = run(lambda i: SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                        max_tokens=s.max_tokens, logprobs=0, seed=1000 + i, ignore_eos=True))
-    bare = run(lambda i: SamplingParams(n=s.n, temperature=s.temperature, max_tokens=s.max_tokens, ignore_eos=True))
+    # exactly the RolloutWorker's SamplingParams (same seeds as (b): the same tokens get sampled)
+    same = run(lambda i, s: SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                           max_tokens=s.max_tokens, stop=list(s.stop) or None, logprobs=0,
+                                           seed=SEED0 + i))
+    # what a bare LLM.generate user gets: no per-request seed, no logprobs
+    bare = run(lambda i, s: SamplingParams(n=s.n, temperature=s.temperature, max_tokens=s.max_tokens))
+    # the worker's params without detokenization (the loop decodes the token ids itself; vLLM
+    # otherwise detokenizes every sampled token and, with logprobs, every logprob entry)
+    nodetok = run(lambda i, s: SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                                              max_tokens=s.max_tokens, logprobs=0, seed=SEED0 + i,
+                                              detokenize=False))
     res = _rollout_summary(_timed_calls(same, spec["calls"]), {"load_s": load_s, "threads": torch.get_num_threads()})
-    res["bare"] = _rollout_summary(_timed_calls(bare, spec["calls"]), {})
+    res["bare"] = _rollout_summary(_timed_calls(bare, spec["bare_calls"], warmup=False), {})
+    res["no_detokenize"] = _rollout_summary(_timed_calls(nodetok, spec["bare_calls"], warmup=False), {})
     return res
 
 
@@ -210,7 +272,9 @@ def _ray_start():
 
 
 def ray_vllm_worker(cfg: dict) -> dict:
-    """(b): prefopt's RolloutWorker as a Ray actor, exactly as OnlineRoles creates it."""
+    """(b): prefopt's RolloutWorker as a Ray actor, created as OnlineRoles creates it."""
+    import dataclasses
+
     import ray
 
     from prefopt.cluster import remote_get
@@ -229,20 +293,15 @@ def ray_vllm_worker(cfg: dict) -> dict:
     load_s = time.perf_counter() - t0 - ray_s
     threads = ray.get(actor.__ray_call__.remote(lambda self: __import__("torch").get_num_threads()))
 
-    def call(i):
-        out = remote_get(actor.generate.remote(prompts, rcfg.sampling, seed=1000 + i), 600, "generate")
-        return sum(len(g["response_ids"]) for gens in out for g in gens)
-
-    def in_actor(self, prompts, sampling, seed):   # the same call, timed inside the actor
-        start = time.perf_counter()
-        out = self.generate(prompts, sampling, seed=seed)
-        return time.perf_counter() - start, sum(len(g["response_ids"]) for gens in out for g in gens)
+    def call(i, max_tokens):
+        s = rcfg.sampling if max_tokens is None else dataclasses.replace(rcfg.sampling, max_tokens=max_tokens)
+        inner, out = remote_get(actor.__ray_call__.remote(_timed_in_actor, "generate", prompts, s, seed=SEED0 + i),
+                                600, "generate")
+        ids = [g["response_ids"] for gens in out for g in gens]
+        return sum(map(len, ids)), inner, _digest(ids)
 
     res = _rollout_summary(_timed_calls(call, spec["calls"]), {"load_s": load_s, "ray_init_s": ray_s,
                                                                "threads": threads})
-    inside = [remote_get(actor.__ray_call__.remote(in_actor, prompts, rcfg.sampling, 2000 + i), 600, "generate")
-              for i in range(spec["calls"])]
-    res["in_actor_tokens_per_s"] = statistics.median(tok / s for s, tok in inside)
     ray.kill(actor)
     ray.shutdown()
     return res
@@ -264,9 +323,11 @@ def ray_hf_worker(cfg: dict) -> dict:
     threads = remote_get(actor.threads.remote(), 600, "HFGenerator start")
     load_s = time.perf_counter() - t0 - ray_s
 
-    def call(i):
-        out = remote_get(actor.generate.remote(prompts, spec["n"], spec["max_tokens"], 1000 + i), 600, "generate")
-        return sum(len(g) for gens in out for g in gens)
+    def call(i, max_tokens):
+        inner, out = remote_get(actor.__ray_call__.remote(
+            _timed_in_actor, "generate", prompts, spec["n"], max_tokens or spec["max_tokens"], SEED0 + i), 600, "generate")
+        ids = [g for gens in out for g in gens]
+        return sum(map(len, ids)), inner, _digest(ids)
 
     res = _rollout_summary(_timed_calls(call, spec["calls"]), {"load_s": load_s, "ray_init_s": ray_s,
                                                                "threads": threads})
@@ -323,7 +384,7 @@ def loop_worker(cfg: dict) -> dict:
 
 
 def trl_worker(cfg: dict) -> dict:
-    """Part 3: TRL GRPOTrainer on the tiny_grpo.yaml workload."""
+    """Part 3: TRL GRPOTrainer on the loop row's workload (tiny_grpo.yaml + the same overrides)."""
     import torch
     torch.set_num_threads(cfg["threads"])
     from datasets import Dataset
@@ -336,7 +397,7 @@ def trl_worker(cfg: dict) -> dict:
     from prefopt.models.tiny import resolve_model_path
     from prefopt.rewards.builtin import good_word_fraction
 
-    recipe = load_recipe(REPO / "recipes" / "tiny_grpo.yaml")
+    recipe = load_recipe(REPO / "recipes" / "tiny_grpo.yaml", cfg["overrides"])
     t, ro, obj = recipe.train, recipe.roles.rollout, recipe.objective
     model_dir = resolve_model_path(recipe.model.path)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -449,24 +510,54 @@ def run_row(name: str, kind: str, cfg: dict, out: Path, a) -> dict:
     return res
 
 
+BUSY = 0.5   # other processes used at least this many cores on average while a row ran: flagged
+
+
 def _load(r: dict) -> str:
-    return f"{r['other_load_cores']:.2f}"
+    return f"{r['other_load_cores']:.2f}" + (" ⚠" if r["other_load_cores"] >= BUSY else "")
 
 
 def rollout_table(results: dict) -> str:
-    lines = ["| model | prompts x n x max_tokens | (a) vLLM plain | (a0) vLLM plain, no seed/logprobs "
-             "| (b) prefopt RolloutWorker (Ray) | (c) HF generate (Ray) | (b)/(a) | (b)/(c) | tokens/call a/b/c "
-             "| other load a/b/c |", "|" + "---|" * 10]
+    lines = ["| model | prompts x n x max_tokens | (a) vLLM, plain process | (a0) same, no seed / logprobs "
+             "| (a1) same as (a), detokenize=False | (b) prefopt RolloutWorker, Ray actor | (b) timed inside the actor | (c) HF generate, Ray actor "
+             "| (b)/(a) | (b)/(c) | (b)/(a) per CPU-s | Ray overhead per call | tokens/call a/b/c "
+             "| other load a/b/c |", "|" + "---|" * 14]
     for key, rows in results.items():
         a, b, c = rows["raw"], rows["ray-vllm"], rows["ray-hf"]
         s = ROLLOUT[key]
         lines.append(
             f"| {s['label']} | {s['prompts']} x {s['n']} x {s['max_tokens']} | {a['tokens_per_s']:,.0f} "
-            f"| {a['bare']['tokens_per_s']:,.0f} | {b['tokens_per_s']:,.0f} | {c['tokens_per_s']:,.0f} "
-            f"| **{b['tokens_per_s'] / a['tokens_per_s']:.2f}** | **{b['tokens_per_s'] / c['tokens_per_s']:.2f}** "
+            f"| {a['bare']['tokens_per_s']:,.0f} | {a['no_detokenize']['tokens_per_s']:,.0f} | {b['tokens_per_s']:,.0f} | {b['in_actor_tokens_per_s']:,.0f} "
+            f"| {c['tokens_per_s']:,.0f} | **{b['tokens_per_s'] / a['tokens_per_s']:.2f}** "
+            f"| **{b['tokens_per_s'] / c['tokens_per_s']:.2f}** | {b['tokens_per_cpu_s'] / a['tokens_per_cpu_s']:.2f} "
+            f"| {b['ray_overhead_ms']:.1f} ms ({100 * b['ray_overhead_frac']:.1f}%) "
             f"| {a['tokens_per_call']:.0f}/{b['tokens_per_call']:.0f}/{c['tokens_per_call']:.0f} "
             f"| {_load(a)}/{_load(b)}/{_load(c)} |")
     return "\n".join(lines)
+
+
+def pool_rounds(runs: list[dict]) -> dict:
+    """One row's rounds -> one result: every timed call pooled (best / median over all of them)."""
+    if len(runs) == 1:
+        return runs[0]
+    calls = [c for r in runs for c in r["calls"]]
+    res = _rollout_summary(calls, {k: runs[0][k] for k in ("threads", "load_s") if k in runs[0]})
+    for sub in ("bare", "no_detokenize"):
+        if sub in runs[0]:
+            res[sub] = _rollout_summary([c for r in runs for c in r[sub]["calls"]], {})
+    n = sum(len(r["calls"]) for r in runs)
+    res.update(rounds=runs, row=runs[0]["row"].rsplit("-r", 1)[0], kind=runs[0]["kind"],
+               process_wall_s=sum(r["process_wall_s"] for r in runs),
+               other_load_cores=sum(r["other_load_cores"] * len(r["calls"]) for r in runs) / n,
+               other_load_max=max(r["other_load_max"] for r in runs))
+    return res
+
+
+def same_samples(a: dict, b: dict) -> bool:
+    """(a) and (b) sampled the very same tokens in every call (same engine, params and seeds)."""
+    runs_a, runs_b = a.get("rounds", [a]), b.get("rounds", [b])
+    return len(runs_a) == len(runs_b) and all(
+        [c["digest"] for c in x["calls"]] == [c["digest"] for c in y["calls"]] for x, y in zip(runs_a, runs_b))
 
 
 SPLIT_KEYS = ("generate", "reward", "reference", "learn", "sync")
@@ -493,10 +584,16 @@ def trl_table(prefopt: dict | None, trl: list[dict]) -> str:
     rows += [dict(r, label="TRL GRPOTrainer (HF generate)", threads_label=str(r["threads"]), per=r["cycle_s"],
                   timed=r["timed_cycles"], samples_per_iteration=r["samples_per_cycle"]) for r in trl]
     for r in rows:
-        ratio = f"**{prefopt['samples_per_s'] / r['samples_per_s']:.2f}**" if prefopt and r["row"] != prefopt["row"] else "-"
+        ratio = f"**{prefopt['samples_per_s'] / r['samples_per_s']:.2f}**" if prefopt and r["kind"] == "trl" else "-"
         rl = f"{r['response_length']:.1f}" if r.get("response_length") is not None else "-"
+        sps = f"{r['samples_per_s']:.1f}"
+        if len(r.get("all_samples_per_s", [])) > 1:
+            sps += " (rounds: " + " / ".join(f"{x:.1f}" for x in r["all_samples_per_s"]) + ")"
+        load = (" / ".join(f"{x:.2f}" + (" ⚠" if x >= BUSY else "") for x in r["all_other_load"])
+                if len(r.get("all_other_load", [])) > 1
+                else _load(r))
         lines.append(f"| {r['label']} | {r['threads_label']} | {r['samples_per_iteration']} | {r['timed']} "
-                     f"| {r['per']:.3f} | {r['samples_per_s']:.1f} | {rl} | {ratio} | {_load(r)} |")
+                     f"| {r['per']:.3f} | {sps} | {rl} | {ratio} | {load} |")
     return "\n".join(lines)
 
 
@@ -519,14 +616,20 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=os.environ.get("BENCH_OUT"), help="output folder "
                     "(default $BENCH_OUT or runs/bench-online/<timestamp>)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per row")
-    ap.add_argument("--wait-quiet", type=float, default=30, help="before each row, wait up to this many seconds "
-                    "for other processes to leave the CPUs idle (the machine may be shared); 0: don't")
+    ap.add_argument("--wait-quiet", type=float, default=None, help="before each row, wait up to this many seconds "
+                    "for other processes to leave the CPUs idle (the machine may be shared); 0: don't "
+                    "(default 10, --quick 5)")
+    ap.add_argument("--trl-models", default=None, help="models for the trl part (default: tiny; 100m takes "
+                    "~1.5 minutes more)")
+    ap.add_argument("--render", metavar="RESULTS_JSON", help="print the tables of an earlier run and exit")
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         return run_worker(a.worker, a.config)
 
+    if a.wait_quiet is None:
+        a.wait_quiet = 5.0 if a.quick else 10.0
     for k, v in _env_for_workers().items():   # the driver imports prefopt to build models
         os.environ.setdefault(k, v)
     from prefopt.models.tiny import resolve_model_path
@@ -540,7 +643,7 @@ def main(argv=None) -> None:
     print(f"machine: {CPUS} CPUs ({meta['processor']}), load average {meta['loadavg_start'][0]:.2f}; "
           + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), flush=True)
     t0 = time.perf_counter()
-    rollout, loop, trl = {}, {}, []
+    rollout, loop, trl = {}, {}, {}
 
     def note(name, r, what):
         print(f"  {name:<22} {what}  (process {r['process_wall_s']:.0f}s, waited {r['waited_s']:.0f}s for quiet, "
@@ -552,17 +655,27 @@ def main(argv=None) -> None:
             model_dir = resolve_model_path(spec["model"])
             meta["settings"][f"rollout-{key}"] = spec
             print(f"== rollouts, {spec['label']}: {spec['prompts']} prompts x n={spec['n']} x {spec['max_tokens']} "
-                  f"tokens, temperature 1, 1 warm-up + {spec['calls']} timed calls", flush=True)
+                  f"tokens, temperature 1, per process 1 short warm-up + {spec['calls']} timed calls, "
+                  f"{spec['rounds']} round(s)", flush=True)
             rollout[key] = {}
-            for row in ROLLOUT_ROWS:
-                name = f"rollout-{key}-{row['id']}"
-                r = run_row(name, row["kind"], {"spec": spec, "model_dir": model_dir}, out, a)
-                rollout[key][row["id"]] = r
-                extra = f", no seed/logprobs {r['bare']['tokens_per_s']:,.0f}" if "bare" in r else ""
-                if "in_actor_tokens_per_s" in r:
-                    extra = f", timed inside the actor {r['in_actor_tokens_per_s']:,.0f}"
-                note(name, r, f"{r['tokens_per_s']:9,.0f} tokens/s (best {r['tokens_per_s_best']:,.0f}{extra}; "
-                              f"{r['tokens_per_call']:.0f} tokens/call, {r['threads']} thread(s))")
+            runs = {row["id"]: [] for row in ROLLOUT_ROWS}
+            # rounds run the three rows interleaved, so that each sees a similar share of whatever else
+            # the machine is doing; per row, the calls of all rounds are pooled
+            for rnd in range(spec["rounds"]):
+                for row in ROLLOUT_ROWS:
+                    name = f"rollout-{key}-{row['id']}" + (f"-r{rnd}" if spec["rounds"] > 1 else "")
+                    r = run_row(name, row["kind"], {"spec": spec, "model_dir": model_dir}, out, a)
+                    runs[row["id"]].append(r)
+                    extra = (f", no seed/logprobs {r['bare']['tokens_per_s']:,.0f}, detokenize=False "
+                             f"{r['no_detokenize']['tokens_per_s']:,.0f}" if "bare" in r else "")
+                    if "in_actor_tokens_per_s" in r:
+                        extra = (f", inside the actor {r['in_actor_tokens_per_s']:,.0f}, Ray overhead "
+                                 f"{r['ray_overhead_ms']:.1f} ms/call")
+                    note(name, r, f"{r['tokens_per_s']:9,.0f} tokens/s (median {r['tokens_per_s_median']:,.0f}, "
+                                  f"{r['tokens_per_cpu_s']:,.0f} per CPU-s"
+                                  f"{extra}; {r['tokens_per_call']:.0f} tokens/call, {r['threads']} thread(s))")
+            for row_id, rs in runs.items():
+                rollout[key][row_id] = pool_rounds(rs)
     if "loop" in parts:
         for key in keys:
             spec = dict(LOOP[key], **(LOOP_QUICK.get(key, {}) if a.quick else {}))
@@ -574,38 +687,60 @@ def main(argv=None) -> None:
             note(name, r, f"{r['samples_per_s']:7.1f} samples/s, {r['iteration_s']:.3f} s/iteration "
                           + " ".join(f"{k} {v:.3f}" for k, v in r["split_s"].items()))
     if "trl" in parts:
-        cycles = TRL_CYCLES_QUICK if a.quick else TRL_CYCLES
-        rows = TRL_ROWS[:1] if a.quick else TRL_ROWS
-        print(f"== TRL GRPOTrainer, tiny_grpo.yaml workload: {cycles} generation cycles", flush=True)
-        if "tiny" not in loop:       # the prefopt side of the comparison
-            spec = dict(LOOP["tiny"], iterations=cycles)
-            r = run_row("loop-tiny", "loop", {"spec": spec}, out, a)
-            loop["tiny"] = r
-            note("loop-tiny", r, f"{r['samples_per_s']:7.1f} samples/s")
-        for row in rows:
-            r = run_row(row["id"], "trl", {"threads": row["threads"], "cycles": cycles}, out, a)
-            trl.append(r)
-            note(row["id"], r, f"{r['samples_per_s']:7.1f} samples/s, {r['cycle_s']:.3f} s/cycle, "
-                               f"{r['threads']} thread(s), mean response {r['response_length']}")
+        trl_keys = a.trl_models.split(",") if a.trl_models else (["tiny"] if a.quick else list(TRL_DEFAULT_MODELS))
+        for key in trl_keys:
+            spec = dict(TRL[key], **(TRL_QUICK.get(key, {}) if a.quick else {}))
+            meta["settings"][f"trl-{key}"] = spec
+            print(f"== TRL GRPOTrainer, workload of the {LOOP[key]['label']} loop: {spec['cycles']} generation "
+                  f"cycles, threads {spec['threads']}, {spec['rounds']} round(s)", flush=True)
+            if key not in loop:       # the prefopt side of the comparison
+                lspec = dict(LOOP[key], iterations=spec["cycles"])
+                r = run_row(f"loop-{key}", "loop", {"spec": lspec}, out, a)
+                loop[key] = r
+                note(f"loop-{key}", r, f"{r['samples_per_s']:7.1f} samples/s")
+            runs = {th: [] for th in spec["threads"]}
+            for rnd in range(spec["rounds"]):
+                for th in spec["threads"]:
+                    name = f"trl-{key}-{th}t" + (f"-r{rnd}" if spec["rounds"] > 1 else "")
+                    r = run_row(name, "trl", {"threads": th, "cycles": spec["cycles"],
+                                              "overrides": LOOP[key]["overrides"]}, out, a)
+                    runs[th].append(r)
+                    note(name, r, f"{r['samples_per_s']:7.1f} samples/s, {r['cycle_s']:.3f} s/cycle, "
+                                  f"{r['threads']} thread(s), mean response {r['response_length']:.1f} tokens")
+            trl[key] = []
+            for th, rs in runs.items():
+                best = dict(max(rs, key=lambda r: r["samples_per_s"]))
+                best["all_samples_per_s"] = [r["samples_per_s"] for r in rs]
+                best["all_other_load"] = [r["other_load_cores"] for r in rs]
+                trl[key].append(best)
     meta["total_s"] = time.perf_counter() - t0
     meta["loadavg_end"] = os.getloadavg()
-    tables = []
-    if rollout:
-        tables.append("Rollout tokens/s (median over timed calls)\n\n" + rollout_table(rollout))
-    if loop:
-        tables.append("prefopt online iteration, mean per-iteration time split (iteration 1 excluded)\n\n"
-                      + loop_table(loop))
-    if trl:
-        tables.append("samples/s, prefopt loop vs TRL GRPOTrainer (tiny_grpo.yaml workload; first "
-                      "iteration / cycle excluded)\n\n" + trl_table(loop.get("tiny"), trl))
-    text = "\n\n".join(tables)
+    for key, rows in rollout.items():
+        meta[f"rollout-{key}-a-b-same-tokens"] = same_samples(rows["raw"], rows["ray-vllm"])
+    text = render(meta, rollout, loop, trl)
     print("\n" + text)
-    print(f"\ntargets: (b)/(a) >= 0.95; prefopt samples/s >= 2x TRL GRPOTrainer. other load = cores used by "
-          f"processes outside this bench while a row ran. {meta['total_s']:.0f}s in all; results in {out}")
+    print(f"\n{meta['total_s']:.0f}s in all; results in {out}")
     (out / "results.json").write_text(json.dumps({"meta": meta, "rollout": rollout, "loop": loop, "trl": trl},
                                                  indent=1, default=str))
     (out / "results.md").write_text(text + "\n")
 
+
+def render(meta: dict, rollout: dict, loop: dict, trl: dict) -> str:
+    """The Markdown tables (also: ``--render results.json``)."""
+    tables = []
+    if rollout:
+        same = ", ".join(f"{k}: {meta.get(f'rollout-{k}-a-b-same-tokens')}" for k in rollout)
+        tables.append("Rollout tokens/s (best of the timed calls; medians in results.json). (a) and (b) sampled "
+                      f"identical tokens in every call ({same}).\n\n" + rollout_table(rollout))
+    if loop:
+        tables.append("prefopt online iteration, mean per-iteration time split (iteration 1 excluded)\n\n"
+                      + loop_table(loop))
+    for key, rows in trl.items():
+        tables.append(f"samples/s, prefopt loop vs TRL GRPOTrainer ({LOOP[key]['label']} workload; first "
+                      "iteration / cycle excluded; TRL: fastest of its rounds)\n\n" + trl_table(loop.get(key), rows))
+    tables.append(f"Targets: (b)/(a) >= 0.95; prefopt samples/s >= 2x TRL GRPOTrainer. other load = cores used by "
+                  f"processes outside this bench while a row ran (⚠: >= {BUSY} cores, numbers likely depressed).")
+    return "\n\n".join(tables)
 
 if __name__ == "__main__":
     main()
