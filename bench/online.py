@@ -527,7 +527,7 @@ def rollout_table(results: dict) -> str:
         s = ROLLOUT[key]
         lines.append(
             f"| {s['label']} | {s['prompts']} x {s['n']} x {s['max_tokens']} | {a['tokens_per_s']:,.0f} "
-            f"| {a['bare']['tokens_per_s']:,.0f} | {a['no_detokenize']['tokens_per_s']:,.0f} | {b['tokens_per_s']:,.0f} | {b['in_actor_tokens_per_s']:,.0f} "
+            f"| {a['bare']['tokens_per_s']:,.0f} | {a['no_detokenize']['tokens_per_s'] if 'no_detokenize' in a else float('nan'):,.0f} | {b['tokens_per_s']:,.0f} | {b['in_actor_tokens_per_s']:,.0f} "
             f"| {c['tokens_per_s']:,.0f} | **{b['tokens_per_s'] / a['tokens_per_s']:.2f}** "
             f"| **{b['tokens_per_s'] / c['tokens_per_s']:.2f}** | {b['tokens_per_cpu_s'] / a['tokens_per_cpu_s']:.2f} "
             f"| {b['ray_overhead_ms']:.1f} ms ({100 * b['ray_overhead_frac']:.1f}%) "
@@ -627,7 +627,9 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     if a.worker:
         return run_worker(a.worker, a.config)
-
+    if a.render:
+        d = json.loads(Path(a.render).read_text())
+        return print(render(d["meta"], d["rollout"], d["loop"], d["trl"]))
     if a.wait_quiet is None:
         a.wait_quiet = 5.0 if a.quick else 10.0
     for k, v in _env_for_workers().items():   # the driver imports prefopt to build models
