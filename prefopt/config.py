@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from prefopt.config_schema import Recipe
@@ -260,9 +260,3 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 def recipe_to_yaml(recipe: Recipe) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(recipe_to_dict(recipe)))
-
-
-def as_container(value: Any) -> Any:
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    return value

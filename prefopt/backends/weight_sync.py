@@ -35,14 +35,11 @@ class StatelessGroup:
             self.device = torch.device("cpu")
 
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> torch.Tensor:
-        opts = __import__("torch.distributed", fromlist=["BroadcastOptions"]).BroadcastOptions()
+        from torch.distributed import BroadcastOptions
+        opts = BroadcastOptions()
         opts.rootRank = root
         self.pg.broadcast([tensor], opts).wait()
         return tensor
-
-
-def tensor_specs(named: list[tuple[str, torch.Tensor]]) -> list[tuple[str, tuple[int, ...], str]]:
-    return [(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in named]
 
 
 def broadcast_weights(group: StatelessGroup, named: list[tuple[str, torch.Tensor]]) -> None:
