@@ -22,9 +22,11 @@ Three parts; every configuration (one table row) runs in its own subprocess
    full output plus the seconds it took inside the actor (so the Ray overhead per call is measured
    directly); (c) Hugging Face ``model.generate`` (do_sample, top_k 0, left padding, one batch of
    prompts x n rows, ``min_new_tokens = max_new_tokens``) in a Ray actor with the same resources
-   (1 CPU, 1 thread), timed the same way. Per process: one short warm-up call (same prompts, 8
-   tokens), then ``calls`` timed calls; with ``rounds`` > 1 the three processes run again,
-   interleaved, and the calls are pooled. tokens/s = generated tokens / call wall time; the table
+   (1 CPU, 1 thread), timed the same way. (a), (b) and (c) are three live subprocesses that load in
+   parallel and then take generate calls from the driver in rotating order (a b c, b c a, ...): each
+   sees the same share of whatever else the machine does. Each: one short warm-up call (same prompts,
+   8 tokens), then ``calls`` timed calls; the cores used by processes outside the bench are sampled
+   around every call. tokens/s = generated tokens / call wall time; the table
    shows the best call (contention from other processes only ever slows a call), results.json has
    every call and the medians. EOS: (a) and (b) stop at EOS like the loop does (the worker has no
    ignore_eos); random-weight models rarely sample it (a few % of the tokens are cut on the tiny model, none
@@ -46,8 +48,9 @@ Three parts; every configuration (one table row) runs in its own subprocess
    generation of prompts x n completions, then samples / batch optimizer steps; TRL computes the
    "old" log-probs because the second step is off-policy, as prefopt does) is the counterpart of one
    prefopt iteration; its wall time is measured between ``on_step_end`` callbacks; cycle 1 is
-   excluded like iteration 1. TRL runs with 1 thread (like every prefopt actor) and with all CPUs,
-   in interleaved rounds; the fastest round of each is kept.
+   excluded like iteration 1. TRL runs with 1 thread, like every prefopt actor (``--trl-threads 1,2``
+   adds a 2-thread row: fast on an idle machine, but it collapses 10-30x when another process holds
+   a core); rounds run interleaved, the fastest is kept.
 
 Before each row the bench waits (up to ``--wait-quiet`` s) for processes outside its own process
 tree to leave the CPUs idle, and records the cores they used while the row ran ("other load"):
@@ -77,12 +80,12 @@ CPUS = os.cpu_count() or 1
 # ---------------------------------------------------------------------------- workloads
 # Part 1: rollouts. Same prompts, n, max_tokens, temperature 1 in (a), (b), (c).
 ROLLOUT = {
-    "tiny": dict(model="builtin:tiny-llama", label="tiny-llama (0.16M)", prompts=32, n=4, max_tokens=64, calls=10,
-                 bare_calls=4, rounds=2),
+    "tiny": dict(model="builtin:tiny-llama", label="tiny-llama (0.16M)", prompts=32, n=4, max_tokens=64, calls=12,
+                 bare_calls=4),
     "100m": dict(model="builtin:llama-100m", label="llama-100m (100M)", prompts=32, n=2, max_tokens=64, calls=2,
-                 bare_calls=1, rounds=1),
+                 bare_calls=1),
 }
-ROLLOUT_QUICK = {"tiny": dict(calls=4, bare_calls=2, rounds=1)}
+ROLLOUT_QUICK = {"tiny": dict(calls=4, bare_calls=2)}
 ROLLOUT_ROWS = [
     dict(id="raw", kind="raw-vllm", label="(a) vLLM LLM.generate, plain process"),
     dict(id="ray-vllm", kind="ray-vllm", label="(b) prefopt RolloutWorker, Ray actor"),
@@ -100,11 +103,9 @@ LOOP = {
 LOOP_QUICK = {"tiny": dict(iterations=6)}
 
 # Part 3: TRL GRPOTrainer on the workload of the loop row of the same model (recipe + overrides), with
-# 1 thread (like each prefopt actor) and CPUS threads (TRL's natural setting). Rounds run interleaved,
-# the fastest kept (a 2-thread process is very sensitive to other load: see the doc).
-TRL = {"tiny": dict(cycles=20, rounds=2, threads=tuple(sorted({1, CPUS}))),
-       "100m": dict(cycles=3, rounds=1, threads=(1,))}
-TRL_QUICK = {"tiny": dict(cycles=6, rounds=1, threads=(1,))}
+# 1 thread like each prefopt actor (--trl-threads). Rounds run interleaved, the fastest is kept.
+TRL = {"tiny": dict(cycles=20, rounds=2), "100m": dict(cycles=3, rounds=1)}
+TRL_QUICK = {"tiny": dict(cycles=6, rounds=1)}
 TRL_DEFAULT_MODELS = ("tiny",)      # llama-100m on request (--trl-models tiny,100m): ~1.5 minutes more
 
 
@@ -136,27 +137,15 @@ WARMUP_TOKENS = 8     # the warm-up call: same prompts and n, fewer tokens (engi
 SEED0 = 1000          # call i samples with seed SEED0 + i in (a) and (b): identical outputs, identical work
 
 
-def _timed_calls(fn, calls: int, warmup: bool = True) -> list[dict]:
-    """An optional short warm-up call (i = 0), then ``calls`` timed ones.
-
-    ``fn(i, max_tokens)`` -> (generated token count, (wall seconds measured inside an actor or None,
-    CPU seconds of the generating process), a digest of the sampled token ids)."""
-    out = []
-    for i in range(0 if warmup else 1, calls + 1):
-        start = time.perf_counter()
-        tokens, (inner, cpu), digest = fn(i, WARMUP_TOKENS if i == 0 else None)
-        out.append({"s": time.perf_counter() - start, "tokens": tokens, "inner_s": inner, "cpu_s": cpu,
-                    "warmup": i == 0, "digest": digest})
-    return out
-
-
 def _rollout_summary(calls: list[dict], extra: dict) -> dict:
     timed = [c for c in calls if not c["warmup"]]
     rates = [c["tokens"] / c["s"] for c in timed]
     res = {"calls": calls, "tokens_per_s": max(rates), "tokens_per_s_median": statistics.median(rates),
            "tokens_per_call": statistics.mean(c["tokens"] for c in timed),
-           # CPU seconds of the generating process (all its threads): far less sensitive to other load
-           "tokens_per_cpu_s": max(c["tokens"] / c["cpu_s"] for c in timed), **extra}
+           # CPU seconds of the generating process (all its threads): less sensitive to other load
+           "tokens_per_cpu_s": max(c["tokens"] / c["cpu_s"] for c in timed),
+           "other_load_cores": statistics.mean(c["other_load"] for c in timed),
+           "other_load_max": max(c["other_load"] for c in timed), **extra}
     if all(c["inner_s"] is not None for c in timed):
         res["in_actor_tokens_per_s"] = max(c["tokens"] / c["inner_s"] for c in timed)
         res["ray_overhead_ms"] = statistics.median(1e3 * (c["s"] - c["inner_s"]) for c in timed)
@@ -206,7 +195,7 @@ class HFGenerator:
 
 
 def _timed_in_actor(self, method: str, *args, **kwargs):
-    """Run ``self.<method>(*args, **kwargs)`` inside the actor; return (its seconds, its full output).
+    """Run ``self.<method>(*args, **kwargs)`` inside the actor; return ((wall s, CPU s), its full output).
     Called through ``actor.__ray_call__``, so the driver-side timing includes Ray and the transfer
     of the whole output, exactly as a direct ``actor.<method>.remote`` call would."""
     start, cpu = time.perf_counter(), time.process_time()
@@ -214,55 +203,58 @@ def _timed_in_actor(self, method: str, *args, **kwargs):
     return (time.perf_counter() - start, time.process_time() - cpu), out
 
 
-# ============================================================================ workers
+# ============================================================================ rollout sessions
+# Each of (a), (b), (c) is a long-lived subprocess (``--worker KIND``) that loads once, then serves
+# generate calls on request (one JSON line per call on stdin, one "@@ {json}" line back), so that the
+# driver can interleave the three call by call: each sees the same share of whatever else the
+# machine is doing.
 
-def raw_vllm_worker(cfg: dict) -> dict:
+class RawVLLMSession:
     """(a): LLM.generate in this process, as the RolloutWorker builds it, no Ray."""
-    import dataclasses
 
-    import torch
+    def __init__(self, cfg: dict):
+        import torch
 
-    from prefopt.models.load import load_tokenizer
-    from prefopt.roles.rollout import _engine_env
+        from prefopt.models.load import load_tokenizer
+        from prefopt.roles.rollout import _engine_env
 
-    spec = cfg["spec"]
-    rcfg = _rollout_cfg(spec)
-    _engine_env(rcfg)                       # same engine env as the actor (in-process engine, KV space, ...)
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+        self.spec = cfg["spec"]
+        self.rcfg = _rollout_cfg(self.spec)
+        _engine_env(self.rcfg)                  # same engine env as the actor (in-process engine, KV space, ...)
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
 
-    prompts = bench_prompts(spec["prompts"], load_tokenizer(cfg["model_dir"]))
-    t0 = time.perf_counter()
-    llm = LLM(model=cfg["model_dir"], dtype="float32", enforce_eager=rcfg.enforce_eager,
-              max_model_len=rcfg.max_model_len, seed=0, gpu_memory_utilization=rcfg.gpu_memory_utilization)
-    load_s = time.perf_counter() - t0
-    requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        self.SamplingParams = SamplingParams
+        prompts = bench_prompts(self.spec["prompts"], load_tokenizer(cfg["model_dir"]))
+        t0 = time.perf_counter()
+        self.llm = LLM(model=cfg["model_dir"], dtype="float32", enforce_eager=self.rcfg.enforce_eager,
+                       max_model_len=self.rcfg.max_model_len, seed=0,
+                       gpu_memory_utilization=self.rcfg.gpu_memory_utilization)
+        self.requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        self.info = {"load_s": time.perf_counter() - t0, "threads": torch.get_num_threads()}
 
-    def run(params_for):
-        def call(i, max_tokens):
-            s = rcfg.sampling if max_tokens is None else dataclasses.replace(rcfg.sampling, max_tokens=max_tokens)
-            cpu = time.process_time()
-            outs = llm.generate(requests, params_for(i, s), use_tqdm=False)
-            cpu = time.process_time() - cpu
-            ids = [list(c.token_ids) for o in outs for c in o.outputs]
-            return sum(map(len, ids)), (None, cpu), _digest(ids)
-        return call
+    def params(self, i: int, max_tokens: int | None, variant: str):
+        s, P = self.rcfg.sampling, self.SamplingParams
+        mt = max_tokens or s.max_tokens
+        if variant == "bare":              # what a bare LLM.generate user gets: no per-request seed, no logprobs
+            return P(n=s.n, temperature=s.temperature, max_tokens=mt)
+        # exactly the RolloutWorker's SamplingParams (same seeds as (b): the same tokens get sampled)
+        kw = dict(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=mt,
+                  stop=list(s.stop) or None, logprobs=0, seed=SEED0 + i)
+        if variant == "no_detokenize":     # the loop decodes the token ids itself; vLLM otherwise detokenizes
+            kw["detokenize"] = False       # every sampled token and, with logprobs, every logprob entry
+        return P(**kw)
 
-    # exactly the RolloutWorker's SamplingParams (same seeds as (b): the same tokens get sampled)
-    same = run(lambda i, s: SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                           max_tokens=s.max_tokens, stop=list(s.stop) or None, logprobs=0,
-                                           seed=SEED0 + i))
-    # what a bare LLM.generate user gets: no per-request seed, no logprobs
-    bare = run(lambda i, s: SamplingParams(n=s.n, temperature=s.temperature, max_tokens=s.max_tokens))
-    # the worker's params without detokenization (the loop decodes the token ids itself; vLLM
-    # otherwise detokenizes every sampled token and, with logprobs, every logprob entry)
-    nodetok = run(lambda i, s: SamplingParams(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                                              max_tokens=s.max_tokens, logprobs=0, seed=SEED0 + i,
-                                              detokenize=False))
-    res = _rollout_summary(_timed_calls(same, spec["calls"]), {"load_s": load_s, "threads": torch.get_num_threads()})
-    res["bare"] = _rollout_summary(_timed_calls(bare, spec["bare_calls"], warmup=False), {})
-    res["no_detokenize"] = _rollout_summary(_timed_calls(nodetok, spec["bare_calls"], warmup=False), {})
-    return res
+    def call(self, i: int, max_tokens: int | None, variant: str) -> dict:
+        params = self.params(i, max_tokens, variant)
+        start, cpu = time.perf_counter(), time.process_time()
+        outs = self.llm.generate(self.requests, params, use_tqdm=False)
+        s, cpu = time.perf_counter() - start, time.process_time() - cpu
+        ids = [list(c.token_ids) for o in outs for c in o.outputs]
+        return {"s": s, "inner_s": None, "cpu_s": cpu, "tokens": sum(map(len, ids)), "digest": _digest(ids)}
+
+    def close(self) -> None:
+        pass
 
 
 def _ray_start():
@@ -271,69 +263,92 @@ def _ray_start():
     init_ray(RayConfig(), num_cpus_needed=1)
 
 
-def ray_vllm_worker(cfg: dict) -> dict:
+class RayVLLMSession:
     """(b): prefopt's RolloutWorker as a Ray actor, created as OnlineRoles creates it."""
-    import dataclasses
 
-    import ray
+    def __init__(self, cfg: dict):
+        import ray
 
-    from prefopt.cluster import remote_get
-    from prefopt.models.load import load_tokenizer
-    from prefopt.roles.rollout import RolloutWorker
+        from prefopt.cluster import remote_get
+        from prefopt.models.load import load_tokenizer
+        from prefopt.roles.rollout import RolloutWorker
 
-    spec = cfg["spec"]
-    rcfg = _rollout_cfg(spec)
-    prompts = bench_prompts(spec["prompts"], load_tokenizer(cfg["model_dir"]))
-    t0 = time.perf_counter()
-    _ray_start()
-    ray_s = time.perf_counter() - t0
-    actor = ray.remote(num_cpus=rcfg.num_cpus, num_gpus=rcfg.num_gpus)(RolloutWorker).remote(
-        cfg["model_dir"], rcfg, seed=0)
-    remote_get(actor.pid.remote(), 600, "RolloutWorker start")
-    load_s = time.perf_counter() - t0 - ray_s
-    threads = ray.get(actor.__ray_call__.remote(lambda self: __import__("torch").get_num_threads()))
+        self.ray, self.remote_get = ray, remote_get
+        self.spec = cfg["spec"]
+        self.rcfg = _rollout_cfg(self.spec)
+        self.prompts = bench_prompts(self.spec["prompts"], load_tokenizer(cfg["model_dir"]))
+        t0 = time.perf_counter()
+        _ray_start()
+        ray_s = time.perf_counter() - t0
+        self.actor = ray.remote(num_cpus=self.rcfg.num_cpus, num_gpus=self.rcfg.num_gpus)(RolloutWorker).remote(
+            cfg["model_dir"], self.rcfg, seed=0)
+        remote_get(self.actor.pid.remote(), 600, "RolloutWorker start")
+        threads = ray.get(self.actor.__ray_call__.remote(lambda self: __import__("torch").get_num_threads()))
+        self.info = {"load_s": time.perf_counter() - t0 - ray_s, "ray_init_s": ray_s, "threads": threads}
 
-    def call(i, max_tokens):
-        s = rcfg.sampling if max_tokens is None else dataclasses.replace(rcfg.sampling, max_tokens=max_tokens)
-        inner, out = remote_get(actor.__ray_call__.remote(_timed_in_actor, "generate", prompts, s, seed=SEED0 + i),
-                                600, "generate")
+    def call(self, i: int, max_tokens: int | None, variant: str) -> dict:
+        import dataclasses
+        s = self.rcfg.sampling if max_tokens is None else dataclasses.replace(self.rcfg.sampling, max_tokens=max_tokens)
+        start = time.perf_counter()
+        (inner, cpu), out = self.remote_get(self.actor.__ray_call__.remote(
+            _timed_in_actor, "generate", self.prompts, s, seed=SEED0 + i), 600, "generate")
+        wall = time.perf_counter() - start
         ids = [g["response_ids"] for gens in out for g in gens]
-        return sum(map(len, ids)), inner, _digest(ids)
+        return {"s": wall, "inner_s": inner, "cpu_s": cpu, "tokens": sum(map(len, ids)), "digest": _digest(ids)}
 
-    res = _rollout_summary(_timed_calls(call, spec["calls"]), {"load_s": load_s, "ray_init_s": ray_s,
-                                                               "threads": threads})
-    ray.kill(actor)
-    ray.shutdown()
-    return res
+    def close(self) -> None:
+        self.ray.kill(self.actor)
+        self.ray.shutdown()
 
 
-def ray_hf_worker(cfg: dict) -> dict:
+class RayHFSession(RayVLLMSession):
     """(c): HF generate in a Ray actor with the same resources as the RolloutWorker."""
-    import ray
 
-    from prefopt.cluster import remote_get
-    from prefopt.models.load import load_tokenizer
+    def __init__(self, cfg: dict):
+        import ray
 
-    spec = cfg["spec"]
-    prompts = bench_prompts(spec["prompts"], load_tokenizer(cfg["model_dir"]))
-    t0 = time.perf_counter()
-    _ray_start()
-    ray_s = time.perf_counter() - t0
-    actor = ray.remote(num_cpus=1)(HFGenerator).remote(cfg["model_dir"])
-    threads = remote_get(actor.threads.remote(), 600, "HFGenerator start")
-    load_s = time.perf_counter() - t0 - ray_s
+        from prefopt.cluster import remote_get
+        from prefopt.models.load import load_tokenizer
 
-    def call(i, max_tokens):
-        inner, out = remote_get(actor.__ray_call__.remote(
-            _timed_in_actor, "generate", prompts, spec["n"], max_tokens or spec["max_tokens"], SEED0 + i), 600, "generate")
+        self.ray, self.remote_get = ray, remote_get
+        self.spec = cfg["spec"]
+        self.prompts = bench_prompts(self.spec["prompts"], load_tokenizer(cfg["model_dir"]))
+        t0 = time.perf_counter()
+        _ray_start()
+        ray_s = time.perf_counter() - t0
+        self.actor = ray.remote(num_cpus=1)(HFGenerator).remote(cfg["model_dir"])
+        threads = remote_get(self.actor.threads.remote(), 600, "HFGenerator start")
+        self.info = {"load_s": time.perf_counter() - t0 - ray_s, "ray_init_s": ray_s, "threads": threads}
+
+    def call(self, i: int, max_tokens: int | None, variant: str) -> dict:
+        start = time.perf_counter()
+        (inner, cpu), out = self.remote_get(self.actor.__ray_call__.remote(
+            _timed_in_actor, "generate", self.prompts, self.spec["n"], max_tokens or self.spec["max_tokens"],
+            SEED0 + i), 600, "generate")
+        wall = time.perf_counter() - start
         ids = [g for gens in out for g in gens]
-        return sum(map(len, ids)), inner, _digest(ids)
+        return {"s": wall, "inner_s": inner, "cpu_s": cpu, "tokens": sum(map(len, ids)), "digest": _digest(ids)}
 
-    res = _rollout_summary(_timed_calls(call, spec["calls"]), {"load_s": load_s, "ray_init_s": ray_s,
-                                                               "threads": threads})
-    ray.kill(actor)
-    ray.shutdown()
-    return res
+
+SESSIONS = {"raw-vllm": RawVLLMSession, "ray-vllm": RayVLLMSession, "ray-hf": RayHFSession}
+
+
+def serve_session(kind: str, cfg: dict) -> None:
+    """Worker side of a rollout session: protocol lines on the original stdout, everything else
+    (vLLM, Ray's actor logs) on stderr (the row's log file)."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    session = SESSIONS[kind](cfg)
+    proto.write("@@ " + json.dumps({"ready": True, **session.info}) + "\n")
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd.get("quit"):
+            break
+        proto.write("@@ " + json.dumps(session.call(cmd["i"], cmd.get("max_tokens"), cmd.get("variant", "worker")))
+                    + "\n")
+    session.close()
+    proto.write("@@ " + json.dumps({"closed": True}) + "\n")
 
 
 def loop_worker(cfg: dict) -> dict:
@@ -463,12 +478,13 @@ def trl_worker(cfg: dict) -> dict:
     }
 
 
-WORKERS = {"raw-vllm": raw_vllm_worker, "ray-vllm": ray_vllm_worker, "ray-hf": ray_hf_worker,
-           "loop": loop_worker, "trl": trl_worker}
+WORKERS = {"loop": loop_worker, "trl": trl_worker}
 
 
 def run_worker(kind: str, config_path: str) -> None:
     cfg = json.loads(Path(config_path).read_text())
+    if kind in SESSIONS:
+        return serve_session(kind, cfg)
     out = WORKERS[kind](cfg)
     Path(cfg["result"]).write_text(json.dumps(out, indent=1, default=str))
 
@@ -510,6 +526,92 @@ def run_row(name: str, kind: str, cfg: dict, out: Path, a) -> dict:
     return res
 
 
+class Served:
+    """Driver side of one rollout session subprocess."""
+
+    def __init__(self, name: str, kind: str, cfg: dict, out: Path):
+        (out / "raw").mkdir(parents=True, exist_ok=True)
+        (out / "logs").mkdir(parents=True, exist_ok=True)
+        cfg_path = out / "raw" / f"{name}.config.json"
+        cfg_path.write_text(json.dumps(cfg, indent=1))
+        self.name, self.log_path = name, out / "logs" / f"{name}.log"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", kind,
+                                      "--config", str(cfg_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, env=_env_for_workers(), cwd=str(REPO), text=True)
+
+    def read(self) -> dict:
+        while True:
+            line = self.proc.stdout.readline()
+            if not line:
+                self.proc.wait()
+                tail = self.log_path.read_text()[-3000:]
+                raise SystemExit(f"bench session {self.name} failed (exit {self.proc.returncode}); log tail:\n{tail}")
+            if line.startswith("@@ "):
+                return json.loads(line[3:])
+
+    def ask(self, **cmd) -> dict:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")
+        self.proc.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        try:
+            if self.proc.poll() is None:
+                self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
+                self.proc.stdin.flush()
+                self.read()
+                self.proc.wait(timeout=120)
+        except (OSError, SystemExit, subprocess.TimeoutExpired):
+            pass          # a failed session: its own error (read()) is the one reported
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.log.close()
+
+
+def run_rollouts(key: str, spec: dict, model_dir: str, out: Path, a) -> dict:
+    """(a), (b), (c) as three live sessions, called in rotating order, call by call."""
+    waited = time.perf_counter()
+    load_before = wait_for_quiet(a.wait_quiet) if a.wait_quiet > 0 else None
+    waited = time.perf_counter() - waited
+    start = time.perf_counter()
+    sessions = {row["id"]: Served(f"rollout-{key}-{row['id']}", row["kind"], {"spec": spec, "model_dir": model_dir},
+                                  out) for row in ROLLOUT_ROWS}
+    try:
+        info = {k: sv.read() for k, sv in sessions.items()}          # all three loaded (in parallel)
+        ready_s = time.perf_counter() - start
+        calls = {k: [] for k in sessions}
+        extra = {"bare": [], "no_detokenize": []}
+        order = list(sessions)
+
+        def one(k, i, variant="worker"):
+            before = ForeignLoad.snapshot()
+            r = sessions[k].ask(i=i, max_tokens=WARMUP_TOKENS if i == 0 else None, variant=variant)
+            r.update(i=i, warmup=i == 0, other_load=ForeignLoad.cores_busy(before, ForeignLoad.snapshot()))
+            return r
+
+        for i in range(spec["calls"] + 1):             # i = 0: the short warm-up call
+            for k in order[i % len(order):] + order[:i % len(order)]:
+                calls[k].append(one(k, i))
+                if k == "raw" and 1 <= i <= spec["bare_calls"]:
+                    for variant in extra:
+                        extra[variant].append(one(k, i, variant))
+    finally:
+        for sv in sessions.values():
+            sv.close()
+    res = {}
+    for k, cs in calls.items():
+        r = _rollout_summary(cs, {kk: v for kk, v in info[k].items() if kk != "ready"})
+        r.update(row=f"rollout-{key}-{k}", kind=k, ready_s=ready_s, waited_s=waited, other_load_before=load_before,
+                 process_wall_s=time.perf_counter() - start)
+        res[k] = r
+    for variant, cs in extra.items():
+        res["raw"][variant] = _rollout_summary(cs, {})
+    (out / "raw" / f"rollout-{key}.json").write_text(json.dumps(res, indent=1, default=str))
+    return res
+
+
 BUSY = 0.5   # other processes used at least this many cores on average while a row ran: flagged
 
 
@@ -536,28 +638,9 @@ def rollout_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def pool_rounds(runs: list[dict]) -> dict:
-    """One row's rounds -> one result: every timed call pooled (best / median over all of them)."""
-    if len(runs) == 1:
-        return runs[0]
-    calls = [c for r in runs for c in r["calls"]]
-    res = _rollout_summary(calls, {k: runs[0][k] for k in ("threads", "load_s") if k in runs[0]})
-    for sub in ("bare", "no_detokenize"):
-        if sub in runs[0]:
-            res[sub] = _rollout_summary([c for r in runs for c in r[sub]["calls"]], {})
-    n = sum(len(r["calls"]) for r in runs)
-    res.update(rounds=runs, row=runs[0]["row"].rsplit("-r", 1)[0], kind=runs[0]["kind"],
-               process_wall_s=sum(r["process_wall_s"] for r in runs),
-               other_load_cores=sum(r["other_load_cores"] * len(r["calls"]) for r in runs) / n,
-               other_load_max=max(r["other_load_max"] for r in runs))
-    return res
-
-
 def same_samples(a: dict, b: dict) -> bool:
     """(a) and (b) sampled the very same tokens in every call (same engine, params and seeds)."""
-    runs_a, runs_b = a.get("rounds", [a]), b.get("rounds", [b])
-    return len(runs_a) == len(runs_b) and all(
-        [c["digest"] for c in x["calls"]] == [c["digest"] for c in y["calls"]] for x, y in zip(runs_a, runs_b))
+    return [c["digest"] for c in a["calls"]] == [c["digest"] for c in b["calls"]]
 
 
 SPLIT_KEYS = ("generate", "reward", "reference", "learn", "sync")
@@ -621,8 +704,10 @@ def main(argv=None) -> None:
                     "(default 10, --quick 5)")
     ap.add_argument("--trl-models", default=None, help="models for the trl part (default: tiny; 100m takes "
                     "~1.5 minutes more)")
+    ap.add_argument("--trl-threads", default="1", help="comma-separated torch thread counts for TRL rows "
+                    f"(e.g. 1,{CPUS}); default 1, like every prefopt actor")
     ap.add_argument("--render", metavar="RESULTS_JSON", help="print the tables of an earlier run and exit")
-    ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=sorted({**WORKERS, **SESSIONS}), help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
@@ -657,27 +742,19 @@ def main(argv=None) -> None:
             model_dir = resolve_model_path(spec["model"])
             meta["settings"][f"rollout-{key}"] = spec
             print(f"== rollouts, {spec['label']}: {spec['prompts']} prompts x n={spec['n']} x {spec['max_tokens']} "
-                  f"tokens, temperature 1, per process 1 short warm-up + {spec['calls']} timed calls, "
-                  f"{spec['rounds']} round(s)", flush=True)
-            rollout[key] = {}
-            runs = {row["id"]: [] for row in ROLLOUT_ROWS}
-            # rounds run the three rows interleaved, so that each sees a similar share of whatever else
-            # the machine is doing; per row, the calls of all rounds are pooled
-            for rnd in range(spec["rounds"]):
-                for row in ROLLOUT_ROWS:
-                    name = f"rollout-{key}-{row['id']}" + (f"-r{rnd}" if spec["rounds"] > 1 else "")
-                    r = run_row(name, row["kind"], {"spec": spec, "model_dir": model_dir}, out, a)
-                    runs[row["id"]].append(r)
-                    extra = (f", no seed/logprobs {r['bare']['tokens_per_s']:,.0f}, detokenize=False "
-                             f"{r['no_detokenize']['tokens_per_s']:,.0f}" if "bare" in r else "")
-                    if "in_actor_tokens_per_s" in r:
-                        extra = (f", inside the actor {r['in_actor_tokens_per_s']:,.0f}, Ray overhead "
-                                 f"{r['ray_overhead_ms']:.1f} ms/call")
-                    note(name, r, f"{r['tokens_per_s']:9,.0f} tokens/s (median {r['tokens_per_s_median']:,.0f}, "
-                                  f"{r['tokens_per_cpu_s']:,.0f} per CPU-s"
-                                  f"{extra}; {r['tokens_per_call']:.0f} tokens/call, {r['threads']} thread(s))")
-            for row_id, rs in runs.items():
-                rollout[key][row_id] = pool_rounds(rs)
+                  f"tokens, temperature 1; (a), (b), (c) interleaved: 1 short warm-up + {spec['calls']} timed "
+                  f"calls each", flush=True)
+            rollout[key] = run_rollouts(key, spec, model_dir, out, a)
+            for row in ROLLOUT_ROWS:
+                r = rollout[key][row["id"]]
+                extra = (f", no seed/logprobs {r['bare']['tokens_per_s']:,.0f}, detokenize=False "
+                         f"{r['no_detokenize']['tokens_per_s']:,.0f}" if "bare" in r else "")
+                if "in_actor_tokens_per_s" in r:
+                    extra = (f", inside the actor {r['in_actor_tokens_per_s']:,.0f}, Ray overhead "
+                             f"{r['ray_overhead_ms']:.1f} ms/call")
+                note(r["row"], r, f"{r['tokens_per_s']:9,.0f} tokens/s (median {r['tokens_per_s_median']:,.0f}, "
+                                  f"{r['tokens_per_cpu_s']:,.0f} per CPU-s{extra}; {r['tokens_per_call']:.0f} "
+                                  f"tokens/call, {r['threads']} thread(s), load {r['load_s']:.0f}s)")
     if "loop" in parts:
         for key in keys:
             spec = dict(LOOP[key], **(LOOP_QUICK.get(key, {}) if a.quick else {}))
@@ -693,6 +770,7 @@ def main(argv=None) -> None:
         for key in trl_keys:
             spec = dict(TRL[key], **(TRL_QUICK.get(key, {}) if a.quick else {}))
             meta["settings"][f"trl-{key}"] = spec
+            spec["threads"] = [int(x) for x in a.trl_threads.split(",")]
             print(f"== TRL GRPOTrainer, workload of the {LOOP[key]['label']} loop: {spec['cycles']} generation "
                   f"cycles, threads {spec['threads']}, {spec['rounds']} round(s)", flush=True)
             if key not in loop:       # the prefopt side of the comparison
