@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Offline DPO throughput and peak memory: prefopt vs TRL's ``DPOTrainer``, same everything.
 
-    python bench/offline.py            # full bench (tiny-llama and llama-30m), ~10 minutes on 2 CPU cores
+    python bench/offline.py            # full bench (tiny-llama and llama-30m), ~7 minutes on 2 idle CPU cores
     python bench/offline.py --quick    # smoke run: tiny model only, few steps (~2 minutes)
     python bench/offline.py --models tiny --out /tmp/b
 
@@ -203,7 +203,7 @@ def trl_worker(cfg: dict) -> dict:
         "last_loss": losses[-1] if losses else None, "train_tokens": n_tokens,
         "effective": {k: getattr(args, k) for k in (
             "bf16", "gradient_checkpointing", "precompute_ref_log_probs", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "max_length", "learning_rate", "beta", "logging_steps")},
+            "gradient_accumulation_steps", "max_length", "learning_rate", "beta", "logging_steps", "optim")},
         "trl_defaults": defaults,
         "ref_model_kept": trainer.ref_model is not None,
     }
