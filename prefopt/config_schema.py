@@ -89,6 +89,9 @@ class SamplingConfig:
     max_tokens: int = 64
     stop: list[str] = field(default_factory=list)
     seed: int = 0
+    min_tokens: int = 0                      # no EOS / stop before this many tokens
+    ignore_eos: bool = False                 # always generate max_tokens (benchmarks)
+    logprobs: bool = True                    # engine log-probs of sampled tokens (rollout/logp_abs_diff check)
 
 
 @dataclass

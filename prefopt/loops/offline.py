@@ -133,7 +133,8 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         for step, indices in enumerate(steps, start=1):
             examples = [data.train[i] for i in indices]
             start = time.perf_counter()
-            per_learner = roles.learners.train_step(examples, t.micro_batch_size, what=f"train step {step}")
+            per_learner = roles.learners.train_step(examples, t.micro_batch_size, what=f"train step {step}",
+                                                    sort_by_length=True)
             elapsed = time.perf_counter() - start
             stats = means(merge_summaries(per_learner))
             stats.update(grad_norm=per_learner[0]["grad_norm"], lr=per_learner[0]["lr"],

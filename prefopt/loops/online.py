@@ -91,19 +91,28 @@ def _attach(samples: list[dict], key: str, per_micro: list) -> None:
 
 
 def annotate(samples: list[dict], roles, micro: int, timings: dict) -> dict[str, float]:
-    """Reference / old log-probs and values per token, then advantages (and returns)."""
-    from prefopt.roles.group import run_sharded
-    with _Timer(timings, "reference"):
-        if roles.references:
-            _attach(samples, "ref_logps",
-                    run_sharded(roles.references, "compute_token_logps", samples, micro, roles.timeout))
+    """Reference / old log-probs and values per token (then advantages, in ``compute_advantages``).
+
+    The reference, policy and critic passes run on different actors, so they run concurrently:
+    ``time/reference`` is the wait for the reference, ``time/learn`` gets the remaining wait.
+    """
+    from prefopt.roles.group import collect_sharded, submit_sharded
+    start = time.perf_counter()
+    pending = {"old_logps": (roles.policy.submit("compute_token_values", samples, micro), "policy log-probs")}
+    if roles.critic is not None:
+        pending["values"] = (roles.critic.submit("compute_token_values", samples, micro), "critic values")
+    if roles.references:
+        pending["ref_logps"] = (submit_sharded(roles.references, "compute_token_logps", samples, micro),
+                                "reference log-probs")
+        future, what = pending.pop("ref_logps")
+        _attach(samples, "ref_logps", collect_sharded(future, roles.timeout, what))
+    timings["reference"] = timings.get("reference", 0.0) + time.perf_counter() - start
     with _Timer(timings, "learn"):
-        _attach(samples, "old_logps", roles.policy.infer("compute_token_values", samples, micro))
-        if roles.critic is not None:
-            _attach(samples, "values", roles.critic.infer("compute_token_values", samples, micro))
+        for key, (future, what) in pending.items():
+            _attach(samples, key, collect_sharded(future, roles.timeout, what))
     # engine vs learner log-probs of the sampled tokens: ~0 when the weights are in sync
-    diffs = [abs(a - b) for s in samples for a, b in zip(s["rollout_logps"], s["old_logps"])]
-    return {"rollout/logp_abs_diff": max(diffs) if diffs else 0.0}
+    diffs = [abs(a - b) for s in samples if s["rollout_logps"] for a, b in zip(s["rollout_logps"], s["old_logps"])]
+    return {"rollout/logp_abs_diff": max(diffs)} if diffs else {}
 
 
 def learn(samples: list[dict], roles, recipe: Recipe, iteration: int) -> tuple[dict[str, float], int]:

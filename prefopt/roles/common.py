@@ -2,6 +2,19 @@
 from __future__ import annotations
 
 
+def use_actor_cpus(num_cpus: float, ray_env: dict) -> int:
+    """Run torch with one intra-op thread per logical CPU Ray reserved for this actor.
+
+    Worker processes start with ``OMP_NUM_THREADS=1`` (so that co-scheduled actors never
+    oversubscribe the cores); an actor that reserved more CPUs uses them. An explicit
+    ``ray.env.OMP_NUM_THREADS`` in the recipe wins.
+    """
+    import torch
+    threads = int(ray_env.get("OMP_NUM_THREADS") or max(1, int(num_cpus)))
+    torch.set_num_threads(threads)
+    return threads
+
+
 def collate_to(examples: list[dict], pad_id: int, device):
     """Collate pairs, lists or rollout samples (by their ``kind``) and move them to ``device``."""
     kind = examples[0].get("kind", "pairs")

@@ -51,14 +51,20 @@ class LearnerGroup:
         addr, port = remote_get(self.actors[0].address.remote(), self.timeout, f"{self.model_kind}.address")
         return self.call("setup", [(addr, port)] * len(self.actors), **kwargs)
 
-    def train_step(self, examples: list, micro_batch_size: int, what: str) -> list[dict]:
-        """One optimizer step on a global batch, split into equal contiguous shards."""
-        shards = batching.split_for_learners(examples, len(self.actors), micro_batch_size)
+    def train_step(self, examples: list, micro_batch_size: int, what: str, *,
+                   sort_by_length: bool = False) -> list[dict]:
+        """One optimizer step on a global batch, split into equal shards (see ``split_for_learners``)."""
+        shards = batching.split_for_learners(examples, len(self.actors), micro_batch_size,
+                                             sort_by_length=sort_by_length)
         return self.call("train_step", [(s,) for s in shards], what=what)
 
     def infer(self, method: str, items: list, micro_batch_size: int) -> list:
         """A no-grad collective pass over ``items`` (any count); results in the order of ``items``."""
         return run_sharded(self.actors, method, items, micro_batch_size, self.timeout)
+
+    def submit(self, method: str, items: list, micro_batch_size: int):
+        """``infer`` without waiting: pass the result to ``collect_sharded``."""
+        return submit_sharded(self.actors, method, items, micro_batch_size)
 
     def kill(self) -> None:
         import ray
@@ -67,11 +73,21 @@ class LearnerGroup:
         ray.util.remove_placement_group(self.pg)
 
 
+def submit_sharded(workers: list, method: str, items: list, micro_batch_size: int):
+    """Start ``method`` on ``workers`` over ``items`` (equal micro-batch counts); see ``collect_sharded``."""
+    plan, keep = batching.shard_for_inference(items, len(workers), micro_batch_size)
+    return [getattr(w, method).remote(p) for w, p in zip(workers, plan)], keep
+
+
+def collect_sharded(pending, timeout_s: float, what: str) -> list:
+    """Wait for a ``submit_sharded`` call; its per-micro-batch results in the order of the items."""
+    from prefopt.cluster import remote_get
+    refs, keep = pending
+    results = remote_get(refs, timeout_s, what)
+    return [out for worker_out, flags in zip(results, keep) for out, k in zip(worker_out, flags) if k]
+
+
 def run_sharded(workers: list, method: str, items: list, micro_batch_size: int, timeout_s: float) -> list:
     """Spread ``items`` over ``workers`` (equal micro-batch counts), call ``method``, flatten in order."""
-    from prefopt.cluster import remote_get
-    plan, keep = batching.shard_for_inference(items, len(workers), micro_batch_size)
-    refs = [getattr(w, method).remote(p) for w, p in zip(workers, plan)]
-    results = remote_get(refs, timeout_s, f"{method} on {len(items)} items")
-    per_micro = [out for worker_out, flags in zip(results, keep) for out, k in zip(worker_out, flags) if k]
-    return per_micro
+    return collect_sharded(submit_sharded(workers, method, items, micro_batch_size), timeout_s,
+                           f"{method} on {len(items)} items")

@@ -33,6 +33,8 @@ class LearnerWorker:
         self.role_cfg = role_cfg or recipe.roles.learner
         self._objective = objective
         self.engine = None
+        from prefopt.roles.common import use_actor_cpus
+        use_actor_cpus(self.role_cfg.num_cpus, recipe.ray.env)
 
     # ------------------------------------------------------------------ set-up
     def address(self) -> tuple[str, int]:
@@ -152,8 +154,9 @@ class LearnerWorker:
 
     def _full_grad_norm(self) -> float:
         import torch
-        grads = [p.grad.detach().double() for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64)   # no float64 copies
+                 for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms)))
 
     def export_weights(self) -> list | None:
         """The policy's named parameters as CPU tensors on rank 0 (gathered under ZeRO-3)."""

@@ -14,7 +14,9 @@ class ReferenceWorker:
         import torch
 
         from prefopt.models.load import load_causal_lm
+        from prefopt.roles.common import use_actor_cpus
 
+        use_actor_cpus(recipe.roles.reference.num_cpus, recipe.ray.env)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_causal_lm(recipe.model.path, precision="fp32",
                                     trust_remote_code=recipe.model.trust_remote_code,
