@@ -70,13 +70,47 @@ def _read_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dic
 
 
 def _parse_overrides(overrides: list[str]) -> dict:
+    """``a.b=1`` -> ``{"a": {"b": 1}}``; a numeric part indexes a list (``roles.reward.sources.0.weight=2``
+    -> ``{..., "sources": {0: {"weight": 2}}}``, merged into that element). Values use OmegaConf's
+    grammar (numbers incl. ``1e-2``, ``null``, ``[a, b]``, ``{k: v}``)."""
+    layer: dict = {}
     for item in overrides:
-        if "=" not in item or item.startswith("="):
+        key, sep, text = item.partition("=")
+        if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form key=value")
-    try:
-        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)), resolve=False)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"cannot parse overrides {overrides}: {e}") from None
+        try:
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]), resolve=False)["v"]
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"cannot parse override '{item}': {str(e).splitlines()[0]}") from None
+        parts = [int(part) if part.isdigit() else part for part in key.split(".")]
+        node = layer
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override of '{part}'")
+        node[parts[-1]] = value
+    return layer
+
+
+def _deep_merge(base: Any, new: Any, key: str = "") -> Any:
+    """Mappings merge key by key; a list is replaced, or updated per index by an int-keyed mapping
+    (from an override); anything else is replaced."""
+    if isinstance(base, dict) and isinstance(new, dict):
+        out = dict(base)
+        for k, v in new.items():
+            out[k] = _deep_merge(base[k], v, f"{key}{k}.") if k in base else v
+        return out
+    if isinstance(base, list) and isinstance(new, dict) and new and all(isinstance(k, int) for k in new):
+        out = list(base)
+        for i, v in new.items():
+            if not 0 <= i < len(out):
+                raise ConfigError(f"override of '{key}{i}': '{key.rstrip('.')}' has {len(out)} entries "
+                                  f"(indices 0..{len(out) - 1})")
+            out[i] = _deep_merge(out[i], v, f"{key}{i}.")
+        return out
+    if isinstance(new, dict) and new and all(isinstance(k, int) for k in new):
+        raise ConfigError(f"override of '{key}{next(iter(new))}': '{key.rstrip('.')}' is not a list in the recipe")
+    return new
 
 
 # ----------------------------------------------------------------------------- key checking
@@ -105,18 +139,19 @@ def check_keys(data: Any, schema: type, origin: str, prefix: str = "") -> None:
         sub = _unwrap_optional(hints[key])
         if dataclasses.is_dataclass(sub) and isinstance(value, dict):
             check_keys(value, sub, origin, f"{dotted}.")
-        elif typing.get_origin(sub) is list and isinstance(value, list):
+        elif typing.get_origin(sub) is list and isinstance(value, (list, dict)):
             item_type = typing.get_args(sub)[0] if typing.get_args(sub) else None
+            items = value.items() if isinstance(value, dict) else enumerate(value)   # dict: index overrides
             if dataclasses.is_dataclass(item_type):
-                for i, item in enumerate(value):
+                for i, item in items:
                     check_keys(item, item_type, origin, f"{dotted}[{i}].")
 
 
 def _merge(layers: list[tuple[str, dict]]) -> dict:
-    merged = OmegaConf.create({})
+    merged: dict = {}
     for _, data in layers:
-        merged = OmegaConf.merge(merged, OmegaConf.create(data))
-    return OmegaConf.to_container(merged, resolve=False)
+        merged = _deep_merge(merged, data)
+    return merged
 
 
 def _typed(schema: type, data: dict, what: str) -> Any:
@@ -177,7 +212,7 @@ def recipe_from_layers(layers: list[tuple[str, dict]], what: str) -> Recipe:
     for _, data in layers:
         layer_obj = dict(data.get("objective") or {})
         if layer_obj.get("name", name) == name:
-            kept.update(layer_obj)
+            kept = _deep_merge(kept, layer_obj, "objective.")
     kept["name"] = name
     recipe.objective = _typed(objective_cls.Params, kept, what)
     validate_recipe(recipe, what)
@@ -246,11 +281,14 @@ def validate_recipe(recipe: Recipe, what: str = "recipe") -> None:
             raise ConfigError(f"{what}: 'train.batch_size' ({t.batch_size}) must be a multiple of "
                               f"train.micro_batch_size x roles.critic.num_actors")
     check = getattr(recipe.objective, "validate", None)
-    if callable(check):
-        try:
+    cross_check = getattr(objective_cls, "check_recipe", None)   # checks across objective and roles
+    try:
+        if callable(check):
             check()
-        except ConfigError as e:
-            raise ConfigError(f"{what}: {e}") from None
+        if callable(cross_check):
+            cross_check(recipe)
+    except ConfigError as e:
+        raise ConfigError(f"{what}: {e}") from None
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -118,6 +118,10 @@ class RewardSourceConfig:
     num_cpus: float = 1                      # resources of a reward-model actor
     num_gpus: float = 0
     weight: float = 1.0                      # weight in the combined sequence reward
+    # objective constrained_ppo: a constraint on this component instead of a weight (Moskovitz et al. 2023)
+    constraint: Optional[str] = None         # "ge" (J >= threshold, mu-PPO) | "eq" (J = threshold, xi-PPO)
+    threshold: Optional[float] = None        # theta: the batch-mean return this component should reach/hold
+    multiplier_init: Optional[float] = None  # initial lambda (default 0.5 for ge, 0 for eq)
 
 
 @dataclass
@@ -190,6 +194,8 @@ class OutputConfig:
     save_model: bool = True                  # final model in HF format (safetensors)
     tensorboard: bool = True
     progress_bar: bool = True
+    checkpoint_every: int = 0                # online: every N iterations (and at the end); 0: none
+    keep_checkpoints: int = 2                # the last K checkpoints are kept (0: all)
 
 
 @dataclass
@@ -208,6 +214,7 @@ class Recipe:
     name: str = "run"
     description: str = ""
     base: Optional[str] = None               # path of a recipe this one extends (relative to this file)
+    resume: Optional[str] = None             # "auto" | a run directory | a checkpoint directory
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: Any = field(default_factory=lambda: {"name": "dpo"})

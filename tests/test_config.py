@@ -129,3 +129,20 @@ def test_cli_validate_and_show(capsys):
     assert "lr: 0.5" in capsys.readouterr().out
     assert main(["show", str(RECIPES[0]), "train.lrr=0.5"]) == 2
     assert "did you mean 'train.lr'" in capsys.readouterr().err
+
+
+def test_override_indexes_a_list_element():
+    recipe = load_recipe("recipes/tiny_grpo.yaml", ["roles.reward.sources.0.weight=2.5", "train.lr=1e-3"])
+    assert recipe.roles.reward.sources[0].weight == 2.5
+    assert recipe.roles.reward.sources[0].fn.endswith("good_word_fraction")   # the rest of the element kept
+    assert recipe.train.lr == 1e-3
+
+
+@pytest.mark.parametrize("override,message", [
+    ("roles.reward.sources.3.weight=1", r"has 1 entries \(indices 0..0\)"),
+    ("roles.reward.sources.0.wieght=1", r"unknown key 'roles.reward.sources\[0\].wieght' \(did you mean"),
+    ("train.lr.0=1", "is not a list"),
+])
+def test_bad_list_index_overrides(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe("recipes/tiny_grpo.yaml", [override])

@@ -20,7 +20,11 @@ def collate_rollouts(samples: list[dict], *, pad_id: int) -> dict[str, torch.Ten
     attention_mask = torch.zeros((n, width), dtype=torch.long)
     loss_mask = torch.zeros((n, width), dtype=torch.bool)
     present = [k for k in PER_TOKEN_KEYS if all(k in s for s in samples)]
-    per_token = {k: torch.zeros((n, width - 1), dtype=torch.float64) for k in present}
+    # a multi-head critic's values / returns carry a list per token: [N, L-1, H]
+    heads = {k: len(samples[0][k][0]) if samples[0][k] and isinstance(samples[0][k][0], list) else None
+             for k in present}
+    per_token = {k: torch.zeros((n, width - 1) + ((heads[k],) if heads[k] else ()), dtype=torch.float64)
+                 for k in present}
     for i, s in enumerate(samples):
         p, r = len(s["prompt_ids"]), len(s["response_ids"])
         input_ids[i, :p + r] = torch.tensor(list(s["prompt_ids"]) + list(s["response_ids"]))
@@ -35,7 +39,8 @@ def collate_rollouts(samples: list[dict], *, pad_id: int) -> dict[str, torch.Ten
 
 
 def response_values(token_values: torch.Tensor, samples: list[dict]) -> list[list[float]]:
-    """Inverse of the alignment above: ``[N, L-1]`` per-token values -> per sample, one per response token."""
+    """Inverse of the alignment above: ``[N, L-1(, H)]`` per-token values -> per sample, one per
+    response token (a list of H for a multi-head critic)."""
     out = []
     for i, s in enumerate(samples):
         p, r = len(s["prompt_ids"]), len(s["response_ids"])

@@ -37,6 +37,14 @@ class PromptSampler:
         self.prompts, self.rng = prompts, random.Random(seed)
         self.order, self.cursor = list(range(len(prompts))), len(prompts)
 
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.getstate(), "order": list(self.order), "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.order, self.cursor = list(state["order"]), int(state["cursor"])
+
     def take(self, n: int) -> list[dict]:
         out = []
         for _ in range(n):
@@ -71,8 +79,9 @@ def score(samples: list[dict], tokenizer, rewards, process_rewards, params, norm
     prompts, rows = [s["prompt_text"] for s in samples], [s["row"] for s in samples]
     texts = tokenizer.batch_decode([s["response_ids"] for s in samples], skip_special_tokens=True)
     raw, components = rewards(prompts, texts, rows)
-    for s, v in zip(samples, shape_sequence_rewards(raw, params, normalizer)):
+    for i, (s, v) in enumerate(zip(samples, shape_sequence_rewards(raw, params, normalizer))):
         s["reward"] = v
+        s["reward_components"] = {name: values[i] for name, values in components.items()}
     mean = sum(raw) / len(raw)
     stats = {"reward/mean": mean,
              "reward/std": math.sqrt(sum((v - mean) ** 2 for v in raw) / max(1, len(raw) - 1))}
@@ -137,8 +146,18 @@ def learn(samples: list[dict], roles, recipe: Recipe, iteration: int) -> tuple[d
     return stats, len(policy_stats)
 
 
+def evaluate_prompts(roles, prompts: list[dict], sampling, eval_fn, tokenizer, *, seed: int) -> float:
+    """Mean ``eval_fn(prompt, response, row)`` over one sampled response per held-out prompt (fixed seed)."""
+    import dataclasses
+    generations = roles.generate([p["prompt_ids"] for p in prompts], dataclasses.replace(sampling, n=1), seed=seed)
+    texts = tokenizer.batch_decode([g[0]["response_ids"] for g in generations], skip_special_tokens=True)
+    scores = [float(eval_fn(prompt=p["prompt_text"], response=x, row=p["row"])) for p, x in zip(prompts, texts)]
+    return sum(scores) / len(scores)
+
+
 def run_iteration(it: int, roles, recipe: Recipe, sampler: PromptSampler, tokenizer, rewards, process_rewards,
-                  normalizer: RewardNormalizer) -> tuple[dict[str, float], int]:
+                  normalizer: RewardNormalizer, constraints=None) -> tuple[dict[str, float], int]:
+    """One iteration; ``constraints`` (a ``loops.constrained.Constraints``) under constrained PPO."""
     t, params, sampling = recipe.train, recipe.objective, recipe.roles.rollout.sampling
     timings, stats = {}, {}
     with _Timer(timings, "generate"):
@@ -148,9 +167,14 @@ def run_iteration(it: int, roles, recipe: Recipe, sampler: PromptSampler, tokeni
         stats.update(score(samples, tokenizer, rewards, process_rewards, params, normalizer))
     stats.update(annotate(samples, roles, t.micro_batch_size, timings))
     with _Timer(timings, "learn"):
-        stats.update(compute_advantages(samples, params, sampling.n))
+        if constraints is None:
+            stats.update(compute_advantages(samples, params, sampling.n))
+        else:
+            stats.update(constraints.compute_advantages(samples, params, sampling.n))
         learn_stats, steps = learn(samples, roles, recipe, it)
     stats.update(learn_stats)
+    if constraints is not None:
+        stats.update(constraints.update(samples))
     timings["sync"] = roles.sync_weights(version=it)
     lengths = [len(s["response_ids"]) for s in samples]
     stats.update({"response_length": sum(lengths) / len(lengths),
@@ -181,6 +205,11 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
     prompts = load_prompts(r.data, tokenizer, cache_dir=cache_dir()).prompts
     check_sources(r.roles.reward)
 
+    resume_from = None
+    if r.resume:
+        from prefopt.io import checkpoint
+        run_dir, resume_from = checkpoint.find_resume_point(r.resume, r.output.root, r.name)
+        checkpoint.truncate_metrics(run_dir, checkpoint.read_state(resume_from)["counter"])
     run_dir = Path(run_dir) if run_dir else create_run_dir(r)
     write_config(run_dir, r)
     logger = MetricsLogger(run_dir, tensorboard=r.output.tensorboard)
@@ -199,17 +228,59 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         (run_dir / "placement.json").write_text(json.dumps(info, indent=1))
 
         result = RunResult(run_dir=run_dir, steps=0, final_train={})
-        sampler, normalizer = PromptSampler(prompts, t.seed), RewardNormalizer()
-        progress = tqdm(total=t.iterations, desc=r.name, unit="it", disable=quiet or not r.output.progress_bar)
-        for it in range(1, t.iterations + 1):
-            stats, steps = run_iteration(it, roles, r, sampler, tokenizer, rewards, process_rewards, normalizer)
-            result.steps += steps
-            result.train_history.append({"iteration": it, **stats})
-            logger.log(it, stats)
-            progress.update(1)
-            progress.set_postfix(reward=f"{stats['reward/mean']:.3f}")
+        constraints, nm = None, None
+        if params.name == "constrained_ppo":
+            from prefopt.loops.constrained import Constraints
+            constraints, nm = Constraints(r), params.nelder_mead
+        held_out = prompts[-nm.eval_prompts:] if nm is not None else []
+        sampler = PromptSampler(prompts[:len(prompts) - len(held_out)], t.seed)
+        normalizer = RewardNormalizer()
+        driver_state = {"sampler": sampler, "normalizer": normalizer, "constraints": constraints}
+        if resume_from is not None:
+            result.steps = _resume(resume_from, roles, driver_state, result, run_dir)
+        progress = tqdm(total=t.iterations, initial=len(result.train_history), desc=r.name, unit="it",
+                        disable=quiet or not r.output.progress_bar)
+
+        def advance(n: int) -> int:
+            """Train ``n`` more iterations (at most up to train.iterations); returns the last one."""
+            for it in range(len(result.train_history) + 1, min(len(result.train_history) + n, t.iterations) + 1):
+                stats, steps = run_iteration(it, roles, r, sampler, tokenizer, rewards, process_rewards, normalizer,
+                                             constraints)
+                result.steps += steps
+                result.train_history.append({"iteration": it, **stats})
+                logger.log(it, stats)
+                progress.update(1)
+                progress.set_postfix(reward=f"{stats['reward/mean']:.3f}")
+                every = r.output.checkpoint_every
+                if every > 0 and (it % every == 0 or it == t.iterations):
+                    _save_checkpoint(run_dir, it, roles, driver_state, result.steps, r.output.keep_checkpoints)
+            return len(result.train_history)
+
+        if nm is not None:
+            from prefopt.loops.constrained import search_thresholds
+            from prefopt.rewards.sources import import_reward_fn
+            eval_fn = import_reward_fn(nm.eval_fn)
+
+            def evaluate() -> float:
+                score = evaluate_prompts(roles, held_out, ro.sampling, eval_fn, tokenizer, seed=t.seed)
+                logger.log(len(result.train_history), {"score": score, **{
+                    f"threshold/{n}": v for n, v in zip(constraints.names, constraints.thresholds)}},
+                    prefix="nelder_mead")
+                return score
+
+            search = search_thresholds(constraints, nm, t.iterations - len(result.train_history), advance, evaluate)
+            constraints.thresholds = search["best_thresholds"]
+            advance(t.iterations)                       # what the search left of the budget
+            (run_dir / "nelder_mead.json").write_text(json.dumps(search, indent=1))
+            result.final_train.update(nelder_mead_best_score=search["best_score"])
+        else:
+            advance(t.iterations)
         progress.close()
-        result.final_train = dict(result.train_history[-1])
+        result.final_train = {**result.train_history[-1], **result.final_train}
+        if constraints is not None:
+            from prefopt.loops.constrained import plot_constraints
+            plot_constraints(result.train_history, constraints.names, run_dir / "constraints.png")
+            (run_dir / "constraints.json").write_text(json.dumps(constraints.state_dict(), indent=1))
 
         if ro.verify_sync_prompts > 0:
             check = verify_sync(roles, [p["prompt_ids"] for p in prompts[:ro.verify_sync_prompts]], ro.sampling)
@@ -219,7 +290,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
             model_dir = run_dir / "model"
             roles.policy.call("save_model", [(str(model_dir),)] * len(roles.policy), what="save model")
             tokenizer.save_pretrained(str(model_dir))
-        summary = {"name": r.name, "objective": "ppo", "advantage": params.advantage, "iterations": t.iterations,
+        summary = {"name": r.name, "objective": params.name, "advantage": params.advantage, "iterations": t.iterations,
                    "steps": result.steps, "reward_first": result.train_history[0]["reward/mean"],
                    "reward_final": result.final_train["reward/mean"], "run_dir": str(run_dir)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -227,6 +298,36 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
     finally:
         logger.close()
         release(roles, started_ray)
+
+
+def _save_checkpoint(run_dir: Path, iteration: int, roles, driver_state: dict, steps: int, keep: int) -> Path:
+    """Atomic checkpoint of learners (DeepSpeed) and driver state (``prefopt.io.checkpoint``)."""
+    from prefopt.io import checkpoint
+    tmp = checkpoint.begin(run_dir, f"iter_{iteration:06d}")
+    groups = [("policy", roles.policy)] + ([("critic", roles.critic)] if roles.critic is not None else [])
+    for name, group in groups:
+        group.call("save_checkpoint", [(str(tmp / name),)] * len(group), what=f"{name} checkpoint")
+    state = {"counter": iteration, "steps": steps,
+             **{k: v.state_dict() for k, v in driver_state.items() if v is not None}}
+    return checkpoint.commit(tmp, state, keep)
+
+
+def _resume(ckpt: Path, roles, driver_state: dict, result: RunResult, run_dir: Path) -> int:
+    """Restore learners and driver state from ``ckpt``, re-read the logged history, and push the
+    restored policy to the engines. Returns the optimizer steps done so far."""
+    from prefopt.io import checkpoint
+    from prefopt.io.run_dir import read_metrics
+    state = checkpoint.read_state(ckpt)
+    groups = [("policy", roles.policy)] + ([("critic", roles.critic)] if roles.critic is not None else [])
+    for name, group in groups:
+        group.call("load_checkpoint", [(str(ckpt / name),)] * len(group), what=f"{name} checkpoint load")
+    for key, obj in driver_state.items():
+        if obj is not None:
+            obj.load_state_dict(state[key])
+    result.train_history = [{"iteration": rec["step"], **{k: v for k, v in rec.items() if k not in ("step", "split")}}
+                            for rec in read_metrics(run_dir, "train")]
+    roles.sync_weights(version=state["counter"])
+    return int(state["steps"])
 
 
 def _cpus_needed(r: Recipe) -> float:

@@ -24,7 +24,9 @@ class OnlineRoles:
         self.policy = LearnerGroup(r, roles.learner, colocated=colocated)
         self.critic = None
         if r.objective.advantage == "gae":
-            self.critic = LearnerGroup(r, roles.critic, model_kind="critic", objective=ValueObjective(r.objective))
+            from prefopt.loops.constrained import value_heads
+            self.critic = LearnerGroup(r, roles.critic, model_kind="critic", objective=ValueObjective(r.objective),
+                                       value_heads=value_heads(r))
         self.references = []
         if r.objective.kl_coef > 0:
             ref = roles.reference

@@ -35,12 +35,13 @@ def load_causal_lm(path: str, *, precision: str = "fp32", trust_remote_code: boo
 
 
 def load_value_model(path: str, *, precision: str = "fp32", trust_remote_code: bool = False,
-                     attn_implementation: str = "sdpa"):
-    """A critic: the checkpoint's backbone with a fresh one-output token head (V per position)."""
+                     attn_implementation: str = "sdpa", num_heads: int = 1):
+    """A critic: the checkpoint's backbone with a fresh token head of ``num_heads`` outputs (V per
+    position; one head per reward channel in constrained PPO)."""
     from transformers import AutoModelForTokenClassification
 
     model = AutoModelForTokenClassification.from_pretrained(
-        resolve_model_path(path), num_labels=1, dtype=DTYPES[precision],
+        resolve_model_path(path), num_labels=num_heads, dtype=DTYPES[precision],
         trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
         use_safetensors=True)
     model.config.use_cache = False

@@ -41,8 +41,11 @@ def forward_logps(model, batch: dict[str, torch.Tensor], temperature: float = 1.
 
 
 def forward_values(model, batch: dict[str, torch.Tensor]) -> PolicyOutput:
-    """Critic forward: a one-output token-classification head gives V at every position."""
-    values = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[..., 0]
+    """Critic forward: a token-classification head gives V at every position: ``[N, L-1]`` values
+    for a one-output head, ``[N, L-1, H]`` for an H-head critic (constrained PPO)."""
+    values = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if values.shape[-1] == 1:
+        values = values[..., 0]
     mask = batch["loss_mask"][:, 1:].to(torch.bool)
     zero = values.new_zeros(values.shape[0])
     return PolicyOutput(logps=zero, num_tokens=mask.sum(-1).to(values.dtype), token_mask=mask,

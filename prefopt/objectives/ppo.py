@@ -76,6 +76,13 @@ class PPO(Objective):
             roles.add("reference")
         return roles
 
+    @staticmethod
+    def check_recipe(recipe) -> None:
+        for i, src in enumerate(recipe.roles.reward.sources if recipe.roles.reward else []):
+            if src.constraint is not None:
+                raise ConfigError(f"roles.reward.sources[{i}].constraint needs objective.name: constrained_ppo "
+                                  f"(objective '{recipe.objective.name}' combines sources with fixed weights)")
+
     def loss(self, policy: PolicyOutput, batch: dict[str, torch.Tensor]) -> LossOut:
         from prefopt.rl.advantages import masked_mean
         from prefopt.rl.ppo import kl_penalty, policy_loss
@@ -98,14 +105,17 @@ class PPO(Objective):
 
 
 class ValueObjective(Objective):
-    """Critic training on PPO rollouts: clipped value loss against the GAE returns."""
+    """Critic training on PPO rollouts: clipped value loss against the GAE returns (with H heads,
+    ``[N, T, H]``: the mean over heads and tokens)."""
     name = "value"
     batch_kind = "rollouts"
 
     def loss(self, policy: PolicyOutput, batch: dict[str, torch.Tensor]) -> LossOut:
         from prefopt.rl.ppo import value_loss
 
-        values = policy.values
+        values, mask = policy.values, policy.token_mask
+        if values.ndim == 3:
+            mask = mask.unsqueeze(-1).expand_as(values)
         loss, metrics = value_loss(values, batch["values"].to(values.dtype), batch["returns"].to(values.dtype),
-                                   policy.token_mask, clip_eps=self.params.value_clip_eps)
+                                   mask, clip_eps=self.params.value_clip_eps)
         return LossOut(loss=loss, metrics={f"critic/{k}": v for k, v in metrics.items()})

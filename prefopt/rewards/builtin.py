@@ -41,3 +41,15 @@ def step_has_good_word(*, prompt: str, steps: list[str], row: dict) -> list[floa
     steps: the reward hacking that Clip and Delta (Gao et al. 2024) remove.
     """
     return [float(any(w in _GOOD for w in _words(step))) for step in steps]
+
+
+MODERATE_WORDS = 6   # the length the toy evaluation below prefers
+
+
+def good_words_at_moderate_length(*, prompt: str, response: str, row: dict) -> float:
+    """Toy held-out evaluation of the constrained-RLHF recipes: the good-word fraction, discounted
+    linearly as the word count moves away from ``MODERATE_WORDS`` (0 at twice that or at none).
+    Maximising ``response_length`` without limit therefore hurts it."""
+    n = len(_words(response))
+    return good_word_fraction(prompt=prompt, response=response, row=row) * max(0.0, 1 - abs(n - MODERATE_WORDS)
+                                                                                / MODERATE_WORDS)

@@ -51,8 +51,16 @@ def check_sources(cfg: RewardRoleConfig) -> None:
             import_reward_fn(src.fn)   # a typo fails here, before any actor starts
 
 
+def source_name(index: int, src) -> str:
+    """A source's label in metrics: its ``name``, else the function's name, else ``model<i>``."""
+    return src.name or (src.fn.rpartition(":")[2] if src.fn else f"model{index}")
+
+
 class SequenceRewards:
     """The weighted sum of the recipe's reward sources, per sample, with each component kept.
+
+    Sources with a ``constraint`` (objective ``constrained_ppo``) are left out of the sum: they are
+    only reported as components (their multipliers weigh them, see ``loops/constrained.py``).
 
     Function sources run here; model sources are scored by ``RewardModelWorker`` actors, which the
     caller creates (``model_actors``: source index -> actor handle).
@@ -63,11 +71,11 @@ class SequenceRewards:
         self.sources = []
         for i, src in enumerate(cfg.sources):
             if src.fn:
-                name = src.name or src.fn.rpartition(":")[2]
-                self.sources.append((name, import_reward_fn(src.fn), None, float(src.weight)))
+                fn, actor = import_reward_fn(src.fn), None
             else:
-                name = src.name or f"model{i}"
-                self.sources.append((name, None, (model_actors or {})[i], float(src.weight)))
+                fn, actor = None, (model_actors or {})[i]
+            name = source_name(i, src)
+            self.sources.append((name, fn, actor, 0.0 if src.constraint else float(src.weight)))
         self.timeout_s = timeout_s
 
     def __call__(self, prompts: list[str], responses: list[str], rows: list[dict]):

@@ -12,9 +12,12 @@ import torch
 
 
 def per_token(samples: list[dict], key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack each sample's per-token list under ``key`` into ``[N, T]`` plus the response mask."""
+    """Stack each sample's per-token list under ``key`` into ``[N, T]`` (``[N, T, H]`` when each
+    token holds H values, e.g. a multi-head critic) plus the ``[N, T]`` response mask."""
     width = max(len(s["response_ids"]) for s in samples)
-    values = torch.zeros(len(samples), width, dtype=torch.float64)
+    first = next((s[key] for s in samples if s.get(key)), None)
+    heads = (len(first[0]),) if first and isinstance(first[0], list) else ()
+    values = torch.zeros((len(samples), width) + heads, dtype=torch.float64)
     mask = torch.zeros(len(samples), width, dtype=torch.bool)
     for i, s in enumerate(samples):
         n = len(s["response_ids"])
@@ -24,17 +27,14 @@ def per_token(samples: list[dict], key: str) -> tuple[torch.Tensor, torch.Tensor
     return values, mask
 
 
-def compute_advantages(samples: list[dict], params, group_size: int) -> dict[str, float]:
-    """Token rewards (sequence reward at the last token + process rewards at step ends - kl_coef * KL)
-    -> advantages (whitened if asked) and, with a critic, returns; written into the samples."""
-    from prefopt.rl.advantages import ADVANTAGES, masked_mean, whiten
+def task_token_rewards(samples: list[dict], params) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Token rewards: sequence ``reward`` at the last token + process rewards at step ends
+    - kl_coef * KL (if ``kl_in_reward``). Returns ``(token_rewards [N, T], mask, stats)``."""
+    from prefopt.rl.advantages import masked_mean
     from prefopt.rl.ppo import kl_penalty
 
     old, mask = per_token(samples, "old_logps")
-    token_rewards = torch.zeros_like(old)
-    last = mask.sum(-1) - 1
-    token_rewards[torch.arange(len(samples)), last] = torch.tensor([s["reward"] for s in samples],
-                                                                   dtype=torch.float64)
+    token_rewards = at_last_token([s["reward"] for s in samples], mask)
     if any("process_rewards" in s for s in samples):
         token_rewards = token_rewards + per_token(samples, "process_rewards")[0]   # at step ends
     stats = {}
@@ -44,20 +44,48 @@ def compute_advantages(samples: list[dict], params, group_size: int) -> dict[str
         stats["kl"] = float(masked_mean(kl, mask))
         if params.kl_in_reward:
             token_rewards = token_rewards - params.kl_coef * kl
-    values = per_token(samples, "values")[0] if params.advantage == "gae" else None
-    # group estimators (grpo, rloo) score whole sequences: the sum of token rewards, KL included
+    return token_rewards, mask, stats
+
+
+def at_last_token(values: list[float], mask: torch.Tensor) -> torch.Tensor:
+    """``[N, T]`` zeros with each sample's value at its last response token."""
+    out = torch.zeros(mask.shape, dtype=torch.float64)
+    out[torch.arange(mask.shape[0]), mask.sum(-1) - 1] = torch.tensor(values, dtype=torch.float64)
+    return out
+
+
+def estimate_advantages(token_rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, params,
+                        group_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The recipe's estimator (gae | grpo | rloo) on one reward channel, whitened if asked.
+    Group estimators score whole sequences: the sum of token rewards, KL included."""
+    from prefopt.rl.advantages import ADVANTAGES, whiten
     adv, returns = ADVANTAGES.get(params.advantage)(
         token_rewards=token_rewards, values=values, mask=mask, scores=None, group_size=group_size,
         gamma=params.gamma, lam=params.lam)
     if params.whiten_advantages:
         adv = whiten(adv, mask)
+    return adv, returns
+
+
+def write_signals(samples: list[dict], advantages: torch.Tensor, returns: torch.Tensor | None) -> None:
+    """Per-sample ``advantages`` (and ``returns``, ``[T]`` or ``[T, H]``) lists for the learners."""
     for i, s in enumerate(samples):
         n = len(s["response_ids"])
-        s["advantages"] = adv[i, :n].tolist()
+        s["advantages"] = advantages[i, :n].tolist()
         if returns is not None:
             s["returns"] = returns[i, :n].tolist()
+
+
+def compute_advantages(samples: list[dict], params, group_size: int) -> dict[str, float]:
+    """Token rewards -> advantages (whitened if asked) and, with a critic, returns; written into
+    the samples. Returns KL / critic metrics."""
+    from prefopt.rl.ppo import explained_variance
+
+    token_rewards, mask, stats = task_token_rewards(samples, params)
+    values = per_token(samples, "values")[0] if params.advantage == "gae" else None
+    adv, returns = estimate_advantages(token_rewards, values, mask, params, group_size)
+    write_signals(samples, adv, returns)
     if returns is not None and values is not None:
-        from prefopt.rl.ppo import explained_variance
         stats["critic/explained_variance"] = float(explained_variance(values, returns, mask))
     return stats
 
@@ -67,6 +95,12 @@ class RewardNormalizer:
 
     def __init__(self):
         self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
 
     def update(self, values: list[float]) -> None:
         for v in values:

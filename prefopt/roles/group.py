@@ -9,8 +9,9 @@ class LearnerGroup:
     """``cfg.num_actors`` LearnerWorker actors in one placement group and one process group."""
 
     def __init__(self, recipe: Recipe, cfg: LearnerRoleConfig, *, model_kind: str = "policy", objective=None,
-                 colocated: dict[str, float] | None = None):
-        """``colocated``: resources added to every bundle for an actor that shares it (a rollout engine)."""
+                 colocated: dict[str, float] | None = None, value_heads: int = 1):
+        """``colocated``: resources added to every bundle for an actor that shares it (a rollout engine);
+        ``value_heads``: outputs of a critic's value head."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -28,7 +29,8 @@ class LearnerGroup:
         self.actors = [
             remote_cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=rank)).remote(
-                    recipe, rank, cfg.num_actors, model_kind=model_kind, role_cfg=cfg, objective=objective)
+                    recipe, rank, cfg.num_actors, model_kind=model_kind, role_cfg=cfg, objective=objective,
+                    value_heads=value_heads)
             for rank in range(cfg.num_actors)]
 
     def bundle_strategy(self, index: int):

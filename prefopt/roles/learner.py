@@ -27,9 +27,9 @@ def peak_memory_mb() -> float:
 
 class LearnerWorker:
     def __init__(self, recipe: Recipe, rank: int, world_size: int, *, model_kind: str = "policy",
-                 role_cfg: LearnerRoleConfig | None = None, objective=None):
+                 role_cfg: LearnerRoleConfig | None = None, objective=None, value_heads: int = 1):
         self.recipe, self.rank, self.world_size = recipe, rank, world_size
-        self.model_kind = model_kind
+        self.model_kind, self.value_heads = model_kind, value_heads
         self.role_cfg = role_cfg or recipe.roles.learner
         self._objective = objective
         self.engine = None
@@ -56,10 +56,13 @@ class LearnerWorker:
         torch.manual_seed(r.train.seed)
         backend = init_process_group(self.rank, self.world_size, master_addr, master_port,
                                      timeout_s=r.ray.call_timeout_s)
-        load = load_causal_lm if self.model_kind == "policy" else load_value_model
         path = getattr(self.role_cfg, "path", None) or r.model.path   # a critic may start elsewhere
-        model = load(path, precision="fp32", trust_remote_code=r.model.trust_remote_code,
-                     attn_implementation=r.model.attn_implementation)
+        kwargs = dict(precision="fp32", trust_remote_code=r.model.trust_remote_code,
+                      attn_implementation=r.model.attn_implementation)
+        if self.model_kind == "policy":
+            model = load_causal_lm(path, **kwargs)
+        else:
+            model = load_value_model(path, num_heads=self.value_heads, **kwargs)
         if r.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         train_cfg = r.train if lr is None else dataclasses.replace(r.train, lr=lr)
@@ -217,6 +220,23 @@ class LearnerWorker:
         import torch.distributed as dist
         dist.barrier()
         return self.rank == 0
+
+    def save_checkpoint(self, directory: str) -> bool:
+        """Collective: DeepSpeed checkpoint (model, optimizer, scheduler) + this rank's torch RNG."""
+        import torch
+        self.engine.save_checkpoint(directory, tag="ds", client_state={"torch_rng": torch.get_rng_state()},
+                                    save_latest=False)
+        return True
+
+    def load_checkpoint(self, directory: str) -> bool:
+        """Collective: restore what ``save_checkpoint`` wrote (same number of learners, same ZeRO stage)."""
+        import torch
+        path, client = self.engine.load_checkpoint(directory, tag="ds", load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}/ds")
+        torch.set_rng_state(client["torch_rng"])
+        return True
 
     def pid(self) -> int:
         return os.getpid()
