@@ -32,7 +32,7 @@ def _samples(n: int, heads: int | None = None, seed: int = 0) -> list[dict]:
 def test_grpo_channels_combine_with_the_multipliers():
     recipe = load_recipe(XI, ["roles.reward.sources.0.multiplier_init=0.3"])
     c = Constraints(recipe)
-    assert c.names == ["length"] and c.kinds == ["eq"] and c.thresholds == [4.0]
+    assert c.names == ["length"] and c.kinds == ["eq"] and c.thresholds == [6.0]
     samples = _samples(8)
     stats = c.compute_advantages(samples, recipe.objective, group_size=4)
 
@@ -68,9 +68,9 @@ def test_multiplier_update_follows_the_batch_return():
     c = Constraints(recipe)
     long = _samples(8)
     for s in long:
-        s["reward_components"]["length"] = 9.0            # J = 9 > threshold 4
+        s["reward_components"]["length"] = 9.0            # J = 9 > threshold 6
     stats = c.update(long)
-    assert stats["constraint/length/return"] == 9.0 and stats["constraint/length/threshold"] == 4.0
+    assert stats["constraint/length/return"] == 9.0 and stats["constraint/length/threshold"] == 6.0
     assert stats["constraint/length/multiplier"] == 0.0 and stats["constraint/length/multiplier_next"] < 0
     for s in long:
         s["reward_components"]["length"] = 1.0            # J < threshold: the multiplier climbs back
@@ -114,11 +114,11 @@ def test_nelder_mead_search_finds_the_best_threshold_within_budget():
         trained.append(n)
         return sum(trained)
 
-    def evaluate():   # a score that peaks at threshold 6
-        return -(c.thresholds[0] - 6.0) ** 2
+    def evaluate():   # a score that peaks at threshold 9
+        return -(c.thresholds[0] - 9.0) ** 2
 
     out = search_thresholds(c, recipe.objective.nelder_mead, 60, advance, evaluate)
     assert len(out["evaluations"]) == 60 // recipe.objective.nelder_mead.iterations_per_eval
     assert sum(trained) == 60
-    assert abs(out["best_thresholds"][0] - 6.0) < abs(4.0 - 6.0)
+    assert abs(out["best_thresholds"][0] - 9.0) < abs(6.0 - 9.0)
     assert out["best_score"] == max(e["score"] for e in out["evaluations"])
