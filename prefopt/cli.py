@@ -1,4 +1,5 @@
-"""Command line: ``prefopt train|validate|show RECIPE [key=value ...]``."""
+"""Command line: ``prefopt train|validate|show|reproduce|submit|sweep RECIPE [key=value ...]``,
+``prefopt jobs status|logs|stop|list``."""
 from __future__ import annotations
 
 import argparse
@@ -62,6 +63,62 @@ def cmd_show(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from pathlib import Path
+
+    from prefopt.config import load_recipe
+    from prefopt.errors import ConfigError
+    from prefopt.reproduce import check_run, format_checks
+    recipe = load_recipe(args.recipe, args.overrides)
+    if not recipe.expect:
+        raise ConfigError(f"{args.recipe} has no 'expect:' ranges to check")
+    if args.check:
+        run_dir = Path(args.check)
+    else:
+        from prefopt.train import train
+        run_dir = train(recipe).run_dir
+    checks = check_run(recipe.expect, run_dir)
+    print(format_checks(checks, f"reproduce {recipe.name} ({run_dir})"))
+    return 0 if all(c.passed for c in checks) else 1
+
+
+def cmd_submit(args) -> int:
+    from prefopt import jobs
+    job_id = jobs.submit(args.recipe, args.overrides, address=args.address)
+    print(f"submitted {job_id} to {jobs.job_address(args.address)}")
+    if not args.follow:
+        return 0
+    state = jobs.follow(job_id, args.address)
+    print(f"{job_id}: {state}")
+    return 0 if state == "SUCCEEDED" else 1
+
+
+def cmd_jobs(args) -> int:
+    from prefopt import jobs
+    if args.action == "list":
+        for job in jobs.list_jobs(args.address):
+            print(f"{job['id']}  {job['status']}  {job['entrypoint']}")
+        return 0
+    if not args.job_id:
+        from prefopt.errors import ConfigError
+        raise ConfigError(f"prefopt jobs {args.action} needs a job id")
+    if args.action == "status":
+        print(jobs.status(args.job_id, args.address))
+    elif args.action == "logs":
+        if args.follow:
+            print(f"{args.job_id}: {jobs.follow(args.job_id, args.address)}")
+        else:
+            print(jobs.logs(args.job_id, args.address), end="")
+    else:
+        print(f"{args.job_id}: {jobs.stop(args.job_id, args.address)}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from prefopt.sweep import sweep_command
+    return sweep_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefopt", description="Preference optimization of language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +132,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="print the fully resolved recipe")
     p.add_argument("recipe"); p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(fn=cmd_show)
+    p = sub.add_parser("reproduce", help="run a recipe and check its 'expect:' ranges (pass/fail table)")
+    p.add_argument("recipe"); p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--check", metavar="RUN_DIR", help="check an existing run instead of training")
+    p.set_defaults(fn=cmd_reproduce)
+    address_help = "Ray job server, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)"
+    p = sub.add_parser("submit", help="submit a recipe as a Ray job to a cluster")
+    p.add_argument("recipe"); p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--address", help=address_help)
+    p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    p.set_defaults(fn=cmd_submit)
+    p = sub.add_parser("jobs", help="status, logs, stop or list submitted Ray jobs")
+    p.add_argument("action", choices=("status", "logs", "stop", "list"))
+    p.add_argument("job_id", nargs="?")
+    p.add_argument("--address", help=address_help)
+    p.add_argument("--follow", action="store_true", help="(logs) stream until the job ends")
+    p.set_defaults(fn=cmd_jobs)
+    p = sub.add_parser("sweep", help="run an ablation grid x seeds; results table (CSV, Markdown) and plot")
+    try:
+        from prefopt.sweep import add_sweep_arguments
+        add_sweep_arguments(p)
+    except ImportError:  # pragma: no cover
+        pass
+    p.set_defaults(fn=cmd_sweep)
     return parser
 
 

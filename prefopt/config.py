@@ -256,6 +256,9 @@ def validate_recipe(recipe: Recipe, what: str = "recipe") -> None:
         raise ConfigError(
             f"{what}: 'train.batch_size' ({t.batch_size}) must be a multiple of "
             f"train.micro_batch_size x roles.learner.num_actors ({t.micro_batch_size} x {learner.num_actors})")
+    for key, bounds in recipe.expect.items():
+        if len(bounds) != 2 or bounds[0] > bounds[1]:
+            raise ConfigError(f"{what}: 'expect.{key}' must be [low, high] with low <= high, got {list(bounds)}")
     if recipe.roles.reference is not None:
         _one_of(recipe.roles.reference.placement, ("learner", "actor"), "roles.reference.placement", what)
 

@@ -99,6 +99,7 @@ class RolloutRoleConfig:
     engines: int = 1                         # vLLM engines, one Ray actor each
     num_cpus: float = 1
     num_gpus: float = 0
+    resources: dict[str, float] = field(default_factory=dict)   # custom Ray resources per engine (e.g. a node label)
     dtype: str = "auto"                      # "auto": float32 on CPU, bfloat16 on GPU
     max_model_len: int = 512
     gpu_memory_utilization: float = 0.5
@@ -215,6 +216,8 @@ class Recipe:
     description: str = ""
     base: Optional[str] = None               # path of a recipe this one extends (relative to this file)
     resume: Optional[str] = None             # "auto" | a run directory | a checkpoint directory
+    # prefopt reproduce: ranges [low, high] of final metrics ("<split>/<key>" or "summary/<key>")
+    expect: dict[str, list[float]] = field(default_factory=dict)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     objective: Any = field(default_factory=lambda: {"name": "dpo"})

@@ -35,6 +35,15 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
     return backend
 
 
+def node_id() -> str | None:
+    """The Ray node of the calling actor (two nodes on one host share an IP, not a node id)."""
+    try:
+        import ray
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return None
+
+
 def placement_group_id() -> str | None:
     """The placement group of the calling Ray actor (None outside one)."""
     try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefopt.config_schema import Recipe
@@ -80,3 +81,47 @@ def read_metrics(run_dir: str | Path, split: str | None = None) -> list[dict]:
     """The records of ``metrics.jsonl`` (optionally only one split: "train" or "eval")."""
     records = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl") if line.strip()]
     return [r for r in records if split is None or r["split"] == split]
+
+
+def final_metrics(run_dir: str | Path) -> dict[str, float]:
+    """A finished run's numbers, flat: the last record of each split in ``metrics.jsonl`` as
+    ``"<split>/<key>"`` (e.g. ``eval/rewards/accuracy``, ``train/reward/mean``) and the scalars of
+    ``summary.json`` as ``"summary/<key>"``."""
+    out: dict[str, float] = {}
+    path = Path(run_dir)
+    if (path / "metrics.jsonl").exists():
+        last: dict[str, dict] = {}
+        for record in read_metrics(path):
+            last[record["split"]] = record
+        for split, record in last.items():
+            out.update({f"{split}/{k}": v for k, v in record.items()
+                        if k not in ("step", "split") and isinstance(v, (int, float))})
+    if (path / "summary.json").exists():
+        summary = json.loads((path / "summary.json").read_text())
+        out.update({f"summary/{k}": v for k, v in summary.items()
+                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return out
+
+
+@dataclass
+class Run:
+    """What a run directory holds, loaded: for ablation scripts (``prefopt.read_run``)."""
+    run_dir: Path
+    config: dict
+    metrics: list[dict]
+    final: dict[str, float]
+    summary: dict
+
+    def history(self, key: str, split: str = "train") -> list[float]:
+        """One metric over the run: its values in the records of ``split`` that have it."""
+        return [r[key] for r in self.metrics if r["split"] == split and key in r]
+
+
+def read_run(run_dir: str | Path) -> Run:
+    import yaml
+    path = Path(run_dir)
+    if not (path / "metrics.jsonl").exists():
+        raise FileNotFoundError(f"{path} is not a prefopt run directory (no metrics.jsonl)")
+    config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").exists() else {}
+    summary = json.loads((path / "summary.json").read_text()) if (path / "summary.json").exists() else {}
+    return Run(run_dir=path, config=config, metrics=read_metrics(path), final=final_metrics(path), summary=summary)

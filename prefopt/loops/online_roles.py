@@ -20,7 +20,7 @@ class OnlineRoles:
         r, roles = recipe, recipe.roles
         self.timeout = r.ray.call_timeout_s
         ro = roles.rollout
-        colocated = {"CPU": ro.num_cpus, "GPU": ro.num_gpus} if ro.colocate_with_learners else None
+        colocated = {"CPU": ro.num_cpus, "GPU": ro.num_gpus, **ro.resources} if ro.colocate_with_learners else None
         self.policy = LearnerGroup(r, roles.learner, colocated=colocated)
         self.critic = None
         if r.objective.advantage == "gae":
@@ -32,7 +32,7 @@ class OnlineRoles:
             ref = roles.reference
             rcls = ray.remote(num_cpus=ref.num_cpus, num_gpus=ref.num_gpus)(ReferenceWorker)
             self.references = [rcls.remote(r, pad_id) for _ in range(ref.num_actors)]
-        ecls = ray.remote(num_cpus=ro.num_cpus, num_gpus=ro.num_gpus)(RolloutWorker)
+        ecls = ray.remote(num_cpus=ro.num_cpus, num_gpus=ro.num_gpus, resources=ro.resources or None)(RolloutWorker)
         self.transport = ro.weight_sync
         self.engines = []
         for i in range(ro.engines):

@@ -48,7 +48,7 @@ class LearnerWorker:
         import torch
 
         from prefopt.backends.deepspeed_engine import init_engine
-        from prefopt.backends.distributed import init_process_group, node_ip, placement_group_id
+        from prefopt.backends.distributed import init_process_group, node_id, node_ip, placement_group_id
         from prefopt.models.load import load_causal_lm, load_value_model
         from prefopt.objectives import get_objective
 
@@ -72,7 +72,7 @@ class LearnerWorker:
         self.pad_id = pad_id
         self.device = self.engine.device
         return {"role": self.model_kind, "rank": self.rank, "backend": backend, "device": str(self.device),
-                "pid": os.getpid(), "node_ip": node_ip(), "placement_group": placement_group_id(),
+                "pid": os.getpid(), "node_ip": node_ip(), "node_id": node_id(), "placement_group": placement_group_id(),
                 "num_parameters": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                       for p in self.engine.module.parameters())}
 

@@ -89,8 +89,9 @@ class RolloutWorker:
         return time.perf_counter() - start
 
     def node_info(self) -> dict:
-        from prefopt.backends.distributed import node_ip, placement_group_id
-        return {"role": "rollout", "pid": os.getpid(), "node_ip": node_ip(), "placement_group": placement_group_id()}
+        from prefopt.backends.distributed import node_id, node_ip, placement_group_id
+        return {"role": "rollout", "pid": os.getpid(), "node_ip": node_ip(), "node_id": node_id(),
+                "placement_group": placement_group_id()}
 
     def pid(self) -> int:
         return os.getpid()
