@@ -40,10 +40,25 @@ def _summary_table(result) -> str:
     return "\n".join([line] + [f"{k:<{width}} | {v}" for k, v in rows] + [line])
 
 
-def cmd_train(args) -> int:
+def _load(path: str, overrides: list[str]):
+    """A recipe file, or ``env:VAR``: the YAML text in environment variable VAR (submitted jobs)."""
     from prefopt.config import load_recipe
+    if path.startswith("env:"):
+        import tempfile
+
+        from prefopt.errors import ConfigError
+        text = os.environ.get(path[4:])
+        if not text:
+            raise ConfigError(f"environment variable {path[4:]} holds no recipe")
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="prefopt-job-", delete=False) as f:
+            f.write(text)
+        return load_recipe(f.name, overrides)
+    return load_recipe(path, overrides)
+
+
+def cmd_train(args) -> int:
     from prefopt.train import train
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = _load(args.recipe, args.overrides)
     result = train(recipe)
     print(_summary_table(result))
     return 0

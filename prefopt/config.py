@@ -64,7 +64,9 @@ def _read_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dic
     layers = []
     base = data.get("base")
     if base:
-        layers = _read_layers(resolve_recipe_path(base, relative_to=path), (*seen, path))
+        # a base recipe's `expect:` ranges describe *its* run: a derived recipe states its own
+        layers = [(origin, {k: v for k, v in layer.items() if k != "expect"})
+                  for origin, layer in _read_layers(resolve_recipe_path(base, relative_to=path), (*seen, path))]
     data.pop("base", None)
     return layers + [(str(path), data)]
 

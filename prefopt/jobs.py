@@ -1,10 +1,10 @@
 """Ray job submission: run a recipe on a (remote) Ray cluster through its Job Submission API.
 
 ``prefopt submit RECIPE [key=value ...] --address http://HEAD:8265 [--follow]`` validates the recipe
-here (errors surface before anything is sent), writes the *resolved* recipe into
-``.prefopt/jobs/<id>.yaml`` inside the working directory, and submits
-``python -m prefopt.cli train .prefopt/jobs/<id>.yaml`` with the working directory as the job's
-``runtime_env`` (so relative data paths and local reward modules travel with it). Inside the job
+here (errors surface before anything is sent) and submits ``python -m prefopt.cli train
+env:PREFOPT_JOB_RECIPE`` with the *resolved* recipe in that environment variable (a local copy goes to
+``.prefopt/jobs/<id>.yaml``) and the working directory as the job's ``runtime_env`` (so relative data
+paths and local reward modules travel with it; Ray skips what ``.gitignore`` lists). Inside the job
 the recipe's ``ray.address: local`` joins the job's cluster (``RAY_ADDRESS``). Run outputs land under
 ``output.root`` on the cluster: point it at storage every node (and you) can read.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXCLUDES = [".git", ".venv", "runs", ".cache", "**/__pycache__", "*.safetensors", ".pytest_cache"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+RECIPE_ENV = "PREFOPT_JOB_RECIPE"
 
 
 def job_address(address: str | None) -> str:
@@ -42,16 +43,24 @@ def submit(recipe, overrides=(), *, address: str | None = None, working_dir: str
             raise ValueError("overrides apply to a recipe path; change a Recipe object in code instead")
         validate_recipe(recipe)
     job_id = submission_id or f"prefopt-{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    staged = Path(working_dir) / ".prefopt" / "jobs" / f"{job_id}.yaml"
-    staged.parent.mkdir(parents=True, exist_ok=True)
-    staged.write_text(recipe_to_yaml(recipe))
-    env_vars = {k: v for k, v in WORKER_ENV.items()}
-    env_vars.update(env or {})
+    text = recipe_to_yaml(recipe)
+    record = Path(working_dir) / ".prefopt" / "jobs" / f"{job_id}.yaml"   # what was submitted, for the user
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(text)
+    # the run's own ray.init adds the worker environment: let Ray merge it with the job's
+    env_vars = {**WORKER_ENV, **(env or {}), RECIPE_ENV: text, "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
     runtime_env = {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env_vars}
-    return client(address).submit_job(
-        entrypoint=f"python -m prefopt.cli train {staged.relative_to(working_dir).as_posix()}",
-        submission_id=job_id, runtime_env=runtime_env,
-        metadata={"prefopt_recipe": recipe.name, "objective": recipe.objective.name})
+    c = client(address)
+    deadline = time.monotonic() + 60.0
+    while True:
+        try:
+            return c.submit_job(entrypoint=f"python -m prefopt.cli train env:{RECIPE_ENV}",
+                                submission_id=job_id, runtime_env=runtime_env,
+                                metadata={"prefopt_recipe": recipe.name, "objective": recipe.objective.name})
+        except RuntimeError as e:   # a freshly started head answers before its job agent is up
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2.0)
 
 
 def status(job_id: str, address: str | None = None) -> str:

@@ -150,14 +150,9 @@ def ray_job_runner(address: str, *, working_dir: str = ".", poll_s: float = 5.0)
 
 
 def read_point_metrics(run_dir: Path) -> dict[str, float]:
-    """The last record of each split of ``metrics.jsonl`` as ``<split>/<key>``, plus numeric
-    ``summary.json`` entries as ``summary/<key>``."""
-    from prefopt.io.run_dir import read_metrics
-    last = {record["split"]: record for record in read_metrics(run_dir)}   # the last record wins
-    out = {f"{split}/{k}": v for split, r in last.items() for k, v in r.items() if k not in ("step", "split")}
-    if (run_dir / "summary.json").is_file():
-        out.update({f"summary/{k}": v for k, v in json.loads((run_dir / "summary.json").read_text()).items()})
-    return {k: v for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """A point's final numbers (``prefopt.io.run_dir.final_metrics``)."""
+    from prefopt.io.run_dir import final_metrics
+    return final_metrics(run_dir)
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -218,7 +213,7 @@ def summarize(points: list[dict], metrics: list[str]) -> list[dict]:
         groups.setdefault(p["group"], []).append(p)
     for group, members in groups.items():
         done = [p for p in members if p["status"] == "done"]
-        row = {"group": group, "done": len(done), "cached": sum(bool(p.get("cached")) for p in done),
+        row = {"group": group, "params": members[0].get("params") or {}, "done": len(done), "cached": sum(bool(p.get("cached")) for p in done),
                "failed": len(members) - len(done)}
         for m in metrics:
             row[m] = _stats([p["metrics"][m] for p in done if p["metrics"].get(m) is not None])
@@ -244,7 +239,8 @@ def format_markdown(rows: list[dict], metrics: list[str], points: list[dict]) ->
         lines += ["", "## Failed points", ""]
         for p in failed:
             last = next((line for line in reversed(p.get("log_tail") or []) if line.strip()), "")
-            lines.append(f"- `{p['id']}`: return code {p['returncode']}: `{last.strip()[:300]}`")
+            last = last.strip()[:300].replace("`", "'")
+            lines.append(f"- `{p['id']}`: return code {p['returncode']}: {last}")
     return "\n".join(lines) + "\n"
 
 
@@ -266,12 +262,13 @@ def write_results(out_dir: Path, points: list[dict], metrics: list[str], title: 
         import matplotlib.pyplot as plt
         fig, axes = plt.subplots(1, len(metrics), figsize=(max(4.0, 0.9 * len(rows) + 2) * len(metrics), 4.5),
                                  squeeze=False)
+        labels = ["\n".join(v[:28] for v in r["params"].values()) or r["group"] for r in rows]
         for ax, m in zip(axes[0], metrics):
             means = [r[m]["mean"] if r[m]["mean"] is not None else math.nan for r in rows]
             errs = [r[m]["std"] or 0.0 for r in rows]
             ax.bar(range(len(rows)), means, yerr=errs, capsize=4, color="tab:blue", alpha=0.8)
-            ax.set_xticks(range(len(rows)), [r["group"].replace(",", "\n") for r in rows], fontsize=7)
-            ax.set_title(m)
+            ax.set_xticks(range(len(rows)), labels, fontsize=8)
+            ax.set_title(m); ax.set_xlabel(" / ".join(rows[0]["params"]), fontsize=8)   # noqa: E702
         fig.tight_layout()
         fig.savefig(png_path, dpi=110)
         plt.close(fig)

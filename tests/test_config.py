@@ -6,7 +6,7 @@ import pytest
 from prefopt.config import load_recipe, recipe_from_dict, recipe_to_yaml
 from prefopt.errors import ConfigError
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("**/*.yaml"))
 
 
 def test_recipes_exist():

@@ -37,8 +37,9 @@ def two_nodes():
     head = [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}", "--num-cpus=3", '--resources={"node_a": 1}', f"--temp-dir={temp}",
             "--disable-usage-stats"]
+    # its own temp dir: two nodes on one host must not unpack job packages into the same place
     worker = [RAY, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-              '--resources={"node_b": 1}']
+              '--resources={"node_b": 1}', f"--temp-dir={temp}b"]
     try:
         subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
         subprocess.run(worker, env=env, check=True, capture_output=True, timeout=120)
@@ -54,8 +55,26 @@ def two_nodes():
                 time.sleep(1)
         yield address
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
-        shutil.rmtree(temp, ignore_errors=True)
+        _kill_nodes(temp)   # not `ray stop`: it would stop every Ray cluster on this machine
+        for path in (temp, f"{temp}b"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _kill_nodes(temp: str) -> None:
+    """Kill the processes of the clusters whose session lives under ``temp`` / ``temp``b."""
+    import psutil
+    mine = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.pid != os.getpid() and temp in " ".join(proc.info["cmdline"] or []):
+            mine.append(proc)
+    for proc in mine:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(mine, timeout=15)
+    for proc in alive:
+        proc.kill()
 
 
 def test_submitted_ppo_job_places_engine_and_learner_on_different_nodes(two_nodes, tmp_path, capsys):

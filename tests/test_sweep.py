@@ -124,7 +124,7 @@ def test_results_files_and_rerun_skips_done_points(tmp_path):
     md = res.md_path.read_text()
     assert "| objective.beta=0.1 | 2 | 0 | 0.775 ± 0.03536 | 0.5 ± 0 | 0.15 ± 0.07071 |" in md
     assert "| objective.beta=0.3 | 0 | 2 | – | – | – |" in md
-    assert "## Failed points" in md and "`objective.beta=0.3,seed=0`: return code 3: `RuntimeError: fake crash`" in md
+    assert "## Failed points" in md and "`objective.beta=0.3,seed=0`: return code 3: RuntimeError: fake crash" in md
     rows = list(csv.DictReader(res.csv_path.open()))
     assert len(rows) == 6 and rows[0]["id"] == "objective.beta=0.1,seed=0" and rows[0]["status"] == "done"
     assert float(rows[1]["train/loss"]) == pytest.approx(0.2) and rows[5]["status"] == "failed"
@@ -228,3 +228,39 @@ def test_sweep_command_prints_the_table_and_fails_if_a_point_failed(tmp_path, mo
     args = parser.parse_args([RECIPE, "--grid", "objective.beta=0.1", "--out", str(tmp_path / "s"),
                               "train.max_steps=3"])
     assert prefopt.sweep.sweep_command(args) == 0   # only the (cached) done point
+
+
+def test_ray_job_runner_submits_polls_and_writes_logs(tmp_path, monkeypatch):
+    import ray.job_submission as js
+
+    from prefopt.sweep import ray_job_runner
+    submitted = []
+
+    class FakeClient:
+        def __init__(self, address):
+            assert address == "http://head:8265"
+            self.polls = 0
+
+        def submit_job(self, *, entrypoint, runtime_env, metadata):
+            submitted.append((entrypoint, runtime_env))
+            return f"job-{len(submitted)}"
+
+        def get_job_status(self, job_id):
+            self.polls += 1
+            if self.polls < 3:
+                return js.JobStatus.RUNNING
+            return js.JobStatus.SUCCEEDED if job_id == "job-1" else js.JobStatus.FAILED
+
+        def get_job_logs(self, job_id):
+            return f"logs of {job_id}\n"
+
+    monkeypatch.setattr(js, "JobSubmissionClient", FakeClient)
+    runner = ray_job_runner("http://head:8265", poll_s=0)
+    point = {"id": "objective.beta=0.1,seed=0", "recipe": RECIPE,
+             "command_overrides": ["objective.beta=0.1", "output.run_dir=/shared/s/run"]}
+    assert runner(point, tmp_path) == 0
+    entrypoint, env = submitted[0]
+    assert entrypoint == f"python -m prefopt.cli train {RECIPE} objective.beta=0.1 output.run_dir=/shared/s/run"
+    assert env["working_dir"] == "." and env["env_vars"]["OMP_NUM_THREADS"] == "1"
+    assert "logs of job-1" in (tmp_path / "log.txt").read_text()
+    assert runner(point, tmp_path) == 1
