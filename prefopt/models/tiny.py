@@ -112,7 +112,12 @@ def builtin_model_path(name: str, seed: int = 0) -> Path:
 
 
 def resolve_model_path(path: str) -> str:
-    """Map ``builtin:<name>`` to its cached directory; other paths are returned unchanged."""
+    """Map ``builtin:<name>`` to its cached directory; other paths are returned unchanged, except that
+    a local-looking path (absolute, ``./``, ``~``) that does not exist is a clear error."""
     if path.startswith(BUILTIN_PREFIX):
         return str(builtin_model_path(path[len(BUILTIN_PREFIX):]))
-    return path
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+        from prefopt.errors import ConfigError
+        raise ConfigError(f"model path '{path}' does not exist (a local directory was expected; "
+                          f"hub names look like 'org/name')")
+    return str(Path(path).expanduser()) if path.startswith("~") else path
