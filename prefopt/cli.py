@@ -174,11 +174,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prefopt.errors import PrefoptError
+    from prefopt.errors import PrefoptError, RunInterrupted
     _setup_env()
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except RunInterrupted as e:
+        print(f"prefopt: {e}", file=sys.stderr)
+        return 130
     except PrefoptError as e:
         print(f"prefopt: error: {e}", file=sys.stderr)
         return 2

@@ -50,6 +50,59 @@ def init_ray(ray_cfg: RayConfig, *, num_cpus_needed: float) -> bool:
     return True
 
 
+def resource_demand(recipe) -> list[tuple[str, int, dict[str, float]]]:
+    """``(recipe key, actor count, resources per actor)`` of every role the run will start."""
+    r = recipe.roles
+
+    def need(cfg, extra=None):
+        out = {"CPU": float(cfg.num_cpus), "GPU": float(cfg.num_gpus), **{k: float(v) for k, v in (extra or {}).items()}}
+        return {k: v for k, v in out.items() if v}
+
+    rows = [("roles.learner", r.learner.num_actors, need(r.learner, r.learner.resources))]
+    online = recipe.objective.name in ("ppo", "constrained_ppo")
+    if r.critic is not None and getattr(recipe.objective, "advantage", None) == "gae":
+        rows.append(("roles.critic", r.critic.num_actors, need(r.critic, r.critic.resources)))
+    if r.reference is not None and (r.reference.placement == "actor" or online) \
+            and getattr(recipe.objective, "kl_coef", 1) > 0:
+        rows.append(("roles.reference", r.reference.num_actors, need(r.reference)))
+    if online and r.rollout is not None:
+        rows.append(("roles.rollout", r.rollout.engines, need(r.rollout, r.rollout.resources)))
+    if r.reward is not None:
+        rows += [(f"roles.reward.sources[{i}]", 1, need(src)) for i, src in enumerate(r.reward.sources) if src.model]
+    return rows
+
+
+def check_cluster_resources(recipe) -> None:
+    """Fail fast (ConfigError naming the role) when the connected cluster cannot hold the run's
+    actors: more of a resource in total than the cluster has, or more per actor than any node has.
+    Skipped with ``ray.check_resources: false`` (autoscaling clusters grow on demand)."""
+    import ray
+
+    from prefopt.errors import ConfigError
+    if not recipe.ray.check_resources:
+        return
+    total = ray.cluster_resources()
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    demand: dict[str, float] = {}
+    for key, count, per_actor in resource_demand(recipe):
+        for name, amount in per_actor.items():
+            demand[name] = demand.get(name, 0.0) + count * amount
+            if not any(node.get(name, 0.0) >= amount for node in nodes):
+                raise ConfigError(f"{key} asks for {name}={amount:g} per actor, but no node of the cluster has "
+                                  f"that much (largest: {max((n.get(name, 0.0) for n in nodes), default=0):g}; "
+                                  f"cluster: {_fmt(total)})")
+    for name, amount in demand.items():
+        if amount > total.get(name, 0.0) + 1e-9:
+            roles = ", ".join(f"{k} {c} x {a[name]:g}" for k, c, a in resource_demand(recipe) if name in a)
+            raise ConfigError(f"the run needs {name}={amount:g} ({roles}), but the cluster has "
+                              f"{name}={total.get(name, 0.0):g} (cluster: {_fmt(total)})")
+
+
+def _fmt(resources: dict) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(resources.items()) if not k.startswith(("node:", "memory",
+                                                                                             "object_store")))
+
+
 def placement_group_for(bundles: list[dict], strategy: str, timeout_s: float):
     """Reserve ``bundles`` (e.g. one per learner) with PACK or SPREAD; error if impossible."""
     import ray
@@ -65,6 +118,10 @@ def placement_group_for(bundles: list[dict], strategy: str, timeout_s: float):
     return pg
 
 
+class ActorDiedError(RuntimeError):
+    """A remote call failed because its actor died (killed, OOM, node lost)."""
+
+
 def remote_get(refs, timeout_s: float, what: str):
     """ray.get with a bound: a dead or hung actor becomes a clear error, never a hang."""
     import ray
@@ -75,7 +132,7 @@ def remote_get(refs, timeout_s: float, what: str):
     except GetTimeoutError:
         raise RuntimeError(f"{what} did not finish within ray.call_timeout_s={timeout_s:g}s") from None
     except RayActorError as e:
-        raise RuntimeError(f"{what} failed: an actor died ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
+        raise ActorDiedError(f"{what} failed: an actor died ({e.__class__.__name__}: {str(e).splitlines()[0]})") from None
 
 
 def release(roles, started_ray: bool) -> None:

@@ -276,6 +276,7 @@ def validate_recipe(recipe: Recipe, what: str = "recipe") -> None:
             raise ConfigError(f"{what}: train.prompts_per_iteration x roles.rollout.sampling.n ({per_iter} samples) "
                               f"must be a multiple of train.batch_size ({t.batch_size})")
         _one_of(recipe.roles.rollout.weight_sync, ("object_store", "process_group"), "roles.rollout.weight_sync", what)
+        _one_of(recipe.roles.rollout.placement, (None, "pack", "spread"), "roles.rollout.placement", what)
         ro = recipe.roles.rollout
         if ro.colocate_with_learners and ro.engines > learner.num_actors:
             raise ConfigError(f"{what}: roles.rollout.colocate_with_learners puts one engine in each learner's "

@@ -100,6 +100,8 @@ class RolloutRoleConfig:
     num_cpus: float = 1
     num_gpus: float = 0
     resources: dict[str, float] = field(default_factory=dict)   # custom Ray resources per engine (e.g. a node label)
+    placement: Optional[str] = None          # "pack" | "spread": the engines in one placement group
+    max_restarts: int = 3                    # an engine that dies is replaced (and re-synced) this often per run
     dtype: str = "auto"                      # "auto": float32 on CPU, bfloat16 on GPU
     max_model_len: int = 512
     gpu_memory_utilization: float = 0.5
@@ -186,6 +188,10 @@ class TrainConfig:
     iterations: int = 10
     prompts_per_iteration: int = 8
     log_every: int = 1
+    # numerical guards: a step with a non-finite loss / gradient is skipped (logged as `skipped`);
+    # more than this many skipped steps in a row stop the run, naming the step and its batch
+    max_skipped_steps: int = 3
+    debug_nan_steps: list[int] = field(default_factory=list)   # testing the guard: NaN loss at these steps
 
 
 @dataclass
@@ -206,6 +212,7 @@ class RayConfig:
     address: str = "local"
     num_cpus: Optional[int] = None           # logical CPUs of the embedded cluster (default: what roles need)
     include_dashboard: bool = False
+    check_resources: bool = True             # fail fast if the cluster cannot hold the roles (off for autoscalers)
     call_timeout_s: float = 1800.0           # bound on any remote call; a dead actor never hangs the run
     env: dict[str, str] = field(default_factory=dict)  # extra environment variables for every actor
 

@@ -35,6 +35,10 @@ class DataError(PrefoptError):
         self.source, self.row, self.field = source, row, field
 
 
+class RunInterrupted(PrefoptError):
+    """SIGTERM / Ctrl-C stopped a run after writing a checkpoint (the message says where)."""
+
+
 def closest(name: str, candidates: Iterable[str]) -> str | None:
     """The candidate most similar to ``name``, or None if nothing is close."""
     matches = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.5)

@@ -18,6 +18,13 @@ def run(recipe_name, tmp_path, *overrides):
     return train(recipe, quiet=True)
 
 
+def assert_reproduces(recipe_name, result):
+    """The recipe's `expect:` ranges (what `prefopt reproduce` checks) hold for this run."""
+    from prefopt.reproduce import check_run, format_checks
+    checks = check_run(load_recipe(f"recipes/{recipe_name}.yaml").expect, result.run_dir)
+    assert checks and all(c.passed for c in checks), format_checks(checks, recipe_name)
+
+
 def held_out(result, metric):
     return result.eval_history[0][metric], result.eval_history[-1][metric]
 
@@ -57,6 +64,7 @@ def test_simpo_two_learners_zero2_learns(ray_cluster, tmp_path):
     result = run("tiny_simpo", tmp_path)
     start, end = held_out(result, "rewards/accuracy")
     assert start < 0.75 and end >= 0.9
+    assert_reproduces("tiny_simpo", result)
 
 
 @pytest.mark.parametrize("recipe", ["tiny_lipo", "tiny_listmle"])
@@ -65,6 +73,7 @@ def test_listwise_two_learners_zero2_learns_ranking(ray_cluster, tmp_path, recip
     start, end = held_out(result, "ranking/accuracy")
     assert start == pytest.approx(0.5, abs=0.05)
     assert end >= 0.9
+    assert_reproduces(recipe, result)
 
 
 def test_zero3_learns_and_saves_a_loadable_model(ray_cluster, tmp_path):

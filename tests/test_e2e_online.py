@@ -40,10 +40,15 @@ def test_grpo_reward_rises_and_weight_sync_is_exact(ray_cluster, tmp_path):
     # after the last sync, vLLM's greedy outputs equal the learner's on 16 prompts
     assert result.final_train["greedy_match"] == 1.0
     assert result.final_train["logp_max_abs_diff"] < 1e-4
+    # the recipe's `expect:` ranges (what `prefopt reproduce` checks) hold
+    from prefopt.reproduce import check_run
+    assert all(c.passed for c in check_run(load_recipe("recipes/tiny_grpo.yaml").expect, result.run_dir))
 
 
 def test_ppo_gae_with_critic_reward_rises(ray_cluster, tmp_path):
-    result = run("tiny_ppo_gae", tmp_path, "output.save_model=false")
+    result = run("tiny_ppo_gae", tmp_path, "output.save_model=false", "roles.rollout.placement=spread")
+    placement = json.loads((result.run_dir / "placement.json").read_text())
+    assert next(p for p in placement if p["role"] == "rollout")["placement_group"]   # the engines' own group
     r = rewards(result)
     # GAE with a fresh critic is noisier than GRPO: compare the last 10 iterations with the first 5
     assert sum(r[-10:]) / 10 > sum(r[:5]) / 5 + 0.15, r

@@ -66,3 +66,4 @@ def test_reproduce_tiny_dpo_passes_then_fails_out_of_range(ray_cluster, tmp_path
     out = capsys.readouterr().out
     assert code == 1
     assert "FAIL: 1/2 expectations met" in out and "[1.01, 2]" in out
+

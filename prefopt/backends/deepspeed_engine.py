@@ -27,6 +27,33 @@ def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
     return fn
 
 
+def guarded_adamw():
+    """``torch.optim.AdamW`` that skips a step whose gradients are not finite.
+
+    It sets ``overflow`` as DeepSpeed's own optimizers do, so the engine counts the step in
+    ``skipped_steps`` and does not advance the LR schedule. (Under ZeRO 1-3 DeepSpeed itself already
+    skips steps with a non-finite global gradient norm; this covers ZeRO-0.)
+    """
+    import torch
+
+    class GuardedAdamW(torch.optim.AdamW):
+        overflow = False
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+            finite = all(bool(torch.isfinite(torch.linalg.vector_norm(g))) for g in grads)
+            self.overflow = not finite
+            if self.overflow:
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.grad = None
+                return None
+            return super().step(closure)
+
+    return GuardedAdamW
+
+
 def deepspeed_config(train: TrainConfig, learner: LearnerRoleConfig, *, grad_accum: int) -> dict:
     zero: dict = {"stage": learner.zero_stage}
     if learner.zero_stage >= 1:
@@ -69,7 +96,7 @@ def init_engine(model, train: TrainConfig, learner: LearnerRoleConfig, *, grad_a
         for name, p in model.named_parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-        optimizer = torch.optim.AdamW(
+        optimizer = guarded_adamw()(
             [{"params": decay, "weight_decay": train.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],
             lr=train.lr, betas=tuple(train.adam_betas), eps=train.adam_eps, fused=True)

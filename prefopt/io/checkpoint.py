@@ -36,12 +36,17 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: json.loads((p / STATE).read_text())["counter"])
 
 
+def remove_stale(run_dir: Path) -> None:
+    """Remove what an interrupted save left (``.tmp-*`` directories)."""
+    for stale in checkpoints_dir(run_dir).glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
 def begin(run_dir: Path, name: str) -> Path:
     """A fresh temporary directory for checkpoint ``name`` (stale temporaries are removed)."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale(run_dir)
     tmp = root / f".tmp-{name}"
     tmp.mkdir()
     return tmp
@@ -72,6 +77,12 @@ def read_state(checkpoint: Path) -> dict:
 def find_resume_point(resume: str, output_root: str, name: str) -> tuple[Path, Path]:
     """``resume``: "auto" (the newest run of this recipe name under ``output_root`` that has a
     checkpoint), a run directory, or one checkpoint directory -> ``(run_dir, checkpoint)``."""
+    run_dir, ckpt = _resume_point(resume, output_root, name)
+    remove_stale(run_dir)
+    return run_dir, ckpt
+
+
+def _resume_point(resume: str, output_root: str, name: str) -> tuple[Path, Path]:
     if resume == "auto":
         root = Path(output_root)
         runs = sorted((p for p in root.glob(f"{name}-*") if p.is_dir() and list_checkpoints(p)),

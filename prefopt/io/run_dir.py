@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +41,27 @@ def create_run_dir(recipe: Recipe) -> Path:
     return path.resolve()
 
 
+SECRET_KEY = re.compile(r"token|secret|password|passwd|api[_-]?key|credential", re.IGNORECASE)
+REDACTED = "***redacted***"
+
+
+def redact(value, key: str = ""):
+    """A copy of a config tree with the values under secret-looking keys (token, secret, password,
+    api_key, credential) replaced, so logged configs never carry them."""
+    if isinstance(value, dict):
+        return {k: (REDACTED if SECRET_KEY.search(str(k)) and not isinstance(v, dict) else redact(v, str(k)))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v, key) for v in value]
+    return value
+
+
 def write_config(run_dir: Path, recipe: Recipe) -> None:
-    from prefopt.config import recipe_to_yaml
-    (run_dir / "config.yaml").write_text(recipe_to_yaml(recipe))
+    """``config.yaml``: the resolved recipe, secrets redacted (e.g. an ``HF_TOKEN`` in ``ray.env``)."""
+    from omegaconf import OmegaConf
+
+    from prefopt.config import recipe_to_dict
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(redact(recipe_to_dict(recipe)))))
 
 
 def _clean(value):

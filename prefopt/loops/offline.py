@@ -12,6 +12,7 @@ Reads top to bottom like the algorithm:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -108,6 +109,11 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {len(data.train)} training examples")
     grad_accum = t.batch_size // (t.micro_batch_size * lr_cfg.num_actors)
 
+    resume_from = None
+    if recipe.resume:
+        from prefopt.io import checkpoint
+        run_dir, resume_from = checkpoint.find_resume_point(recipe.resume, recipe.output.root, recipe.name)
+        checkpoint.truncate_metrics(run_dir, checkpoint.read_state(resume_from)["counter"])
     run_dir = Path(run_dir) if run_dir else create_run_dir(recipe)
     write_config(run_dir, recipe)
     logger = MetricsLogger(run_dir, tensorboard=recipe.output.tensorboard)
@@ -115,7 +121,10 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
     from prefopt.cluster import init_ray
     started_ray = init_ray(recipe.ray, num_cpus_needed=lr_cfg.num_cpus * lr_cfg.num_actors)
     roles = None
+    stack = contextlib.ExitStack()
     try:
+        from prefopt.cluster import check_cluster_resources
+        check_cluster_resources(recipe)
         roles = Roles(recipe, tokenizer.pad_token_id)
         info = roles.learners.setup(total_steps=len(steps), grad_accum=grad_accum, pad_id=tokenizer.pad_token_id)
         (run_dir / "placement.json").write_text(json.dumps(info, indent=1))
@@ -126,29 +135,49 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
             result.reference_time_s = time.perf_counter() - start
             logger.log(0, {"time_s": result.reference_time_s,
                            "examples": len(data.train) + len(data.eval)}, prefix="reference")
-        result.eval_history.append({"step": 0, **evaluate(roles, data.eval, t.micro_batch_size)})
-        logger.log(0, result.eval_history[-1], prefix="eval")
+        done = 0
+        if resume_from is not None:   # after the reference pass: that must see the initial weights
+            from prefopt.loops import checkpointing
+            done = checkpointing.restore(resume_from, roles, {})["counter"]
+            result.train_history = checkpointing.history(run_dir, "train", "step")
+            result.eval_history = checkpointing.history(run_dir, "eval", "step")
+        else:
+            result.eval_history.append({"step": 0, **evaluate(roles, data.eval, t.micro_batch_size)})
+            logger.log(0, result.eval_history[-1], prefix="eval")
 
         progress = _progress(len(steps), recipe, quiet)
+        progress.update(done)
+        from prefopt.loops.guards import SkipGuard
+        guard = SkipGuard(t.max_skipped_steps)
+        from prefopt.loops.checkpointing import StopRequest, stop_now
+        stop = stack.enter_context(StopRequest())
         for step, indices in enumerate(steps, start=1):
+            if step <= done:
+                continue
+            if stop.requested:
+                stop_now(stop, run_dir, f"step_{step - 1:06d}", step - 1, roles, {}, recipe.output.keep_checkpoints)
             examples = [data.train[i] for i in indices]
             start = time.perf_counter()
             per_learner = roles.learners.train_step(examples, t.micro_batch_size, what=f"train step {step}",
-                                                    sort_by_length=True)
+                                                    sort_by_length=True, inject_nan=step in t.debug_nan_steps)
             elapsed = time.perf_counter() - start
             stats = means(merge_summaries(per_learner))
-            stats.update(grad_norm=per_learner[0]["grad_norm"], lr=per_learner[0]["lr"],
+            stats.update(grad_norm=per_learner[0]["grad_norm"], lr=per_learner[0]["lr"], skipped=per_learner[0]["skipped"],
                          peak_memory_mb=max(p["peak_memory_mb"] for p in per_learner),
                          epoch=(step - 1) * t.batch_size / len(data.train),
                          tokens_per_s=sum(p["tokens"] for p in per_learner) / elapsed,
                          examples_per_s=t.batch_size / elapsed, step_time_s=elapsed)
-            _check_finite(stats, step)
+            guard.check(stats, step, indices)
             result.train_history.append({"step": step, **stats})
             if step % t.log_every == 0 or step == len(steps):
                 logger.log(step, stats)
             if t.eval_every and step % t.eval_every == 0 and step != len(steps):
                 result.eval_history.append({"step": step, **evaluate(roles, data.eval, t.micro_batch_size)})
                 logger.log(step, result.eval_history[-1], prefix="eval")
+            every = recipe.output.checkpoint_every
+            if every > 0 and (step % every == 0 or step == len(steps)):
+                from prefopt.loops import checkpointing
+                checkpointing.save(run_dir, f"step_{step:06d}", step, roles, {}, recipe.output.keep_checkpoints)
             progress.update(1)
             progress.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats.get(objective_cls.accuracy_metric, math.nan):.3f}")
         progress.close()
@@ -164,13 +193,9 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
                        data.num_skipped)
         return result
     finally:
+        stack.close()
         logger.close()
         release(roles, started_ray)
-
-
-def _check_finite(stats: dict, step: int) -> None:
-    if not math.isfinite(stats["loss"]):
-        raise FloatingPointError(f"non-finite loss {stats['loss']} at step {step}")
 
 
 def _progress(total: int, recipe: Recipe, quiet: bool):

@@ -16,6 +16,7 @@ One iteration, top to bottom (:func:`run_iteration`):
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -124,21 +125,28 @@ def annotate(samples: list[dict], roles, micro: int, timings: dict) -> dict[str,
     return {"rollout/logp_abs_diff": max(diffs)} if diffs else {}
 
 
-def learn(samples: list[dict], roles, recipe: Recipe, iteration: int) -> tuple[dict[str, float], int]:
-    """PPO epochs of policy (and critic) optimizer steps; returns their metrics and the step count."""
+def learn(samples: list[dict], roles, recipe: Recipe, iteration: int, guard=None) -> tuple[dict[str, float], int]:
+    """PPO epochs of policy (and critic) optimizer steps; returns their metrics and the step count.
+    ``guard`` (``loops.guards.SkipGuard``) counts policy steps skipped for non-finite values."""
     t, params = recipe.train, recipe.objective
-    policy_stats, critic_stats = [], []
+    policy_stats, critic_stats, skipped = [], [], 0
     for epoch in range(params.ppo_epochs):
         order = list(range(len(samples)))
         random.Random(f"{t.seed}-{iteration}-{epoch}").shuffle(order)
         for b in range(0, len(order) - t.batch_size + 1, t.batch_size):
             batch = [samples[i] for i in order[b:b + t.batch_size]]
-            policy_stats += roles.policy.train_step(batch, t.micro_batch_size, what=f"policy step (iteration {iteration})")
+            step = roles.policy.train_step(batch, t.micro_batch_size, what=f"policy step (iteration {iteration})",
+                                           inject_nan=iteration in t.debug_nan_steps)
+            policy_stats += step
+            if guard is not None:
+                check = {"loss": means(merge_summaries(step))["loss"], "skipped": step[0]["skipped"]}
+                skipped += guard.check(check, f"{iteration} (PPO epoch {epoch}, batch {b // t.batch_size})",
+                                       order[b:b + t.batch_size]) > 0
             if roles.critic is not None:
                 critic_stats += roles.critic.train_step(batch, t.micro_batch_size,
                                                         what=f"critic step (iteration {iteration})")
     stats = means(merge_summaries(policy_stats))
-    stats.update(grad_norm=policy_stats[-1]["grad_norm"], lr=policy_stats[-1]["lr"])
+    stats.update(grad_norm=policy_stats[-1]["grad_norm"], lr=policy_stats[-1]["lr"], skipped_steps=skipped)
     if critic_stats:
         critic = means(merge_summaries(critic_stats))
         stats.update({k: v for k, v in critic.items() if k.startswith("critic/")})
@@ -156,7 +164,7 @@ def evaluate_prompts(roles, prompts: list[dict], sampling, eval_fn, tokenizer, *
 
 
 def run_iteration(it: int, roles, recipe: Recipe, sampler: PromptSampler, tokenizer, rewards, process_rewards,
-                  normalizer: RewardNormalizer, constraints=None) -> tuple[dict[str, float], int]:
+                  normalizer: RewardNormalizer, constraints=None, guard=None) -> tuple[dict[str, float], int]:
     """One iteration; ``constraints`` (a ``loops.constrained.Constraints``) under constrained PPO."""
     t, params, sampling = recipe.train, recipe.objective, recipe.roles.rollout.sampling
     timings, stats = {}, {}
@@ -171,11 +179,12 @@ def run_iteration(it: int, roles, recipe: Recipe, sampler: PromptSampler, tokeni
             stats.update(compute_advantages(samples, params, sampling.n))
         else:
             stats.update(constraints.compute_advantages(samples, params, sampling.n))
-        learn_stats, steps = learn(samples, roles, recipe, it)
+        learn_stats, steps = learn(samples, roles, recipe, it, guard)
     stats.update(learn_stats)
     if constraints is not None:
         stats.update(constraints.update(samples))
     timings["sync"] = roles.sync_weights(version=it)
+    stats["rollout/engine_restarts"] = roles.engines.restarts
     lengths = [len(s["response_ids"]) for s in samples]
     stats.update({"response_length": sum(lengths) / len(lengths),
                   "tokens_per_s": sum(lengths) / max(timings["generate"], 1e-9),
@@ -215,7 +224,10 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
     logger = MetricsLogger(run_dir, tensorboard=r.output.tensorboard)
     started_ray = init_ray(r.ray, num_cpus_needed=_cpus_needed(r))
     roles = None
+    stack = contextlib.ExitStack()
     try:
+        from prefopt.cluster import check_cluster_resources
+        check_cluster_resources(r)
         roles = OnlineRoles(r, tokenizer.pad_token_id)
         rewards = SequenceRewards(r.roles.reward, roles.reward_models, timeout_s=roles.timeout)
         process_rewards = None
@@ -237,15 +249,26 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         normalizer = RewardNormalizer()
         driver_state = {"sampler": sampler, "normalizer": normalizer, "constraints": constraints}
         if resume_from is not None:
-            result.steps = _resume(resume_from, roles, driver_state, result, run_dir)
+            from prefopt.loops import checkpointing
+            result.steps = int(checkpointing.restore(resume_from, roles, driver_state)["steps"])
+            result.train_history = checkpointing.history(run_dir, "train", "iteration")
+            roles.sync_weights(version=len(result.train_history))   # the engines get the restored policy
         progress = tqdm(total=t.iterations, initial=len(result.train_history), desc=r.name, unit="it",
                         disable=quiet or not r.output.progress_bar)
+
+        from prefopt.loops.checkpointing import StopRequest
+        from prefopt.loops.guards import SkipGuard
+        stop, guard = stack.enter_context(StopRequest()), SkipGuard(t.max_skipped_steps)
 
         def advance(n: int) -> int:
             """Train ``n`` more iterations (at most up to train.iterations); returns the last one."""
             for it in range(len(result.train_history) + 1, min(len(result.train_history) + n, t.iterations) + 1):
+                if stop.requested:
+                    from prefopt.loops.checkpointing import stop_now
+                    stop_now(stop, run_dir, f"iter_{it - 1:06d}", it - 1, roles, driver_state,
+                             r.output.keep_checkpoints, steps=result.steps)
                 stats, steps = run_iteration(it, roles, r, sampler, tokenizer, rewards, process_rewards, normalizer,
-                                             constraints)
+                                             constraints, guard)
                 result.steps += steps
                 result.train_history.append({"iteration": it, **stats})
                 logger.log(it, stats)
@@ -253,7 +276,9 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
                 progress.set_postfix(reward=f"{stats['reward/mean']:.3f}")
                 every = r.output.checkpoint_every
                 if every > 0 and (it % every == 0 or it == t.iterations):
-                    _save_checkpoint(run_dir, it, roles, driver_state, result.steps, r.output.keep_checkpoints)
+                    from prefopt.loops import checkpointing
+                    checkpointing.save(run_dir, f"iter_{it:06d}", it, roles, driver_state,
+                                       r.output.keep_checkpoints, steps=result.steps)
             return len(result.train_history)
 
         if nm is not None:
@@ -296,38 +321,9 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return result
     finally:
+        stack.close()
         logger.close()
         release(roles, started_ray)
-
-
-def _save_checkpoint(run_dir: Path, iteration: int, roles, driver_state: dict, steps: int, keep: int) -> Path:
-    """Atomic checkpoint of learners (DeepSpeed) and driver state (``prefopt.io.checkpoint``)."""
-    from prefopt.io import checkpoint
-    tmp = checkpoint.begin(run_dir, f"iter_{iteration:06d}")
-    groups = [("policy", roles.policy)] + ([("critic", roles.critic)] if roles.critic is not None else [])
-    for name, group in groups:
-        group.call("save_checkpoint", [(str(tmp / name),)] * len(group), what=f"{name} checkpoint")
-    state = {"counter": iteration, "steps": steps,
-             **{k: v.state_dict() for k, v in driver_state.items() if v is not None}}
-    return checkpoint.commit(tmp, state, keep)
-
-
-def _resume(ckpt: Path, roles, driver_state: dict, result: RunResult, run_dir: Path) -> int:
-    """Restore learners and driver state from ``ckpt``, re-read the logged history, and push the
-    restored policy to the engines. Returns the optimizer steps done so far."""
-    from prefopt.io import checkpoint
-    from prefopt.io.run_dir import read_metrics
-    state = checkpoint.read_state(ckpt)
-    groups = [("policy", roles.policy)] + ([("critic", roles.critic)] if roles.critic is not None else [])
-    for name, group in groups:
-        group.call("load_checkpoint", [(str(ckpt / name),)] * len(group), what=f"{name} checkpoint load")
-    for key, obj in driver_state.items():
-        if obj is not None:
-            obj.load_state_dict(state[key])
-    result.train_history = [{"iteration": rec["step"], **{k: v for k, v in rec.items() if k not in ("step", "split")}}
-                            for rec in read_metrics(run_dir, "train")]
-    roles.sync_weights(version=state["counter"])
-    return int(state["steps"])
 
 
 def _cpus_needed(r: Recipe) -> float:

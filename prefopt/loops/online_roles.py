@@ -15,7 +15,7 @@ class OnlineRoles:
         from prefopt.objectives.ppo import ValueObjective
         from prefopt.roles.group import LearnerGroup
         from prefopt.roles.reference import ReferenceWorker
-        from prefopt.roles.rollout import RolloutWorker
+        from prefopt.roles.engines import EngineGroup
 
         r, roles = recipe, recipe.roles
         self.timeout = r.ray.call_timeout_s
@@ -32,13 +32,9 @@ class OnlineRoles:
             ref = roles.reference
             rcls = ray.remote(num_cpus=ref.num_cpus, num_gpus=ref.num_gpus)(ReferenceWorker)
             self.references = [rcls.remote(r, pad_id) for _ in range(ref.num_actors)]
-        ecls = ray.remote(num_cpus=ro.num_cpus, num_gpus=ro.num_gpus, resources=ro.resources or None)(RolloutWorker)
         self.transport = ro.weight_sync
-        self.engines = []
-        for i in range(ro.engines):
-            opts = {"scheduling_strategy": self.policy.bundle_strategy(i)} if ro.colocate_with_learners else {}
-            self.engines.append(ecls.options(**opts).remote(r.model.path, ro, seed=r.train.seed + i,
-                                                            trust_remote_code=r.model.trust_remote_code))
+        self.engines = EngineGroup(r, learner_bundle=self.policy.bundle_strategy)
+        self.max_engine_restarts, self.version = ro.max_restarts, 0
         from prefopt.roles.reward_model import RewardModelWorker
         self.reward_models, self.process_model = {}, None
         proc = roles.reward.process
@@ -51,12 +47,27 @@ class OnlineRoles:
                 self.reward_models[i] = mcls.remote(src.model, trust_remote_code=r.model.trust_remote_code)
 
     def generate(self, prompt_ids: list[list[int]], sampling, seed: int, greedy: bool = False):
-        from prefopt.cluster import remote_get
-        share = -(-len(prompt_ids) // len(self.engines))
-        parts = [prompt_ids[i * share:(i + 1) * share] for i in range(len(self.engines))]
-        refs = [e.generate.remote(p, sampling, greedy=greedy, seed=seed + i)
-                for i, (e, p) in enumerate(zip(self.engines, parts)) if p]
-        return [item for part in remote_get(refs, self.timeout, "rollout.generate") for item in part]
+        return self._recovering(lambda: self.engines.generate(prompt_ids, sampling, seed, greedy), "generate")
+
+    def _recovering(self, call, what: str):
+        """Run ``call``; if a rollout engine died meanwhile, replace it, push the current policy
+        weights to the engines and run ``call`` again (up to ``roles.rollout.max_restarts`` in all)."""
+        from prefopt.cluster import ActorDiedError
+        while True:
+            try:
+                return call()
+            except ActorDiedError as e:
+                if self.engines.restarts >= self.max_engine_restarts:
+                    raise
+                if not self.engines.replace_dead():
+                    raise                          # not an engine that died
+                import logging
+                logging.getLogger("prefopt").warning("rollout engine died during %s (%s); restarted it "
+                                                     "(%d of %d restarts)", what, e, self.engines.restarts,
+                                                     self.max_engine_restarts)
+                if self.transport == "process_group":
+                    self.open_sync_group()         # a fresh group with the new engine
+                self._sync(self.version)
 
     def open_sync_group(self) -> None:
         """``process_group`` transport: learner rank 0 + every engine join a group of their own."""
@@ -64,29 +75,34 @@ class OnlineRoles:
         host, port = remote_get(self.policy.actors[0].address.remote(), self.timeout, "learner.address")
         size = 1 + len(self.engines)
         refs = [self.policy.actors[0].join_sync_group.remote(host, port, size, self.timeout)]
-        refs += [e.join_sync_group.remote(host, port, i + 1, size, self.timeout) for i, e in enumerate(self.engines)]
+        refs += [e.join_sync_group.remote(host, port, i + 1, size, self.timeout) for i, e in enumerate(self.engines.actors)]
         self.sync_specs = remote_get(refs, self.timeout, "weight-sync group")[0]
 
     def sync_weights(self, version: int) -> float:
         """Policy learners -> every rollout engine (no disk). Returns seconds."""
-        from prefopt.cluster import remote_get
         start = time.perf_counter()
+        self._recovering(lambda: self._sync(version), "weight sync")
+        self.version = version
+        return time.perf_counter() - start
+
+    def _sync(self, version: int) -> None:
+        from prefopt.cluster import remote_get
         if self.transport == "process_group":
             refs = [a.sync_broadcast.remote() for a in self.policy.actors]
-            refs += [e.receive_weights.remote(self.sync_specs, version) for e in self.engines]
+            refs += [e.receive_weights.remote(self.sync_specs, version) for e in self.engines.actors]
             remote_get(refs, self.timeout, "weight sync (process group)")
         else:
             refs = [a.export_weights.remote() for a in self.policy.actors]
             weights = refs[0]                        # rank 0 holds the full (gathered) tensors
-            loads = [e.update_weights.remote(weights, version) for e in self.engines]
+            loads = [e.update_weights.remote(weights, version) for e in self.engines.actors]
             remote_get(refs[1:] + loads, self.timeout, "weight sync (object store)")
-        return time.perf_counter() - start
 
     def shutdown(self) -> None:
         import ray
         extra = list(self.reward_models.values()) + ([self.process_model] if self.process_model else [])
-        for actor in self.references + self.engines + extra:
+        for actor in self.references + extra:
             ray.kill(actor)
+        self.engines.kill()
         self.policy.kill()
         if self.critic is not None:
             self.critic.kill()
@@ -102,7 +118,7 @@ class OnlineRoles:
                                       grad_accum=t.batch_size // (t.micro_batch_size * len(self.critic)))
         if self.transport == "process_group":
             self.open_sync_group()
-        return info + remote_get([e.node_info.remote() for e in self.engines], self.timeout, "rollout.node_info")
+        return info + self.engines.node_info()
 
 
 def verify_sync(roles: OnlineRoles, prompt_ids: list[list[int]], sampling) -> dict[str, float]:

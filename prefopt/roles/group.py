@@ -54,11 +54,11 @@ class LearnerGroup:
         return self.call("setup", [(addr, port)] * len(self.actors), **kwargs)
 
     def train_step(self, examples: list, micro_batch_size: int, what: str, *,
-                   sort_by_length: bool = False) -> list[dict]:
+                   sort_by_length: bool = False, inject_nan: bool = False) -> list[dict]:
         """One optimizer step on a global batch, split into equal shards (see ``split_for_learners``)."""
         shards = batching.split_for_learners(examples, len(self.actors), micro_batch_size,
                                              sort_by_length=sort_by_length)
-        return self.call("train_step", [(s,) for s in shards], what=what)
+        return self.call("train_step", [(s,) for s in shards], what=what, inject_nan=inject_nan)
 
     def infer(self, method: str, items: list, micro_batch_size: int) -> list:
         """A no-grad collective pass over ``items`` (any count); results in the order of ``items``."""

@@ -129,17 +129,25 @@ class LearnerWorker:
         self.engine.train()
         return out
 
-    def train_step(self, micro_batches: list[list[dict]]) -> dict:
-        """One optimizer step: forward/backward on each micro-batch, then DeepSpeed's step."""
+    def train_step(self, micro_batches: list[list[dict]], inject_nan: bool = False) -> dict:
+        """One optimizer step: forward/backward on each micro-batch, then DeepSpeed's step.
+
+        A step whose gradients are not finite (a NaN/Inf loss) is skipped, not applied: ``skipped``
+        is 1 in the returned stats. ``inject_nan`` (``train.debug_nan_steps``) makes the loss NaN,
+        to exercise that guard.
+        """
         from prefopt.loops.metrics import merge_summaries, summarize_loss
 
         start = time.perf_counter()
         lr = self.engine.get_lr()[0]
+        skipped_before = self.engine.skipped_steps
         summaries, grad_norm, tokens = [], None, 0
         for examples in micro_batches:
             batch = self._collate(examples)
             tokens += int(batch["attention_mask"].sum())
             out = self.objective.loss(self._forward(batch), batch)
+            if inject_nan:
+                out.loss = out.loss * float("nan")
             self.engine.backward(out.loss)
             if self.engine.is_gradient_accumulation_boundary() and self.engine.zero_optimization_stage() == 0:
                 grad_norm = self._full_grad_norm()   # ZeRO-0 does not record it; grads are all-reduced here
@@ -150,6 +158,7 @@ class LearnerWorker:
         stats = merge_summaries(summaries)
         stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         stats["lr"] = float(lr)
+        stats["skipped"] = int(self.engine.skipped_steps - skipped_before)
         stats["tokens"] = tokens
         stats["time_s"] = time.perf_counter() - start
         stats["peak_memory_mb"] = peak_memory_mb()

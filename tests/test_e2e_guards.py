@@ -1,0 +1,36 @@
+"""Numerical guards on real Ray + DeepSpeed: a NaN loss skips its step (ZeRO-0 via prefopt's guarded
+AdamW, ZeRO-2 via DeepSpeed's overflow check) and the run finishes; NaN after NaN stops the run."""
+import math
+
+import pytest
+
+from prefopt.config import load_recipe
+from prefopt.loops.offline import train
+
+pytestmark = pytest.mark.slow
+COMMON = ["output.progress_bar=false", "output.save_model=false", "output.tensorboard=false",
+          "train.max_steps=6", "train.eval_every=0"]
+
+
+def run(tmp_path, *overrides):
+    return train(load_recipe("recipes/tiny_dpo.yaml", [f"output.root={tmp_path}", *COMMON, *overrides]), quiet=True)
+
+
+@pytest.mark.parametrize("learners,zero", [(1, 0), (2, 2)])
+def test_nan_loss_step_is_skipped_and_the_run_finishes(ray_cluster, tmp_path, learners, zero):
+    result = run(tmp_path, "train.debug_nan_steps=[3]", f"roles.learner.num_actors={learners}",
+                 f"roles.learner.zero_stage={zero}")
+    hist = result.train_history
+    assert [h["skipped"] for h in hist] == [0, 0, 1, 0, 0, 0]
+    assert math.isnan(hist[2]["loss"])
+    assert hist[3]["lr"] == hist[2]["lr"]          # a skipped step does not advance the LR schedule
+    assert all(math.isfinite(h["loss"]) for h in hist[3:])   # the weights were not touched by the NaN
+    assert math.isfinite(result.eval_history[-1]["loss"])
+    records = (result.run_dir / "metrics.jsonl").read_text()
+    assert '"skipped": 1' in records
+
+
+def test_repeated_nan_losses_stop_the_run_naming_the_step(ray_cluster, tmp_path):
+    with pytest.raises(FloatingPointError, match=r"3 steps in a row skipped .* last: step 4, loss nan, batch rows \["):
+        run(tmp_path, "train.debug_nan_steps=[2,3,4,5]", "train.max_skipped_steps=2",
+            "roles.learner.num_actors=1", "roles.learner.zero_stage=0")
