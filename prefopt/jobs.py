@@ -51,7 +51,7 @@ def submit(recipe, overrides=(), *, address: str | None = None, working_dir: str
     env_vars = {**WORKER_ENV, **(env or {}), RECIPE_ENV: text, "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
     runtime_env = {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env_vars}
     c = client(address)
-    deadline = time.monotonic() + 60.0
+    deadline = time.monotonic() + 300.0
     while True:
         try:
             return c.submit_job(entrypoint=f"python -m prefopt.cli train env:{RECIPE_ENV}",

@@ -26,6 +26,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _agent_ports() -> list[str]:
+    """Free ports for a node's agents: the defaults (e.g. 52365) clash with any other Ray cluster on
+    this machine, such as the test session's embedded one."""
+    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}"]
+
+
 @pytest.fixture(scope="module")
 def two_nodes():
     """Head (node_a) + worker (node_b) on 127.0.0.1; yields the job server address."""
@@ -36,10 +43,10 @@ def two_nodes():
     temp = f"/tmp/pj{os.getpid()}"
     head = [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}", "--num-cpus=3", '--resources={"node_a": 1}', f"--temp-dir={temp}",
-            "--disable-usage-stats"]
+            "--disable-usage-stats", f"--ray-client-server-port={_free_port()}", *_agent_ports()]
     # its own temp dir: two nodes on one host must not unpack job packages into the same place
     worker = [RAY, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-              '--resources={"node_b": 1}', f"--temp-dir={temp}b"]
+              '--resources={"node_b": 1}', f"--temp-dir={temp}b", *_agent_ports()]
     try:
         subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
         subprocess.run(worker, env=env, check=True, capture_output=True, timeout=120)
