@@ -16,7 +16,7 @@ Three parts; every configuration (one table row) runs in its own subprocess
    exactly its ``SamplingParams`` (per-request ``seed``, ``logprobs=0``) with the same seeds as (b), so
    (a) and (b) sample the very same tokens (checked by a digest of the token ids); a second (a0)
    measurement in the same process drops the seed and logprobs (what a bare ``LLM.generate`` user
-   gets), and (a1) keeps (a)'s params but sets ``detokenize=False`` (the loop decodes the ids itself); (b) prefopt's ``RolloutWorker`` as a Ray actor (embedded ``ray.init(address="local")``
+   gets), and (a1) keeps (a)'s params but sets ``detokenize=True`` (what the worker did before it left text to the loop); (b) prefopt's ``RolloutWorker`` as a Ray actor (embedded ``ray.init(address="local")``
    through ``prefopt.cluster.init_ray``, so the actor gets prefopt's worker environment), timed in the
    driver around ``ray.get`` of an actor task that runs ``RolloutWorker.generate`` and returns its
    full output plus the seconds it took inside the actor (so the Ray overhead per call is measured
@@ -240,9 +240,10 @@ class RawVLLMSession:
             return P(n=s.n, temperature=s.temperature, max_tokens=mt)
         # exactly the RolloutWorker's SamplingParams (same seeds as (b): the same tokens get sampled)
         kw = dict(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=mt,
-                  stop=list(s.stop) or None, logprobs=0, seed=SEED0 + i)
-        if variant == "no_detokenize":     # the loop decodes the token ids itself; vLLM otherwise detokenizes
-            kw["detokenize"] = False       # every sampled token and, with logprobs, every logprob entry
+                  stop=list(s.stop) or None, min_tokens=s.min_tokens, ignore_eos=s.ignore_eos,
+                  logprobs=0 if s.logprobs else None, seed=SEED0 + i, detokenize=bool(s.stop))
+        if variant == "detokenize":        # what the worker did before it left text to the loop: vLLM
+            kw["detokenize"] = True        # detokenizes every sampled token and every logprob entry
         return P(**kw)
 
     def call(self, i: int, max_tokens: int | None, variant: str) -> dict:
@@ -582,7 +583,7 @@ def run_rollouts(key: str, spec: dict, model_dir: str, out: Path, a) -> dict:
         info = {k: sv.read() for k, sv in sessions.items()}          # all three loaded (in parallel)
         ready_s = time.perf_counter() - start
         calls = {k: [] for k in sessions}
-        extra = {"bare": [], "no_detokenize": []}
+        extra = {"bare": [], "detokenize": []}
         order = list(sessions)
 
         def one(k, i, variant="worker"):
@@ -621,7 +622,7 @@ def _load(r: dict) -> str:
 
 def rollout_table(results: dict) -> str:
     lines = ["| model | prompts x n x max_tokens | (a) vLLM, plain process | (a0) same, no seed / logprobs "
-             "| (a1) same as (a), detokenize=False | (b) prefopt RolloutWorker, Ray actor | (b) timed inside the actor | (c) HF generate, Ray actor "
+             "| (a1) same as (a), detokenize=True | (b) prefopt RolloutWorker, Ray actor | (b) timed inside the actor | (c) HF generate, Ray actor "
              "| (b)/(a) | (b)/(c) | (b)/(a) per CPU-s | Ray overhead per call | tokens/call a/b/c "
              "| other load a/b/c |", "|" + "---|" * 14]
     for key, rows in results.items():
@@ -629,7 +630,7 @@ def rollout_table(results: dict) -> str:
         s = ROLLOUT[key]
         lines.append(
             f"| {s['label']} | {s['prompts']} x {s['n']} x {s['max_tokens']} | {a['tokens_per_s']:,.0f} "
-            f"| {a['bare']['tokens_per_s']:,.0f} | {a['no_detokenize']['tokens_per_s'] if 'no_detokenize' in a else float('nan'):,.0f} | {b['tokens_per_s']:,.0f} | {b['in_actor_tokens_per_s']:,.0f} "
+            f"| {a['bare']['tokens_per_s']:,.0f} | {a['detokenize']['tokens_per_s'] if 'detokenize' in a else float('nan'):,.0f} | {b['tokens_per_s']:,.0f} | {b['in_actor_tokens_per_s']:,.0f} "
             f"| {c['tokens_per_s']:,.0f} | **{b['tokens_per_s'] / a['tokens_per_s']:.2f}** "
             f"| **{b['tokens_per_s'] / c['tokens_per_s']:.2f}** | {b['tokens_per_cpu_s'] / a['tokens_per_cpu_s']:.2f} "
             f"| {b['ray_overhead_ms']:.1f} ms ({100 * b['ray_overhead_frac']:.1f}%) "
@@ -747,8 +748,8 @@ def main(argv=None) -> None:
             rollout[key] = run_rollouts(key, spec, model_dir, out, a)
             for row in ROLLOUT_ROWS:
                 r = rollout[key][row["id"]]
-                extra = (f", no seed/logprobs {r['bare']['tokens_per_s']:,.0f}, detokenize=False "
-                         f"{r['no_detokenize']['tokens_per_s']:,.0f}" if "bare" in r else "")
+                extra = (f", no seed/logprobs {r['bare']['tokens_per_s']:,.0f}, detokenize=True "
+                         f"{r['detokenize']['tokens_per_s']:,.0f}" if "bare" in r else "")
                 if "in_actor_tokens_per_s" in r:
                     extra = (f", inside the actor {r['in_actor_tokens_per_s']:,.0f}, Ray overhead "
                              f"{r['ray_overhead_ms']:.1f} ms/call")

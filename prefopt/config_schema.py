@@ -191,6 +191,7 @@ class TrainConfig:
     # numerical guards: a step with a non-finite loss / gradient is skipped (logged as `skipped`);
     # more than this many skipped steps in a row stop the run, naming the step and its batch
     max_skipped_steps: int = 3
+    skip_grad_norm_above: Optional[float] = None   # skip a step whose (pre-clipping) gradient norm exceeds this
     debug_nan_steps: list[int] = field(default_factory=list)   # testing the guard: NaN loss at these steps
 
 

@@ -34,3 +34,15 @@ def test_repeated_nan_losses_stop_the_run_naming_the_step(ray_cluster, tmp_path)
     with pytest.raises(FloatingPointError, match=r"3 steps in a row skipped .* last: step 4, loss nan, batch rows \["):
         run(tmp_path, "train.debug_nan_steps=[2,3,4,5]", "train.max_skipped_steps=2",
             "roles.learner.num_actors=1", "roles.learner.zero_stage=0")
+
+
+@pytest.mark.parametrize("learners,zero", [(1, 0), (2, 2)])
+def test_gradient_norm_above_the_bound_skips_every_step(ray_cluster, tmp_path, learners, zero):
+    """A bound below every gradient norm: all steps are skipped, so the weights never change."""
+    result = run(tmp_path, "train.skip_grad_norm_above=1e-9", "train.max_skipped_steps=100",
+                 f"roles.learner.num_actors={learners}", f"roles.learner.zero_stage={zero}")
+    assert [h["skipped"] for h in result.train_history] == [1] * 6
+    assert all(h["grad_norm"] > 1e-9 for h in result.train_history)
+    first, last = result.eval_history[0], result.eval_history[-1]
+    assert last["loss"] == pytest.approx(first["loss"], abs=1e-7)
+    assert last["rewards/accuracy"] == first["rewards/accuracy"]

@@ -28,27 +28,44 @@ def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
 
 
 def guarded_adamw():
-    """``torch.optim.AdamW`` that skips a step whose gradients are not finite.
+    """``torch.optim.AdamW`` that skips a step whose gradients are not finite or whose global norm
+    is above ``max_norm`` (``train.skip_grad_norm_above``).
 
-    It sets ``overflow`` as DeepSpeed's own optimizers do, so the engine counts the step in
-    ``skipped_steps`` and does not advance the LR schedule. (Under ZeRO 1-3 DeepSpeed itself already
-    skips steps with a non-finite global gradient norm; this covers ZeRO-0.)
+    Non-finite: it sets ``overflow`` as DeepSpeed's own optimizers do, so the engine counts the step
+    in ``skipped_steps`` and does not advance the LR schedule (under ZeRO 1-3 DeepSpeed already skips
+    steps with a non-finite global norm; this covers ZeRO-0). Norm above the bound: the update is not
+    applied and ``skipped_steps`` here counts it (DeepSpeed's counters advance as for a step). The
+    global pre-clipping norm comes from ``norm_hint`` (set by the learner) or ``norm_source()``
+    (DeepSpeed's ZeRO optimizer, which computes it before stepping its partitions).
     """
     import torch
 
     class GuardedAdamW(torch.optim.AdamW):
         overflow = False
+        max_norm: float | None = None
+        norm_hint: float | None = None
+        norm_source = None
+        skipped_steps = 0
+
+        def _skip(self) -> None:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.grad = None
 
         @torch.no_grad()
         def step(self, closure=None):
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            finite = all(bool(torch.isfinite(torch.linalg.vector_norm(g))) for g in grads)
-            self.overflow = not finite
+            self.overflow = not all(bool(torch.isfinite(torch.linalg.vector_norm(g))) for g in grads)
             if self.overflow:
-                for group in self.param_groups:
-                    for p in group["params"]:
-                        p.grad = None
+                self._skip()
                 return None
+            if self.max_norm is not None:
+                norm = self.norm_hint if self.norm_hint is not None else (self.norm_source() if self.norm_source else None)
+                self.norm_hint = None
+                if norm is not None and float(norm) > self.max_norm:
+                    self.skipped_steps += 1
+                    self._skip()
+                    return None
             return super().step(closure)
 
     return GuardedAdamW
@@ -106,7 +123,11 @@ def init_engine(model, train: TrainConfig, learner: LearnerRoleConfig, *, grad_a
     def scheduler(opt):
         return torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
+    if optimizer is not None:
+        optimizer.max_norm = train.skip_grad_norm_above
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=config, lr_scheduler=scheduler,
         model_parameters=None if optimizer is not None else [p for p in model.parameters() if p.requires_grad])
+    if optimizer is not None and engine.optimizer is not optimizer:   # a ZeRO wrapper computes the global norm
+        optimizer.norm_source = lambda: getattr(engine.optimizer, "_global_grad_norm", None)
     return engine

@@ -140,7 +140,8 @@ class LearnerWorker:
 
         start = time.perf_counter()
         lr = self.engine.get_lr()[0]
-        skipped_before = self.engine.skipped_steps
+        guard = self._client_optimizer()
+        skipped_before = self.engine.skipped_steps + getattr(guard, "skipped_steps", 0)
         summaries, grad_norm, tokens = [], None, 0
         for examples in micro_batches:
             batch = self._collate(examples)
@@ -151,6 +152,7 @@ class LearnerWorker:
             self.engine.backward(out.loss)
             if self.engine.is_gradient_accumulation_boundary() and self.engine.zero_optimization_stage() == 0:
                 grad_norm = self._full_grad_norm()   # ZeRO-0 does not record it; grads are all-reduced here
+                self._client_optimizer().norm_hint = grad_norm
             self.engine.step()   # applies the update only at the accumulation boundary
             summaries.append(summarize_loss(out, len(examples)))
         if grad_norm is None:
@@ -158,11 +160,17 @@ class LearnerWorker:
         stats = merge_summaries(summaries)
         stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         stats["lr"] = float(lr)
-        stats["skipped"] = int(self.engine.skipped_steps - skipped_before)
+        # one optimizer step per call (ZeRO steps each parameter group separately: count it once)
+        stats["skipped"] = int(self.engine.skipped_steps + getattr(guard, "skipped_steps", 0) > skipped_before)
         stats["tokens"] = tokens
         stats["time_s"] = time.perf_counter() - start
         stats["peak_memory_mb"] = peak_memory_mb()
         return stats
+
+    def _client_optimizer(self):
+        """prefopt's AdamW (``deepspeed_engine.guarded_adamw``), inside a ZeRO wrapper or not."""
+        opt = self.engine.optimizer
+        return getattr(opt, "optimizer", opt)
 
     def _full_grad_norm(self) -> float:
         import torch
