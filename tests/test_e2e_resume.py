@@ -34,6 +34,8 @@ def test_dpo_resume_is_exact_and_survives_a_killed_checkpoint_write(ray_cluster,
     checkpoints = list_checkpoints(full.run_dir)
     assert [c.name for c in checkpoints] == ["step_000004", "step_000008"]
     assert (checkpoints[0] / "policy" / "ds").is_dir() and read_state(checkpoints[0])["counter"] == 4
+    from transformers import AutoModelForCausalLM       # each checkpoint carries an HF export too
+    assert AutoModelForCausalLM.from_pretrained(checkpoints[0] / "hf", use_safetensors=True) is not None
 
     resumed = run("tiny_dpo", tmp_path, *overrides, f"resume={checkpoints[0]}")
     assert resumed.run_dir == full.run_dir

@@ -54,3 +54,14 @@ def test_reward_model_actor_scores_like_hf(ray_cluster):
     assert totals == pytest.approx([3 * e for e in expected], abs=1e-5)
     assert expected[0] != pytest.approx(expected[1])
     ray_cluster.kill(actor)
+
+
+def test_non_finite_reward_names_the_source_and_sample():
+    from prefopt.config_schema import RewardRoleConfig, RewardSourceConfig
+    from prefopt.rewards.sources import NonFiniteReward, SequenceRewards
+    import data_helpers
+    data_helpers.FLAKY_CALLS["count"] = 63          # the 2nd call of this batch is the 64th overall: NaN
+    cfg = RewardRoleConfig(sources=[RewardSourceConfig(fn="data_helpers:flaky_good_word_fraction", name="flaky")])
+    with pytest.raises(NonFiniteReward, match=r"reward 'flaky' returned nan for 2 sample\(s\), first: sample 1") as err:
+        SequenceRewards(cfg)(["p"] * 3, ["kind", "kind", "kind"], [{}] * 3)
+    assert err.value.samples == [1, 2]

@@ -5,6 +5,7 @@ Layout of one checkpoint (``iter_000010`` / ``step_000010``)::
     state.json          driver state: counters, data position, RNG, reward statistics, multipliers
     policy/ds/...       DeepSpeed checkpoint of the policy learners (model, optimizer, scheduler, RNG)
     critic/ds/...       the same for the critic, if any
+    hf/                 the policy in HF format (safetensors + tokenizer), with output.checkpoint_hf
 
 A checkpoint is written into ``.tmp-<name>`` and renamed when complete (``state.json`` last), so a
 crash mid-save leaves the previous checkpoint untouched and at most a ``.tmp-*`` directory, which

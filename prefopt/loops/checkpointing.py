@@ -18,11 +18,17 @@ def learner_groups(roles) -> list[tuple[str, object]]:
     return [("policy", policy)] + ([("critic", critic)] if critic is not None else [])
 
 
-def save(run_dir: Path, name: str, counter: int, roles, driver_state: dict, keep: int, **extra) -> Path:
+def save(run_dir: Path, name: str, counter: int, roles, driver_state: dict, keep: int, *, tokenizer=None,
+         **extra) -> Path:
+    """With ``tokenizer``, the checkpoint also holds ``hf/``: the policy in HF format (safetensors)."""
     from prefopt.io import checkpoint
     tmp = checkpoint.begin(run_dir, name)
     for group_name, group in learner_groups(roles):
         group.call("save_checkpoint", [(str(tmp / group_name),)] * len(group), what=f"{group_name} checkpoint")
+    if tokenizer is not None:
+        policy = learner_groups(roles)[0][1]
+        policy.call("save_model", [(str(tmp / "hf"),)] * len(policy), what="checkpoint HF export")
+        tokenizer.save_pretrained(str(tmp / "hf"))
     state = {"counter": counter, **extra,
              **{k: v.state_dict() for k, v in driver_state.items() if v is not None}}
     return checkpoint.commit(tmp, state, keep)
@@ -82,10 +88,10 @@ class StopRequest:
 
 
 def stop_now(stop: StopRequest, run_dir: Path, name: str, counter: int, roles, driver_state: dict,
-             keep: int, **extra):
+             keep: int, tokenizer=None, **extra):
     """Checkpoint and raise :class:`prefopt.errors.RunInterrupted` (the caller's ``finally`` frees
     the actors)."""
     from prefopt.errors import RunInterrupted
-    path = save(run_dir, name, counter, roles, driver_state, keep, **extra)
+    path = save(run_dir, name, counter, roles, driver_state, keep, tokenizer=tokenizer, **extra)
     raise RunInterrupted(f"stopped by {stop.requested} after {name}; checkpoint {path}; continue with "
                          f"`resume=auto` (or resume={path})")

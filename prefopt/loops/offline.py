@@ -155,7 +155,8 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
             if step <= done:
                 continue
             if stop.requested:
-                stop_now(stop, run_dir, f"step_{step - 1:06d}", step - 1, roles, {}, recipe.output.keep_checkpoints)
+                stop_now(stop, run_dir, f"step_{step - 1:06d}", step - 1, roles, {}, recipe.output.keep_checkpoints,
+                         tokenizer if recipe.output.checkpoint_hf else None)
             examples = [data.train[i] for i in indices]
             start = time.perf_counter()
             per_learner = roles.learners.train_step(examples, t.micro_batch_size, what=f"train step {step}",
@@ -177,7 +178,8 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
             every = recipe.output.checkpoint_every
             if every > 0 and (step % every == 0 or step == len(steps)):
                 from prefopt.loops import checkpointing
-                checkpointing.save(run_dir, f"step_{step:06d}", step, roles, {}, recipe.output.keep_checkpoints)
+                checkpointing.save(run_dir, f"step_{step:06d}", step, roles, {}, recipe.output.keep_checkpoints,
+                                   tokenizer=tokenizer if recipe.output.checkpoint_hf else None)
             progress.update(1)
             progress.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats.get(objective_cls.accuracy_metric, math.nan):.3f}")
         progress.close()

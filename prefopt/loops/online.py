@@ -171,8 +171,17 @@ def run_iteration(it: int, roles, recipe: Recipe, sampler: PromptSampler, tokeni
     with _Timer(timings, "generate"):
         samples = rollout(roles, sampler.take(t.prompts_per_iteration), sampling, t.seed * 100003 + it,
                           tokenizer.eos_token_id)
-    with _Timer(timings, "reward"):
-        stats.update(score(samples, tokenizer, rewards, process_rewards, params, normalizer))
+    from prefopt.rewards.sources import NonFiniteReward
+    try:
+        with _Timer(timings, "reward"):
+            stats.update(score(samples, tokenizer, rewards, process_rewards, params, normalizer))
+    except NonFiniteReward as e:   # no update from this batch (counted like a skipped optimizer step)
+        if guard is None:
+            raise
+        guard.check({"loss": math.nan, "skipped": 1}, f"{it} ({e})", e.samples)
+        return {"reward/mean": math.nan, "skipped_steps": 1, "reward/non_finite": len(e.samples),
+                "rollout/engine_restarts": roles.engines.restarts,
+                **{f"time/{k}": v for k, v in timings.items()}}, 0
     stats.update(annotate(samples, roles, t.micro_batch_size, timings))
     with _Timer(timings, "learn"):
         if constraints is None:
@@ -266,7 +275,8 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
                 if stop.requested:
                     from prefopt.loops.checkpointing import stop_now
                     stop_now(stop, run_dir, f"iter_{it - 1:06d}", it - 1, roles, driver_state,
-                             r.output.keep_checkpoints, steps=result.steps)
+                             r.output.keep_checkpoints, tokenizer if r.output.checkpoint_hf else None,
+                             steps=result.steps)
                 stats, steps = run_iteration(it, roles, r, sampler, tokenizer, rewards, process_rewards, normalizer,
                                              constraints, guard)
                 result.steps += steps
@@ -277,8 +287,8 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
                 every = r.output.checkpoint_every
                 if every > 0 and (it % every == 0 or it == t.iterations):
                     from prefopt.loops import checkpointing
-                    checkpointing.save(run_dir, f"iter_{it:06d}", it, roles, driver_state,
-                                       r.output.keep_checkpoints, steps=result.steps)
+                    checkpointing.save(run_dir, f"iter_{it:06d}", it, roles, driver_state, r.output.keep_checkpoints,
+                                       tokenizer=tokenizer if r.output.checkpoint_hf else None, steps=result.steps)
             return len(result.train_history)
 
         if nm is not None:

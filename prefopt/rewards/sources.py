@@ -51,6 +51,14 @@ def check_sources(cfg: RewardRoleConfig) -> None:
             import_reward_fn(src.fn)   # a typo fails here, before any actor starts
 
 
+class NonFiniteReward(ValueError):
+    """A reward source returned NaN/Inf: the loop skips the iteration's update (``loops.guards``)."""
+
+    def __init__(self, source: str, samples: list[int], value: float):
+        super().__init__(f"reward '{source}' returned {value} for {len(samples)} sample(s), first: sample {samples[0]}")
+        self.source, self.samples = source, samples
+
+
 def source_name(index: int, src) -> str:
     """A source's label in metrics: its ``name``, else the function's name, else ``model<i>``."""
     return src.name or (src.fn.rpartition(":")[2] if src.fn else f"model{index}")
@@ -89,9 +97,10 @@ class SequenceRewards:
                 values = [float(fn(prompt=p, response=r, row=row)) for p, r, row in zip(prompts, responses, rows)]
             else:
                 values = remote_get(pending[name], self.timeout_s, f"reward model '{name}'")
+            bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
+            if bad:
+                raise NonFiniteReward(name, bad, values[bad[0]])
             for i, v in enumerate(values):
-                if not math.isfinite(v):
-                    raise ValueError(f"reward '{name}' returned {v} for sample {i}")
                 totals[i] += weight * v
             components[name] = values
         return totals, components
