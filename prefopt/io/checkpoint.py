@@ -101,6 +101,14 @@ def _resume_point(resume: str, output_root: str, name: str) -> tuple[Path, Path]
     return path.resolve(), found[-1].resolve()
 
 
+def prepare_resume(resume: str, output_root: str, name: str) -> tuple[Path, Path]:
+    """The run directory and checkpoint to continue (``find_resume_point``), with the run's metrics
+    cut back to the checkpoint (``truncate_metrics``)."""
+    run_dir, ckpt = find_resume_point(resume, output_root, name)
+    truncate_metrics(run_dir, read_state(ckpt)["counter"])
+    return run_dir, ckpt
+
+
 def truncate_metrics(run_dir: Path, last_step: int) -> None:
     """On resume: keep the metrics up to the checkpoint; later records move to a side file."""
     path = Path(run_dir) / "metrics.jsonl"

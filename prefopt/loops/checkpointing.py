@@ -87,11 +87,26 @@ class StopRequest:
         return False
 
 
-def stop_now(stop: StopRequest, run_dir: Path, name: str, counter: int, roles, driver_state: dict,
-             keep: int, tokenizer=None, **extra):
-    """Checkpoint and raise :class:`prefopt.errors.RunInterrupted` (the caller's ``finally`` frees
-    the actors)."""
-    from prefopt.errors import RunInterrupted
-    path = save(run_dir, name, counter, roles, driver_state, keep, tokenizer=tokenizer, **extra)
-    raise RunInterrupted(f"stopped by {stop.requested} after {name}; checkpoint {path}; continue with "
-                         f"`resume=auto` (or resume={path})")
+class Checkpointer:
+    """One run's checkpoint policy (``output.checkpoint_every`` / ``keep_checkpoints`` /
+    ``checkpoint_hf``) bound to its run directory, roles and driver state."""
+
+    def __init__(self, run_dir: Path, roles, output_cfg, *, driver_state: dict | None = None, tokenizer=None):
+        self.run_dir, self.roles, self.driver_state = run_dir, roles, driver_state or {}
+        self.every, self.keep = output_cfg.checkpoint_every, output_cfg.keep_checkpoints
+        self.tokenizer = tokenizer if output_cfg.checkpoint_hf else None
+
+    def due(self, counter: int, last: int) -> bool:
+        return self.every > 0 and (counter % self.every == 0 or counter == last)
+
+    def save(self, name: str, counter: int, **extra) -> Path:
+        return save(self.run_dir, name, counter, self.roles, self.driver_state, self.keep,
+                    tokenizer=self.tokenizer, **extra)
+
+    def stop_now(self, stop: StopRequest, name: str, counter: int, **extra):
+        """Checkpoint and raise :class:`prefopt.errors.RunInterrupted` (the caller's ``finally``
+        frees the actors)."""
+        from prefopt.errors import RunInterrupted
+        path = self.save(name, counter, **extra)
+        raise RunInterrupted(f"stopped by {stop.requested} after {name}; checkpoint {path}; continue with "
+                             f"`resume=auto` (or resume={path})")

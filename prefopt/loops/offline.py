@@ -111,9 +111,8 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
 
     resume_from = None
     if recipe.resume:
-        from prefopt.io import checkpoint
-        run_dir, resume_from = checkpoint.find_resume_point(recipe.resume, recipe.output.root, recipe.name)
-        checkpoint.truncate_metrics(run_dir, checkpoint.read_state(resume_from)["counter"])
+        from prefopt.io.checkpoint import prepare_resume
+        run_dir, resume_from = prepare_resume(recipe.resume, recipe.output.root, recipe.name)
     run_dir = Path(run_dir) if run_dir else create_run_dir(recipe)
     write_config(run_dir, recipe)
     logger = MetricsLogger(run_dir, tensorboard=recipe.output.tensorboard)
@@ -149,14 +148,14 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         progress.update(done)
         from prefopt.loops.guards import SkipGuard
         guard = SkipGuard(t.max_skipped_steps)
-        from prefopt.loops.checkpointing import StopRequest, stop_now
+        from prefopt.loops.checkpointing import Checkpointer, StopRequest
         stop = stack.enter_context(StopRequest())
+        ckpt = Checkpointer(run_dir, roles, recipe.output, tokenizer=tokenizer)
         for step, indices in enumerate(steps, start=1):
             if step <= done:
                 continue
             if stop.requested:
-                stop_now(stop, run_dir, f"step_{step - 1:06d}", step - 1, roles, {}, recipe.output.keep_checkpoints,
-                         tokenizer if recipe.output.checkpoint_hf else None)
+                ckpt.stop_now(stop, f"step_{step - 1:06d}", step - 1)
             examples = [data.train[i] for i in indices]
             start = time.perf_counter()
             per_learner = roles.learners.train_step(examples, t.micro_batch_size, what=f"train step {step}",
@@ -175,11 +174,8 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
             if t.eval_every and step % t.eval_every == 0 and step != len(steps):
                 result.eval_history.append({"step": step, **evaluate(roles, data.eval, t.micro_batch_size)})
                 logger.log(step, result.eval_history[-1], prefix="eval")
-            every = recipe.output.checkpoint_every
-            if every > 0 and (step % every == 0 or step == len(steps)):
-                from prefopt.loops import checkpointing
-                checkpointing.save(run_dir, f"step_{step:06d}", step, roles, {}, recipe.output.keep_checkpoints,
-                                   tokenizer=tokenizer if recipe.output.checkpoint_hf else None)
+            if ckpt.due(step, len(steps)):
+                ckpt.save(f"step_{step:06d}", step)
             progress.update(1)
             progress.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats.get(objective_cls.accuracy_metric, math.nan):.3f}")
         progress.close()

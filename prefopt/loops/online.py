@@ -225,9 +225,8 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
 
     resume_from = None
     if r.resume:
-        from prefopt.io import checkpoint
-        run_dir, resume_from = checkpoint.find_resume_point(r.resume, r.output.root, r.name)
-        checkpoint.truncate_metrics(run_dir, checkpoint.read_state(resume_from)["counter"])
+        from prefopt.io.checkpoint import prepare_resume
+        run_dir, resume_from = prepare_resume(r.resume, r.output.root, r.name)
     run_dir = Path(run_dir) if run_dir else create_run_dir(r)
     write_config(run_dir, r)
     logger = MetricsLogger(run_dir, tensorboard=r.output.tensorboard)
@@ -265,18 +264,16 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         progress = tqdm(total=t.iterations, initial=len(result.train_history), desc=r.name, unit="it",
                         disable=quiet or not r.output.progress_bar)
 
-        from prefopt.loops.checkpointing import StopRequest
+        from prefopt.loops.checkpointing import Checkpointer, StopRequest
         from prefopt.loops.guards import SkipGuard
         stop, guard = stack.enter_context(StopRequest()), SkipGuard(t.max_skipped_steps)
+        ckpt = Checkpointer(run_dir, roles, r.output, driver_state=driver_state, tokenizer=tokenizer)
 
         def advance(n: int) -> int:
             """Train ``n`` more iterations (at most up to train.iterations); returns the last one."""
             for it in range(len(result.train_history) + 1, min(len(result.train_history) + n, t.iterations) + 1):
                 if stop.requested:
-                    from prefopt.loops.checkpointing import stop_now
-                    stop_now(stop, run_dir, f"iter_{it - 1:06d}", it - 1, roles, driver_state,
-                             r.output.keep_checkpoints, tokenizer if r.output.checkpoint_hf else None,
-                             steps=result.steps)
+                    ckpt.stop_now(stop, f"iter_{it - 1:06d}", it - 1, steps=result.steps)
                 stats, steps = run_iteration(it, roles, r, sampler, tokenizer, rewards, process_rewards, normalizer,
                                              constraints, guard)
                 result.steps += steps
@@ -284,11 +281,8 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
                 logger.log(it, stats)
                 progress.update(1)
                 progress.set_postfix(reward=f"{stats['reward/mean']:.3f}")
-                every = r.output.checkpoint_every
-                if every > 0 and (it % every == 0 or it == t.iterations):
-                    from prefopt.loops import checkpointing
-                    checkpointing.save(run_dir, f"iter_{it:06d}", it, roles, driver_state, r.output.keep_checkpoints,
-                                       tokenizer=tokenizer if r.output.checkpoint_hf else None, steps=result.steps)
+                if ckpt.due(it, t.iterations):
+                    ckpt.save(f"iter_{it:06d}", it, steps=result.steps)
             return len(result.train_history)
 
         if nm is not None:

@@ -1,0 +1,82 @@
+"""Part 2 of ``bench/online.py``: ``prefopt.loops.online.train`` on ``recipes/tiny_grpo.yaml`` (worker
+``online.py --worker loop``) and the per-iteration time-split table.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+from online_common import REPO, _load
+
+# Part 2: the real loop. tiny: recipes/tiny_grpo.yaml as shipped (plus iterations / output settings).
+LOOP = {
+    "tiny": dict(label="tiny-llama, tiny_grpo.yaml", iterations=20, overrides=[]),
+    "100m": dict(label="llama-100m, 8 prompts x 4, 32 tokens", iterations=3, overrides=[
+        "model.path=builtin:llama-100m", "train.prompts_per_iteration=8", "roles.rollout.sampling.n=4",
+        "roles.rollout.sampling.max_tokens=32", "train.batch_size=16", "train.micro_batch_size=8",
+        "train.lr=1.0e-5"]),
+}
+LOOP_QUICK = {"tiny": dict(iterations=6)}
+
+
+def loop_worker(cfg: dict) -> dict:
+    """Part 2: prefopt.loops.online.train; iteration wall time from metric-log timestamps."""
+    import prefopt.loops.online as online
+    from prefopt.config import load_recipe
+
+    stamps = []
+
+    class StampedLogger(online.MetricsLogger):
+        def log(self, step, metrics, prefix="train"):
+            if prefix == "train":
+                stamps.append(time.perf_counter())
+            return super().log(step, metrics, prefix)
+
+    online.MetricsLogger = StampedLogger
+    spec = cfg["spec"]
+    overrides = list(spec["overrides"]) + [
+        f"name=bench-{cfg['id']}", f"train.iterations={spec['iterations']}", f"output.root={cfg['tmp']}",
+        "output.save_model=false", "output.tensorboard=false", "output.progress_bar=false"]
+    recipe = load_recipe(REPO / "recipes" / "tiny_grpo.yaml", overrides)
+    t0 = time.perf_counter()
+    result = online.train(recipe, quiet=True)
+    total = time.perf_counter() - t0
+    hist = result.train_history
+    keys = sorted({k for h in hist for k in h if k.startswith("time/")})
+    walls = [b - a for a, b in zip(stamps, stamps[1:])]            # iterations 2..N
+    timed = hist[1:]
+    split = {k[5:]: statistics.mean(h[k] for h in timed) for k in keys}
+    wall = statistics.mean(walls)
+    r, ro = recipe.train, recipe.roles.rollout
+    samples = r.prompts_per_iteration * ro.sampling.n
+    first_iter = sum(hist[0][k] for k in keys)
+    return {
+        "iterations": len(hist), "timed_iterations": len(walls), "samples_per_iteration": samples,
+        "split_s": split, "other_s": wall - sum(split.values()), "iteration_s": wall,
+        "iteration_s_all": walls, "samples_per_s": samples / wall,
+        "samples_per_s_median": samples / statistics.median(walls),
+        "response_length": statistics.mean(h["response_length"] for h in timed),
+        "gen_tokens_per_s": statistics.mean(h["tokens_per_s"] for h in timed),
+        "startup_s": stamps[0] - t0 - first_iter, "total_s": total,
+        "reward_first": hist[0]["reward/mean"], "reward_last": hist[-1]["reward/mean"],
+        "recipe": {"model": recipe.model.path, "prompts_per_iteration": r.prompts_per_iteration,
+                   "n": ro.sampling.n, "max_tokens": ro.sampling.max_tokens, "batch_size": r.batch_size,
+                   "micro_batch_size": r.micro_batch_size, "lr": r.lr, "kl_coef": recipe.objective.kl_coef,
+                   "ppo_epochs": recipe.objective.ppo_epochs, "zero_stage": recipe.roles.learner.zero_stage},
+    }
+
+
+SPLIT_KEYS = ("generate", "reward", "reference", "learn", "sync")
+
+
+def loop_table(results: dict) -> str:
+    lines = ["| model / settings | samples / iteration | timed iterations | " + " | ".join(f"{k} s" for k in SPLIT_KEYS)
+             + " | other s | iteration s | samples/s | gen tokens/s | start-up s | other load |", "|" + "---|" * 14]
+    for key, r in results.items():
+        sp = r["split_s"]
+        tot = r["iteration_s"]
+        cells = " | ".join(f"{sp.get(k, 0.0):.3f} ({100 * sp.get(k, 0.0) / tot:.0f}%)" for k in SPLIT_KEYS)
+        lines.append(f"| {LOOP[key]['label']} | {r['samples_per_iteration']} | {r['timed_iterations']} | {cells} "
+                     f"| {r['other_s']:.3f} | {tot:.3f} | **{r['samples_per_s']:.1f}** | {r['gen_tokens_per_s']:,.0f} "
+                     f"| {r['startup_s']:.0f} | {_load(r)} |")
+    return "\n".join(lines)
