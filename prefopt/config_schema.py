@@ -187,6 +187,7 @@ class TrainConfig:
     # online (rollout) objectives: each iteration samples prompts_per_iteration x sampling.n responses
     iterations: int = 10
     prompts_per_iteration: int = 8
+    async_rollouts: bool = False             # online: sample the next batch while learning (one-step off-policy)
     log_every: int = 1
     # numerical guards: a step with a non-finite loss / gradient is skipped (logged as `skipped`);
     # more than this many skipped steps in a row stop the run, naming the step and its batch

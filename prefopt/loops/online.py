@@ -68,8 +68,12 @@ class _Timer:
         self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.start
 
 
-def rollout(roles, prompts: list[dict], sampling, seed: int, eos_id: int) -> list[dict]:
-    generations = roles.generate([p["prompt_ids"] for p in prompts], sampling, seed=seed)
+def rollout(roles, prompts: list[dict], sampling, seed: int, eos_id: int, pending=None) -> list[dict]:
+    """Sample ``sampling.n`` responses per prompt (or collect ``pending``, started earlier) -> samples."""
+    if pending is not None:
+        generations = roles.collect_generate(pending)
+    else:
+        generations = roles.generate([p["prompt_ids"] for p in prompts], sampling, seed=seed)
     return [{"kind": "rollouts", "prompt_ids": p["prompt_ids"], "response_ids": g["response_ids"] or [eos_id],
              "rollout_logps": g["logprobs"], "prompt_text": p["prompt_text"], "row": p["row"]}
             for p, gens in zip(prompts, generations) for g in gens]
@@ -164,13 +168,26 @@ def evaluate_prompts(roles, prompts: list[dict], sampling, eval_fn, tokenizer, *
 
 
 def run_iteration(it: int, roles, recipe: Recipe, sampler: PromptSampler, tokenizer, rewards, process_rewards,
-                  normalizer: RewardNormalizer, constraints=None, guard=None) -> tuple[dict[str, float], int]:
-    """One iteration; ``constraints`` (a ``loops.constrained.Constraints``) under constrained PPO."""
+                  normalizer: RewardNormalizer, constraints=None, guard=None,
+                  prefetch: dict | None = None) -> tuple[dict[str, float], int]:
+    """One iteration; ``constraints`` (a ``loops.constrained.Constraints``) under constrained PPO.
+
+    ``prefetch`` (``train.async_rollouts``): iteration -> (prompts, pending generation). This
+    iteration's rollouts come from there when present, and the next iteration's generation is
+    started before learning, so the engines sample while the learners train (one-step off-policy:
+    those samples come from the weights before this iteration's update).
+    """
     t, params, sampling = recipe.train, recipe.objective, recipe.roles.rollout.sampling
     timings, stats = {}, {}
     with _Timer(timings, "generate"):
-        samples = rollout(roles, sampler.take(t.prompts_per_iteration), sampling, t.seed * 100003 + it,
-                          tokenizer.eos_token_id)
+        prompts, pending = (prefetch or {}).pop(it, (None, None))
+        if prompts is None:
+            prompts = sampler.take(t.prompts_per_iteration)
+        samples = rollout(roles, prompts, sampling, t.seed * 100003 + it, tokenizer.eos_token_id, pending)
+    if prefetch is not None and it < t.iterations:
+        upcoming = sampler.take(t.prompts_per_iteration)
+        prefetch[it + 1] = (upcoming, roles.submit_generate([p["prompt_ids"] for p in upcoming], sampling,
+                                                            t.seed * 100003 + it + 1))
     from prefopt.rewards.sources import NonFiniteReward
     try:
         with _Timer(timings, "reward"):
@@ -268,6 +285,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         from prefopt.loops.guards import SkipGuard
         stop, guard = stack.enter_context(StopRequest()), SkipGuard(t.max_skipped_steps)
         ckpt = Checkpointer(run_dir, roles, r.output, driver_state=driver_state, tokenizer=tokenizer)
+        prefetch = {} if t.async_rollouts else None
 
         def advance(n: int) -> int:
             """Train ``n`` more iterations (at most up to train.iterations); returns the last one."""
@@ -275,7 +293,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
                 if stop.requested:
                     ckpt.stop_now(stop, f"iter_{it - 1:06d}", it - 1, steps=result.steps)
                 stats, steps = run_iteration(it, roles, r, sampler, tokenizer, rewards, process_rewards, normalizer,
-                                             constraints, guard)
+                                             constraints, guard, prefetch)
                 result.steps += steps
                 result.train_history.append({"iteration": it, **stats})
                 logger.log(it, stats)

@@ -49,6 +49,19 @@ class OnlineRoles:
     def generate(self, prompt_ids: list[list[int]], sampling, seed: int, greedy: bool = False):
         return self._recovering(lambda: self.engines.generate(prompt_ids, sampling, seed, greedy), "generate")
 
+    def submit_generate(self, prompt_ids: list[list[int]], sampling, seed: int):
+        """Start sampling now (``train.async_rollouts``); ``collect_generate`` waits for the result.
+        Weight syncs sent meanwhile queue behind it in each engine."""
+        return prompt_ids, sampling, seed, self.engines.submit(prompt_ids, sampling, seed)
+
+    def collect_generate(self, pending):
+        from prefopt.cluster import ActorDiedError
+        prompt_ids, sampling, seed, refs = pending
+        try:
+            return self.engines.collect(refs)
+        except ActorDiedError:          # an engine died meanwhile: replace, re-sync, sample again
+            return self.generate(prompt_ids, sampling, seed)
+
     def _recovering(self, call, what: str):
         """Run ``call``; if a rollout engine died meanwhile, replace it, push the current policy
         weights to the engines and run ``call`` again (up to ``roles.rollout.max_restarts`` in all)."""

@@ -44,11 +44,17 @@ class EngineGroup:
 
     def generate(self, prompt_ids: list[list[int]], sampling, seed: int, greedy: bool = False) -> list:
         """Prompts split over the engines in order; engine i samples with ``seed + i``."""
-        from prefopt.cluster import remote_get
+        return self.collect(self.submit(prompt_ids, sampling, seed, greedy))
+
+    def submit(self, prompt_ids: list[list[int]], sampling, seed: int, greedy: bool = False) -> list:
+        """``generate`` without waiting: the engines start now; ``collect`` the returned refs."""
         share = -(-len(prompt_ids) // len(self.actors))
         parts = [prompt_ids[i * share:(i + 1) * share] for i in range(len(self.actors))]
-        refs = [e.generate.remote(p, sampling, greedy=greedy, seed=seed + i)
+        return [e.generate.remote(p, sampling, greedy=greedy, seed=seed + i)
                 for i, (e, p) in enumerate(zip(self.actors, parts)) if p]
+
+    def collect(self, refs: list) -> list:
+        from prefopt.cluster import remote_get
         return [item for part in remote_get(refs, self.timeout, "rollout.generate") for item in part]
 
     def replace_dead(self) -> int:
