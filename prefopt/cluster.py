@@ -72,6 +72,11 @@ def resource_demand(recipe) -> list[tuple[str, int, dict[str, float]]]:
     return rows
 
 
+def cpus_needed(recipe) -> float:
+    """Logical CPUs of all the run's actors (what an embedded local cluster must offer)."""
+    return sum(count * per_actor.get("CPU", 0.0) for _, count, per_actor in resource_demand(recipe))
+
+
 def check_cluster_resources(recipe) -> None:
     """Fail fast (ConfigError naming the role) when the connected cluster cannot hold the run's
     actors: more of a resource in total than the cluster has, or more per actor than any node has.
@@ -83,8 +88,9 @@ def check_cluster_resources(recipe) -> None:
         return
     total = ray.cluster_resources()
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    rows = resource_demand(recipe)
     demand: dict[str, float] = {}
-    for key, count, per_actor in resource_demand(recipe):
+    for key, count, per_actor in rows:
         for name, amount in per_actor.items():
             demand[name] = demand.get(name, 0.0) + count * amount
             if not any(node.get(name, 0.0) >= amount for node in nodes):
@@ -93,7 +99,7 @@ def check_cluster_resources(recipe) -> None:
                                   f"cluster: {_fmt(total)})")
     for name, amount in demand.items():
         if amount > total.get(name, 0.0) + 1e-9:
-            roles = ", ".join(f"{k} {c} x {a[name]:g}" for k, c, a in resource_demand(recipe) if name in a)
+            roles = ", ".join(f"{k} {c} x {a[name]:g}" for k, c, a in rows if name in a)
             raise ConfigError(f"the run needs {name}={amount:g} ({roles}), but the cluster has "
                               f"{name}={total.get(name, 0.0):g} (cluster: {_fmt(total)})")
 

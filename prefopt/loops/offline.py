@@ -117,8 +117,8 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
     write_config(run_dir, recipe)
     logger = MetricsLogger(run_dir, tensorboard=recipe.output.tensorboard)
 
-    from prefopt.cluster import init_ray
-    started_ray = init_ray(recipe.ray, num_cpus_needed=lr_cfg.num_cpus * lr_cfg.num_actors)
+    from prefopt.cluster import cpus_needed, init_ray
+    started_ray = init_ray(recipe.ray, num_cpus_needed=cpus_needed(recipe))
     roles = None
     stack = contextlib.ExitStack()
     try:

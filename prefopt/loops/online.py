@@ -247,7 +247,8 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
     run_dir = Path(run_dir) if run_dir else create_run_dir(r)
     write_config(run_dir, r)
     logger = MetricsLogger(run_dir, tensorboard=r.output.tensorboard)
-    started_ray = init_ray(r.ray, num_cpus_needed=_cpus_needed(r))
+    from prefopt.cluster import cpus_needed
+    started_ray = init_ray(r.ray, num_cpus_needed=cpus_needed(r))
     roles = None
     stack = contextlib.ExitStack()
     try:
@@ -346,13 +347,3 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         stack.close()
         logger.close()
         release(roles, started_ray)
-
-
-def _cpus_needed(r: Recipe) -> float:
-    ro, params = r.roles.rollout, r.objective
-    needed = r.roles.learner.num_cpus * r.roles.learner.num_actors + ro.num_cpus * ro.engines
-    if params.advantage == "gae":
-        needed += r.roles.critic.num_cpus * r.roles.critic.num_actors
-    if params.kl_coef > 0:
-        needed += r.roles.reference.num_cpus * r.roles.reference.num_actors
-    return needed
