@@ -117,6 +117,41 @@ def test_max_grad_norm_clips_raw_gradient():
     assert m.raw.detach().tolist() == pytest.approx([-0.3, -0.4], abs=1e-6)
 
 
+def test_pid_terms_match_formula():
+    """lambda = squash(x - kp * e - kd * (e - e_prev)) with x the integral (gradient-step) state."""
+    kinds = ["eq", "ge"]
+    m = LagrangeMultipliers(kinds, init=[0.1, 0.4], lr=0.1, momentum=0.1, kp=0.3, kd=0.2)
+    plain = LagrangeMultipliers(kinds, init=[0.1, 0.4], lr=0.1, momentum=0.1)
+    assert m.values() == pytest.approx(plain.values(), abs=1e-15)     # no error seen yet
+    theta = [6.0, 0.5]
+    prev = [0.0, 0.0]
+    for J in ([8.0, 0.2], [7.0, 0.6], [5.0, 0.5]):
+        got = m.update(J, theta)
+        plain.update(J, theta)
+        assert m.raw.detach().tolist() == plain.raw.detach().tolist()   # integral state unchanged
+        e = [j - t for j, t in zip(J, theta)]
+        x = [r - 0.3 * ei - 0.2 * (ei - pi) for r, ei, pi in zip(plain.raw.detach().tolist(), e, prev)]
+        assert got == pytest.approx([math.tanh(x[0]), sig(x[1])], abs=1e-12)
+        prev = e
+
+
+def test_proportional_term_reacts_in_the_update_direction():
+    """An equality multiplier jumps down at once when J overshoots theta (and up when under)."""
+    m = LagrangeMultipliers(["eq"], init=0.0, lr=1e-6, momentum=0.0, kp=0.5)
+    assert m.update([9.0], [6.0])[0] < -0.5
+    assert m.update([3.0], [6.0])[0] > 0.5
+
+
+def test_pid_state_round_trips():
+    m = LagrangeMultipliers(["eq"], init=0.0, kp=0.2, kd=0.1)
+    m.update([7.0], [6.0])
+    m.update([4.0], [6.0])
+    other = LagrangeMultipliers(["eq"])
+    other.load_state_dict(json.loads(json.dumps(m.state_dict())))
+    assert other.values() == m.values()
+    assert other.update([6.5], [6.0]) == m.update([6.5], [6.0])
+
+
 # ---------------------------------------------------------------- combined advantage
 
 def test_combined_advantage_matches_formula():

@@ -45,7 +45,8 @@ class Constraints:
                 for _, src in sources]
         self.multipliers = LagrangeMultipliers(self.kinds, init=init, lr=p.multiplier_lr,
                                                momentum=p.multiplier_momentum,
-                                               max_grad_norm=p.multiplier_max_grad_norm)
+                                               max_grad_norm=p.multiplier_max_grad_norm,
+                                               kp=p.multiplier_kp, kd=p.multiplier_kd)
 
     def compute_advantages(self, samples: list[dict], params, group_size: int) -> dict[str, float]:
         """Per-channel advantages -> the combined advantage (and per-head returns), into the samples."""

@@ -24,8 +24,14 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
 
 
 def load_causal_lm(path: str, *, precision: str = "fp32", trust_remote_code: bool = False,
-                   attn_implementation: str = "sdpa"):
+                   attn_implementation: str = "sdpa", padding_free: bool = False):
+    """An HF causal LM by path (or ``builtin:`` name). ``padding_free`` swaps ``sdpa`` for the
+    per-sequence SDPA of packed forwards (:mod:`prefopt.models.packing`)."""
     from transformers import AutoModelForCausalLM
+
+    if padding_free and attn_implementation == "sdpa":
+        from prefopt.models.packing import register_varlen_sdpa
+        attn_implementation = register_varlen_sdpa()
 
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(path), dtype=DTYPES[precision], trust_remote_code=trust_remote_code,

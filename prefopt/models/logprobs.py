@@ -27,8 +27,14 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
 
 
 def forward_logps(model, batch: dict[str, torch.Tensor], temperature: float = 1.0,
-                  with_entropy: bool = False) -> PolicyOutput:
-    """One forward of every row in ``batch`` (chosen and rejected concatenated) -> PolicyOutput."""
+                  with_entropy: bool = False, padding_free: bool = False) -> PolicyOutput:
+    """One forward of every row in ``batch`` (chosen and rejected concatenated) -> PolicyOutput.
+
+    ``padding_free``: one packed row of the non-pad tokens and logits only where a response token
+    is scored (:mod:`prefopt.models.packing`); the same PolicyOutput, without the pad FLOPs.
+    """
+    if padding_free:
+        return _packed_forward_logps(model, batch, temperature, with_entropy)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    use_cache=False).logits
     if temperature != 1.0:
@@ -37,6 +43,22 @@ def forward_logps(model, batch: dict[str, torch.Tensor], temperature: float = 1.
     if with_entropy:
         from prefopt.rl.ppo import entropy_from_logits
         out.entropy = entropy_from_logits(logits[:, :-1, :].float())
+    return out
+
+
+def _packed_forward_logps(model, batch, temperature: float, with_entropy: bool) -> PolicyOutput:
+    from prefopt.models.packing import pack, packed_logits
+    packed = pack(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    logits = packed_logits(model, packed)
+    if temperature != 1.0:
+        logits = logits / temperature
+    per_token = packed.unpack(token_logps(logits, packed.labels))
+    mask = packed.mask
+    out = PolicyOutput(logps=per_token.sum(-1), num_tokens=mask.sum(-1).to(per_token.dtype),
+                       token_logps=per_token, token_mask=mask)
+    if with_entropy:
+        from prefopt.rl.ppo import entropy_from_logits
+        out.entropy = packed.unpack(entropy_from_logits(logits.float()))
     return out
 
 

@@ -15,6 +15,17 @@ dL/dx_i = squash'(x_i) * (J_i - theta_i) (squash' > 0). A satisfied inequality (
 drives lambda_i down, a violated one up; an equality multiplier falls while J_i > theta_i and
 rises while J_i < theta_i, so it changes sign as J_i crosses theta_i.
 
+Optional PID terms (Stooke, Achiam & Abbeel 2020, "Responsive Safety in Reinforcement Learning by
+PID Lagrangian Methods", ICML): the gradient step above is an *integral* controller on the error
+e_i = J_i - theta_i, which oscillates when the policy answers with a lag. With gains ``kp`` / ``kd``
+the multiplier used by the policy is
+
+    lambda_i = squash(x_i - kp * e_i - kd * (e_i - e_i_prev))
+
+with e_i the latest batch's error (0 before the first update): the proportional term reacts to the
+current gap at once, the derivative term damps a fast-moving return. kp = kd = 0 is the paper's
+(and public code's) plain update.
+
 Policy advantage (the policy maximises the Lagrangian with the multipliers held fixed):
 
     A = (N - sum_i lambda_i) * A_task + sum_i lambda_i * A_i
@@ -76,10 +87,12 @@ class LagrangeMultipliers:
     ``init``: initial multiplier value(s) (one per component or one for all); default 0.5 for
     "ge" and 0.0 for "eq" (the public code draws raw ~ N(0, 0.01), i.e. about these values).
     ``max_grad_norm``: optional clip of the raw gradient's norm (the public code clips at 0.5).
+    ``kp`` / ``kd``: proportional / derivative gains of the PID form (module docstring); 0 = off.
     """
 
     def __init__(self, kinds: Sequence[str], init: Union[None, float, Sequence[float]] = None,
-                 lr: float = 0.1, momentum: float = 0.1, max_grad_norm: Optional[float] = None):
+                 lr: float = 0.1, momentum: float = 0.1, max_grad_norm: Optional[float] = None,
+                 kp: float = 0.0, kd: float = 0.0):
         n = 1 if isinstance(kinds, str) else len(kinds)
         self.kinds = _check_kinds(kinds, n)
         if init is None:
@@ -92,10 +105,16 @@ class LagrangeMultipliers:
         self.raw = torch.tensor(raw, dtype=torch.float64, requires_grad=True)
         self.lr, self.momentum, self.max_grad_norm = float(lr), float(momentum), max_grad_norm
         self._opt = torch.optim.SGD([self.raw], lr=self.lr, momentum=self.momentum)
+        self.kp, self.kd = float(kp), float(kd)
+        self.error = [0.0] * n          # latest J_i - theta_i, and the one before (PID terms)
+        self.prev_error = [0.0] * n
 
     def values(self) -> list[float]:
+        """The multipliers the policy uses: squash of the integral state plus the PID terms."""
         with torch.no_grad():
-            return squash(self.raw, self.kinds).tolist()
+            e = torch.tensor(self.error, dtype=torch.float64)
+            de = e - torch.tensor(self.prev_error, dtype=torch.float64)
+            return squash(self.raw - self.kp * e - self.kd * de, self.kinds).tolist()
 
     def update(self, returns: Sequence[float], thresholds: Sequence[float]) -> list[float]:
         """One descent step on :func:`multiplier_objective`; returns the new multipliers."""
@@ -104,13 +123,16 @@ class LagrangeMultipliers:
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_([self.raw], self.max_grad_norm)
         self._opt.step()
+        self.prev_error = self.error
+        self.error = [float(j) - float(t) for j, t in zip(returns, thresholds)]
         return self.values()
 
     def state_dict(self) -> dict:
         buf = self._opt.state.get(self.raw, {}).get("momentum_buffer")
         return {"kinds": list(self.kinds), "raw": self.raw.detach().tolist(), "lr": self.lr,
                 "momentum": self.momentum, "max_grad_norm": self.max_grad_norm,
-                "momentum_buffer": None if buf is None else buf.tolist()}
+                "momentum_buffer": None if buf is None else buf.tolist(),
+                "kp": self.kp, "kd": self.kd, "error": list(self.error), "prev_error": list(self.prev_error)}
 
     def load_state_dict(self, d: dict) -> None:
         if len(d["raw"]) != len(d["kinds"]):
@@ -119,6 +141,10 @@ class LagrangeMultipliers:
         self.raw = torch.tensor(d["raw"], dtype=torch.float64, requires_grad=True)
         self.lr, self.momentum = float(d["lr"]), float(d["momentum"])
         self.max_grad_norm = d.get("max_grad_norm")
+        n = len(d["raw"])
+        self.kp, self.kd = float(d.get("kp", 0.0)), float(d.get("kd", 0.0))
+        self.error = list(d.get("error", [0.0] * n))
+        self.prev_error = list(d.get("prev_error", [0.0] * n))
         self._opt = torch.optim.SGD([self.raw], lr=self.lr, momentum=self.momentum)
         if d.get("momentum_buffer") is not None:
             self._opt.state[self.raw]["momentum_buffer"] = torch.tensor(d["momentum_buffer"],

@@ -34,6 +34,8 @@ class ConstrainedPPOParams(PPOParams):
     multiplier_lr: float = 0.1              # SGD on the multipliers (public code: lr 0.1, momentum 0.1)
     multiplier_momentum: float = 0.1
     multiplier_max_grad_norm: Optional[float] = None
+    multiplier_kp: float = 0.0              # PID-Lagrangian gains (Stooke et al. 2020), in raw units per unit
+    multiplier_kd: float = 0.0              # of J_i - theta_i; 0 = the paper's gradient step only
     nelder_mead: Optional[NelderMeadConfig] = None
 
     def validate(self) -> None:
@@ -42,6 +44,8 @@ class ConstrainedPPOParams(PPOParams):
             raise ConfigError(f"objective.multiplier_lr must be > 0, got {self.multiplier_lr}")
         if not 0 <= self.multiplier_momentum < 1:
             raise ConfigError(f"objective.multiplier_momentum must be in [0, 1), got {self.multiplier_momentum}")
+        if self.multiplier_kp < 0 or self.multiplier_kd < 0:
+            raise ConfigError("objective.multiplier_kp and objective.multiplier_kd must be >= 0")
         nm = self.nelder_mead
         if nm is not None:
             if not nm.eval_fn:

@@ -59,8 +59,9 @@ class LearnerWorker:
         path = getattr(self.role_cfg, "path", None) or r.model.path   # a critic may start elsewhere
         kwargs = dict(precision="fp32", trust_remote_code=r.model.trust_remote_code,
                       attn_implementation=r.model.attn_implementation)
+        self.padding_free = self.model_kind == "policy" and r.model.padding_free
         if self.model_kind == "policy":
-            model = load_causal_lm(path, **kwargs)
+            model = load_causal_lm(path, padding_free=self.padding_free, **kwargs)
         else:
             model = load_value_model(path, num_heads=self.value_heads, **kwargs)
         if r.model.gradient_checkpointing:
@@ -86,7 +87,8 @@ class LearnerWorker:
         if self.model_kind == "critic":
             return forward_values(self.engine, batch)
         return forward_logps(self.engine, batch, getattr(self.objective, "temperature", 1.0),
-                             with_entropy=getattr(self.objective, "wants_entropy", False))
+                             with_entropy=getattr(self.objective, "wants_entropy", False),
+                             padding_free=self.padding_free)
 
     # ------------------------------------------------------------------ collective calls
     def compute_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
@@ -94,7 +96,8 @@ class LearnerWorker:
         from prefopt.roles.common import response_logps
         self.engine.eval()
         try:
-            return response_logps(self.engine, micro_batches, self.pad_id, self.device)
+            return response_logps(self.engine, micro_batches, self.pad_id, self.device,
+                                  padding_free=self.padding_free)
         finally:
             self.engine.train()
 

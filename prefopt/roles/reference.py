@@ -20,16 +20,20 @@ class ReferenceWorker:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_causal_lm(recipe.model.path, precision="fp32",
                                     trust_remote_code=recipe.model.trust_remote_code,
-                                    attn_implementation=recipe.model.attn_implementation).to(self.device)
+                                    attn_implementation=recipe.model.attn_implementation,
+                                    padding_free=recipe.model.padding_free).to(self.device)
         self.model.eval().requires_grad_(False)
         self.pad_id = pad_id
+        self.padding_free = recipe.model.padding_free
         self.temperature = getattr(recipe.objective, "temperature", 1.0)
 
     def compute_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
         from prefopt.roles.common import response_logps
-        return response_logps(self.model, micro_batches, self.pad_id, self.device)
+        return response_logps(self.model, micro_batches, self.pad_id, self.device,
+                              padding_free=self.padding_free)
 
     def compute_token_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
         """Per-token log-probs of rollout samples' responses (the KL penalty's reference)."""
         from prefopt.roles.common import token_logps
-        return token_logps(self.model, micro_batches, self.pad_id, self.device, self.temperature)
+        return token_logps(self.model, micro_batches, self.pad_id, self.device, self.temperature,
+                           padding_free=self.padding_free)

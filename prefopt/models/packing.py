@@ -1,0 +1,128 @@
+"""Padding-free ("packed") forwards: every non-pad token of a micro-batch in one row.
+
+A padded micro-batch ``[N, L]`` spends compute on ``N * L - sum(lengths)`` pad tokens; with
+variable-length preference data that is a quarter or more of the FLOPs (and memory) of the
+forward and backward. :func:`pack` turns it into one row of ``S = sum(lengths)`` tokens with
+``position_ids`` restarting at 0 for each sequence and the cumulative sequence lengths
+``cu_seq_lens`` of the flash-attention "varlen" convention.
+
+Attention must then not cross sequence boundaries:
+
+* ``attn_implementation: flash_attention_2`` (GPU) reads ``cu_seq_lens_q/k`` natively;
+* ``sdpa`` is swapped for :data:`VARLEN_SDPA` (registered here): causal SDPA run per sequence
+  (exact, and no S x S work), which falls back to transformers' SDPA for padded batches;
+* ``eager`` sees the packed layout in ``position_ids`` and builds a block-diagonal causal mask
+  (transformers' packed-sequence detection).
+
+Only the positions whose next token is scored are sent through the LM head (``logits_to_keep``),
+so prompt and pad positions cost no ``[*, vocab]`` logits either.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+VARLEN_SDPA = "prefopt_varlen_sdpa"
+_REGISTERED = False
+
+
+@dataclass
+class Packed:
+    input_ids: torch.Tensor      # [1, S] the non-pad tokens of every row, row after row
+    position_ids: torch.Tensor   # [1, S] 0..len-1 within each row
+    cu_seq_lens: torch.Tensor    # [N + 1] int32 offsets of the rows in the packed row
+    max_length: int              # longest row
+    keep: torch.Tensor           # [K] packed positions whose next token is scored
+    labels: torch.Tensor         # [K] the scored tokens
+    mask: torch.Tensor           # [N, L-1] bool: where the K values go in the padded per-token view
+
+    def model_kwargs(self) -> dict:
+        """Keyword arguments of an HF causal LM forward over the packed row."""
+        cu = self.cu_seq_lens
+        return dict(input_ids=self.input_ids, position_ids=self.position_ids, cu_seq_lens_q=cu,
+                    cu_seq_lens_k=cu, max_length_q=self.max_length, max_length_k=self.max_length)
+
+    def unpack(self, values: torch.Tensor) -> torch.Tensor:
+        """``[K]`` values at the scored positions -> ``[N, L-1]`` (0 elsewhere), differentiably."""
+        return values.new_zeros(self.mask.shape).masked_scatter(self.mask, values)
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> Packed:
+    """Pack a padded batch (right or left padding) whose scored tokens are ``loss_mask``.
+
+    Token ``t`` of row ``i`` is scored with the logits at ``t - 1`` (as in the padded view), so the
+    kept packed positions are those of the tokens just before the scored ones.
+    """
+    present = attention_mask.to(torch.bool)
+    lengths = present.sum(-1)
+    if (lengths == 0).any():
+        raise ValueError("cannot pack a batch with an empty row")
+    flat_index = present.flatten().cumsum(0).view(present.shape) - 1   # packed position of each token
+    mask = loss_mask[:, 1:].to(torch.bool)
+    if (mask & ~present[:, :-1]).any():
+        raise ValueError("a scored token follows a pad token; pack() needs each scored token's predecessor")
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=input_ids.device)
+    cu[1:] = lengths.cumsum(0)
+    return Packed(input_ids=input_ids[present].unsqueeze(0),
+                  position_ids=(present.cumsum(-1) - 1)[present].unsqueeze(0),
+                  cu_seq_lens=cu, max_length=int(lengths.max()),
+                  keep=flat_index[:, :-1][mask], labels=input_ids[:, 1:][mask], mask=mask)
+
+
+def packed_logits(model, packed: Packed) -> torch.Tensor:
+    """``[K, V]`` logits at the kept positions of one packed forward."""
+    kwargs = packed.model_kwargs()
+    if _accepts_logits_to_keep(model):
+        return model(**kwargs, logits_to_keep=packed.keep, use_cache=False).logits[0]
+    return model(**kwargs, use_cache=False).logits[0, packed.keep]
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    module = getattr(model, "module", model)          # a DeepSpeed engine wraps the HF model
+    cached = getattr(module, "_prefopt_logits_to_keep", None)
+    if cached is None:
+        cached = "logits_to_keep" in inspect.signature(module.forward).parameters
+        module._prefopt_logits_to_keep = cached
+    return cached
+
+
+# ---------------------------------------------------------------------------- attention
+
+def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                          scaling=None, is_causal=None, cu_seq_lens_q=None, **kwargs):
+    """Causal SDPA per packed sequence when ``cu_seq_lens_q`` is given, else transformers' SDPA.
+
+    query ``[1, H, S, D]``, key/value ``[1, H_kv, S, D]`` -> ``([1, S, H, D], None)``.
+    """
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    if cu_seq_lens_q is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, is_causal=is_causal, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError(f"packed attention expects one packed row, got batch {query.shape[0]}")
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    bounds = cu_seq_lens_q.tolist()
+    p = dropout if module.training else 0.0
+    out = [torch.nn.functional.scaled_dot_product_attention(
+               query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p, is_causal=True, scale=scaling)
+           for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+def register_varlen_sdpa() -> str:
+    """Register :func:`varlen_sdpa_attention` (and SDPA's mask builder) under :data:`VARLEN_SDPA`."""
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+        AttentionInterface.register(VARLEN_SDPA, varlen_sdpa_attention)
+
+        def mask(*, attention_mask=None, **kwargs):   # a packed forward needs none (no S x S mask built)
+            return None if attention_mask is None else sdpa_mask(attention_mask=attention_mask, **kwargs)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN_SDPA, mask)
+        _REGISTERED = True
+    return VARLEN_SDPA
