@@ -115,6 +115,23 @@ def test_bad_values(tmp_path, override, message):
         load_recipe(p, [override])
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["objective.old_logprobs=engine"], r"objective.old_logprobs must be 'learner' or 'rollout'"),
+    (["objective.old_logprobs=rollout", "roles.rollout.sampling.logprobs=false"],
+     r"old_logprobs: rollout needs roles.rollout.sampling.logprobs: true"),
+    (["objective.old_logprobs=rollout", "objective.temperature=0.7"], r"needs objective.temperature: 1.0"),
+    (["objective.name=constrained_ppo", "objective.old_logprobs=rollout", "roles.rollout.sampling.logprobs=false",
+      "roles.reward.sources.0.constraint=ge", "roles.reward.sources.0.threshold=0.5"],
+     r"old_logprobs: rollout needs roles.rollout.sampling.logprobs"),
+    (["objective.name=constrained_ppo", "objective.multiplier_kp=-1", "roles.reward.sources.0.constraint=ge",
+      "roles.reward.sources.0.threshold=0.5"], r"multiplier_kp and objective.multiplier_kd must be >= 0"),
+])
+def test_bad_online_values(overrides, message):
+    from prefopt.config import validate_recipe
+    with pytest.raises(ConfigError, match=message):
+        validate_recipe(load_recipe("recipes/tiny_grpo.yaml", overrides))
+
+
 def test_malformed_override(tmp_path):
     p = write(tmp_path, "ok.yaml", BASE)
     with pytest.raises(ConfigError, match=r"not of the form key=value"):

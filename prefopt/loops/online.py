@@ -104,29 +104,70 @@ def _attach(samples: list[dict], key: str, per_micro: list) -> None:
         s[key] = v
 
 
-def annotate(samples: list[dict], roles, micro: int, timings: dict) -> dict[str, float]:
+def annotate(samples: list[dict], roles, micro: int, timings: dict, old_logprobs: str = "learner",
+             pending_ref=None) -> dict[str, float]:
     """Reference / old log-probs and values per token (then advantages, in ``compute_advantages``).
 
     The reference, policy and critic passes run on different actors, so they run concurrently:
     ``time/reference`` is the wait for the reference, ``time/learn`` gets the remaining wait.
+    ``old_logprobs="rollout"`` takes the engines' log-probs as PPO's old ones (no policy pass);
+    ``pending_ref`` (async rollouts) is a reference pass already started on these samples.
     """
     from prefopt.roles.group import collect_sharded, submit_sharded
     start = time.perf_counter()
-    pending = {"old_logps": (roles.policy.submit("compute_token_values", samples, micro), "policy log-probs")}
+    pending = {}
+    use_rollout = old_logprobs == "rollout" and all(
+        s["rollout_logps"] is not None and len(s["rollout_logps"]) == len(s["response_ids"]) for s in samples)
+    if use_rollout:
+        for s in samples:
+            s["old_logps"] = list(s["rollout_logps"])
+    else:
+        pending["old_logps"] = (roles.policy.submit("compute_token_values", samples, micro), "policy log-probs")
     if roles.critic is not None:
         pending["values"] = (roles.critic.submit("compute_token_values", samples, micro), "critic values")
+    stats = {}
     if roles.references:
-        pending["ref_logps"] = (submit_sharded(roles.references, "compute_token_logps", samples, micro),
-                                "reference log-probs")
-        future, what = pending.pop("ref_logps")
-        _attach(samples, "ref_logps", collect_sharded(future, roles.timeout, what))
+        ref = _collect_pipelined_reference(samples, pending_ref, roles.timeout)
+        stats["reference/pipelined"] = float(ref is not None)
+        if ref is None:
+            ref = collect_sharded(submit_sharded(roles.references, "compute_token_logps", samples, micro),
+                                  roles.timeout, "reference log-probs")
+        _attach(samples, "ref_logps", ref)
     timings["reference"] = timings.get("reference", 0.0) + time.perf_counter() - start
     with _Timer(timings, "learn"):
         for key, (future, what) in pending.items():
             _attach(samples, key, collect_sharded(future, roles.timeout, what))
+    if use_rollout:
+        return stats
     # engine vs learner log-probs of the sampled tokens: ~0 when the weights are in sync
     diffs = [abs(a - b) for s in samples if s["rollout_logps"] for a, b in zip(s["rollout_logps"], s["old_logps"])]
-    return {"rollout/logp_abs_diff": max(diffs)} if diffs else {}
+    return {**stats, "rollout/logp_abs_diff": max(diffs)} if diffs else stats
+
+
+def submit_pipelined_reference(roles, prompts: list[dict], generation_refs: list, micro: int, eos_id: int):
+    """Start the reference pass of a generation still in flight: each engine's share of the prompts goes
+    to a reference actor together with that engine's (unfinished) result, so the reference starts the
+    moment the engine is done, with no driver round trip (``train.async_rollouts``)."""
+    if not roles.references:
+        return None
+    parts = roles.engines.split([p["prompt_ids"] for p in prompts])
+    return [roles.references[i % len(roles.references)].compute_generation_logps.remote(part, ref, micro, eos_id)
+            for i, (part, ref) in enumerate(zip(parts, generation_refs))]
+
+
+def _collect_pipelined_reference(samples: list[dict], refs, timeout_s: float):
+    """Per-sample reference log-probs of a pipelined pass, as ``[[...]]`` (one "micro-batch"), or None
+    when there is none or it failed (an engine died: the caller recomputes)."""
+    if refs is None:
+        return None
+    from prefopt.cluster import remote_get
+    try:
+        out = [x for part in remote_get(refs, timeout_s, "reference log-probs (pipelined)") for x in part]
+    except Exception:   # the generation it waited on failed; the regenerated samples need a fresh pass
+        return None
+    if len(out) != len(samples) or any(len(o) != len(s["response_ids"]) for o, s in zip(out, samples)):
+        return None
+    return [out]
 
 
 def learn(samples: list[dict], roles, recipe: Recipe, iteration: int, guard=None) -> tuple[dict[str, float], int]:
@@ -180,14 +221,15 @@ def run_iteration(it: int, roles, recipe: Recipe, sampler: PromptSampler, tokeni
     t, params, sampling = recipe.train, recipe.objective, recipe.roles.rollout.sampling
     timings, stats = {}, {}
     with _Timer(timings, "generate"):
-        prompts, pending = (prefetch or {}).pop(it, (None, None))
+        prompts, pending, pending_ref = (prefetch or {}).pop(it, (None, None, None))
         if prompts is None:
             prompts = sampler.take(t.prompts_per_iteration)
         samples = rollout(roles, prompts, sampling, t.seed * 100003 + it, tokenizer.eos_token_id, pending)
     if prefetch is not None and it < t.iterations:
         upcoming = sampler.take(t.prompts_per_iteration)
-        prefetch[it + 1] = (upcoming, roles.submit_generate([p["prompt_ids"] for p in upcoming], sampling,
-                                                            t.seed * 100003 + it + 1))
+        started = roles.submit_generate([p["prompt_ids"] for p in upcoming], sampling, t.seed * 100003 + it + 1)
+        prefetch[it + 1] = (upcoming, started, submit_pipelined_reference(
+            roles, upcoming, started[-1], t.micro_batch_size, tokenizer.eos_token_id))
     from prefopt.rewards.sources import NonFiniteReward
     try:
         with _Timer(timings, "reward"):
@@ -199,7 +241,7 @@ def run_iteration(it: int, roles, recipe: Recipe, sampler: PromptSampler, tokeni
         return {"reward/mean": math.nan, "skipped_steps": 1, "reward/non_finite": len(e.samples),
                 "rollout/engine_restarts": roles.engines.restarts,
                 **{f"time/{k}": v for k, v in timings.items()}}, 0
-    stats.update(annotate(samples, roles, t.micro_batch_size, timings))
+    stats.update(annotate(samples, roles, t.micro_batch_size, timings, params.old_logprobs, pending_ref))
     with _Timer(timings, "learn"):
         if constraints is None:
             stats.update(compute_advantages(samples, params, sampling.n))

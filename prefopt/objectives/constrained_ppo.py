@@ -62,6 +62,7 @@ class ConstrainedPPO(PPO):
     @staticmethod
     def check_recipe(recipe) -> None:
         """At least one constrained reward source, each with a kind and a threshold."""
+        PPO.check_old_logprobs(recipe)
         sources = recipe.roles.reward.sources if recipe.roles.reward else []
         constrained = 0
         for i, src in enumerate(sources):

@@ -34,6 +34,9 @@ class PPOParams(ObjectiveParams):
     normalize_rewards: bool = False     # running mean/std normalisation of the sequence reward
     ppo_epochs: int = 1                 # passes over each iteration's rollouts
     temperature: float = 1.0            # must match the rollout sampling temperature
+    old_logprobs: str = "learner"       # PPO's "old" log-probs: "learner" recomputes them before the
+                                        # update; "rollout" takes the engines' sampled-token log-probs
+                                        # (the behaviour policy; no learner pass; needs sampling.logprobs)
 
     def validate(self) -> None:
         from prefopt.rl.advantages import ADVANTAGES
@@ -47,6 +50,11 @@ class PPOParams(ObjectiveParams):
             raise ConfigError(f"objective.kl_estimator must be one of k1, k2, k3, abs, got '{self.kl_estimator}'")
         if self.reward_clip is not None and (len(self.reward_clip) != 2 or self.reward_clip[0] >= self.reward_clip[1]):
             raise ConfigError(f"objective.reward_clip must be [low, high] with low < high, got {self.reward_clip}")
+        if self.old_logprobs not in ("learner", "rollout"):
+            raise ConfigError(f"objective.old_logprobs must be 'learner' or 'rollout', got '{self.old_logprobs}'")
+        if self.old_logprobs == "rollout" and self.temperature != 1.0:
+            raise ConfigError("objective.old_logprobs: rollout needs objective.temperature: 1.0 (the engines "
+                              "return log-probs of the unscaled distribution)")
         if self.ppo_epochs < 1:
             raise ConfigError(f"objective.ppo_epochs must be >= 1, got {self.ppo_epochs}")
 
@@ -77,7 +85,14 @@ class PPO(Objective):
         return roles
 
     @staticmethod
+    def check_old_logprobs(recipe) -> None:
+        rollout = recipe.roles.rollout
+        if recipe.objective.old_logprobs == "rollout" and rollout is not None and not rollout.sampling.logprobs:
+            raise ConfigError("objective.old_logprobs: rollout needs roles.rollout.sampling.logprobs: true")
+
+    @staticmethod
     def check_recipe(recipe) -> None:
+        PPO.check_old_logprobs(recipe)
         for i, src in enumerate(recipe.roles.reward.sources if recipe.roles.reward else []):
             if src.constraint is not None:
                 raise ConfigError(f"roles.reward.sources[{i}].constraint needs objective.name: constrained_ppo "

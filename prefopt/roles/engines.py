@@ -48,10 +48,13 @@ class EngineGroup:
 
     def submit(self, prompt_ids: list[list[int]], sampling, seed: int, greedy: bool = False) -> list:
         """``generate`` without waiting: the engines start now; ``collect`` the returned refs."""
-        share = -(-len(prompt_ids) // len(self.actors))
-        parts = [prompt_ids[i * share:(i + 1) * share] for i in range(len(self.actors))]
         return [e.generate.remote(p, sampling, greedy=greedy, seed=seed + i)
-                for i, (e, p) in enumerate(zip(self.actors, parts)) if p]
+                for i, (e, p) in enumerate(zip(self.actors, self.split(prompt_ids)))]
+
+    def split(self, items: list) -> list[list]:
+        """The non-empty shares of ``items`` the engines get, in engine order (as ``submit``)."""
+        share = -(-len(items) // len(self.actors))
+        return [part for part in (items[i * share:(i + 1) * share] for i in range(len(self.actors))) if part]
 
     def collect(self, refs: list) -> list:
         from prefopt.cluster import remote_get
