@@ -65,6 +65,8 @@ ROWS = [
          threads=CPUS, trl={"precompute_ref_log_probs": True, "gradient_checkpointing": False}),
     dict(id="trl-fair-1t", kind="trl", label="TRL precompute, no grad ckpt, 1 thread",
          threads=1, trl={"precompute_ref_log_probs": True, "gradient_checkpointing": False}),
+    dict(id="prefopt-1l-padded", kind="prefopt", label="prefopt 1 learner, ZeRO-0, 1 thread, padded (model.padding_free=false)",
+         threads=1, learners=1, zero=0, overrides=["model.padding_free=false"]),
     dict(id="prefopt-1l", kind="prefopt", label="prefopt 1 learner, ZeRO-0, 1 thread",
          threads=1, learners=1, zero=0),
     dict(id="prefopt-1l-2t", kind="prefopt", label=f"prefopt 1 learner, ZeRO-0, {CPUS} threads",
@@ -252,6 +254,7 @@ def prefopt_worker(cfg: dict) -> dict:
         f"output.root={cfg['tmp']}", "output.save_model=false", "output.tensorboard=false",
         "output.progress_bar=false", f"ray.num_cpus={max(CPUS, t * cfg['learners'])}",
     ]
+    overrides += cfg.get("overrides", [])
     if t != 1:  # prefopt pins every actor to 1 BLAS/OpenMP thread unless ray.env says otherwise
         overrides += [f"ray.env.OMP_NUM_THREADS={t}", f"ray.env.MKL_NUM_THREADS={t}"]
     recipe = load_recipe(REPO / "recipes" / "tiny_dpo.yaml", overrides)
@@ -368,6 +371,7 @@ def run_row(row: dict, spec: dict, model_dir: str, data: tuple[Path, Path], out:
     cfg = {"id": name, "spec": spec, "model_dir": model_dir, "train_path": str(data[0]),
            "eval_path": str(data[1]), "tmp": tmp, "threads": row["threads"],
            "trl": row.get("trl", {}), "learners": row.get("learners"), "zero": row.get("zero"),
+           "overrides": row.get("overrides", []),
            "result": str(out / "raw" / f"{name}.json")}
     (out / "raw").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(parents=True, exist_ok=True)

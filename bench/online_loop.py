@@ -13,6 +13,8 @@ LOOP = {
     "tiny": dict(label="tiny-llama, tiny_grpo.yaml", iterations=20, overrides=[]),
     "tiny-async": dict(label="tiny-llama, tiny_grpo.yaml, train.async_rollouts", iterations=20,
                        overrides=["train.async_rollouts=true"]),
+    "tiny-async-rollout": dict(label="tiny-llama, tiny_grpo.yaml, async_rollouts + old_logprobs=rollout",
+                               iterations=20, overrides=["train.async_rollouts=true", "objective.old_logprobs=rollout"]),
     "100m": dict(label="llama-100m, 8 prompts x 4, 32 tokens", iterations=3, overrides=[
         "model.path=builtin:llama-100m", "train.prompts_per_iteration=8", "roles.rollout.sampling.n=4",
         "roles.rollout.sampling.max_tokens=32", "train.batch_size=16", "train.micro_batch_size=8",

@@ -96,3 +96,22 @@ def test_padded_batches_still_work_with_varlen_model(models):
         a = forward_logps(models["varlen_sdpa"], batch, padding_free=False).token_logps
         b = forward_logps(models["padded"], batch, padding_free=False).token_logps
     torch.testing.assert_close(a, b)
+
+
+def test_block_causal_mask_by_hand():
+    from prefopt.models.packing import block_causal_mask
+    mask = block_causal_mask(torch.tensor([0, 2, 5], dtype=torch.int32), 5)
+    want = [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]]
+    assert mask.int().tolist() == want
+
+
+def test_long_packed_rows_attend_per_sequence(models, monkeypatch):
+    """Both attention paths (one masked call / a loop over sequences) give the padded result."""
+    import prefopt.models.packing as packing
+    batch = _batch([30, 41, 25], [4, 6, 2])
+    with torch.no_grad():
+        ref = forward_logps(models["padded"], batch).token_logps
+        for limit in (10_000, 8):        # masked call / per-sequence loop
+            monkeypatch.setattr(packing, "MASKED_MAX_TOKENS", limit)
+            got = forward_logps(models["varlen_sdpa"], batch, padding_free=True).token_logps
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -10,7 +10,9 @@ Attention must then not cross sequence boundaries:
 
 * ``attn_implementation: flash_attention_2`` (GPU) reads ``cu_seq_lens_q/k`` natively;
 * ``sdpa`` is swapped for :data:`VARLEN_SDPA` (registered here): causal SDPA run per sequence
-  (exact, and no S x S work), which falls back to transformers' SDPA for padded batches;
+  (exact, and no S x S work) — or, for a short packed row (<= :data:`MASKED_MAX_TOKENS`), one
+  SDPA call with a block-diagonal causal mask, cheaper than many tiny calls; it falls back to
+  transformers' SDPA for padded batches;
 * ``eager`` sees the packed layout in ``position_ids`` and builds a block-diagonal causal mask
   (transformers' packed-sequence detection).
 
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 VARLEN_SDPA = "prefopt_varlen_sdpa"
+MASKED_MAX_TOKENS = 512     # packed rows up to this long: one SDPA call with a block-diagonal mask
 _REGISTERED = False
 
 
@@ -105,12 +108,25 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
         raise ValueError(f"packed attention expects one packed row, got batch {query.shape[0]}")
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    bounds = cu_seq_lens_q.tolist()
     p = dropout if module.training else 0.0
+    if query.shape[2] <= MASKED_MAX_TOKENS:     # short row: one call beats a Python loop of tiny ones
+        mask = block_causal_mask(cu_seq_lens_q, query.shape[2])
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=p,
+                                                               scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+    bounds = cu_seq_lens_q.tolist()
     out = [torch.nn.functional.scaled_dot_product_attention(
                query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p, is_causal=True, scale=scaling)
            for a, b in zip(bounds[:-1], bounds[1:])]
     return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+def block_causal_mask(cu_seq_lens: torch.Tensor, total: int) -> torch.Tensor:
+    """``[total, total]`` bool: position q attends to k iff both are in one sequence and k <= q."""
+    lengths = (cu_seq_lens[1:] - cu_seq_lens[:-1]).long()
+    seq = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seq_lens.device), lengths)
+    pos = torch.arange(total, device=cu_seq_lens.device)
+    return (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
 
 
 def register_varlen_sdpa() -> str:
