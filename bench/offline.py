@@ -71,6 +71,8 @@ ROWS = [
          threads=1, learners=1, zero=0),
     dict(id="prefopt-1l-2t", kind="prefopt", label=f"prefopt 1 learner, ZeRO-0, {CPUS} threads",
          threads=CPUS, learners=1, zero=0),
+    dict(id="prefopt-1l-2t-ckpt", kind="prefopt", label=f"prefopt 1 learner, ZeRO-0, {CPUS} threads, grad ckpt on",
+         threads=CPUS, learners=1, zero=0, overrides=["model.gradient_checkpointing=true"], models=("30m",)),
     dict(id="prefopt-2l", kind="prefopt", label="prefopt 2 learners, ZeRO-2, 1 thread each",
          threads=1, learners=2, zero=2),
 ]

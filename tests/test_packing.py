@@ -115,3 +115,16 @@ def test_long_packed_rows_attend_per_sequence(models, monkeypatch):
             monkeypatch.setattr(packing, "MASKED_MAX_TOKENS", limit)
             got = forward_logps(models["varlen_sdpa"], batch, padding_free=True).token_logps
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_forward_with_gradient_checkpointing(cache):
+    """model.gradient_checkpointing recomputes the packed forward in backward: same gradients."""
+    path = str(builtin_model_path("tiny-llama"))
+    plain, ckpt = load_causal_lm(path, padding_free=True), load_causal_lm(path, padding_free=True)
+    ckpt.gradient_checkpointing_enable()
+    plain.train(), ckpt.train()
+    batch = _batch([30, 19, 27], [5, 3, 4])
+    for model in (plain, ckpt):
+        forward_logps(model, batch, padding_free=True).logps.sum().backward()
+    for p, q in zip(plain.parameters(), ckpt.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)

@@ -20,9 +20,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 # label -> (recipe, overrides). "integral only" is the paper's plain gradient step on the multiplier
-# (the recipe's PID gains switched off).
+# (the PID gain switched off; multiplier lr 0.05, the best of the integral-only settings tried).
 RECIPES = {"fixed weights (PPO)": ("recipes/tiny_constrained_fixed.yaml", []),
-           "xi-PPO, integral only": ("recipes/tiny_constrained_xi.yaml", ["objective.multiplier_kp=0"]),
+           "xi-PPO, integral only": ("recipes/tiny_constrained_xi.yaml", ["objective.multiplier_kp=0",
+                                                                     "objective.multiplier_lr=0.05"]),
            "xi-PPO (PID)": ("recipes/tiny_constrained_xi.yaml", []),
            "NM-PPO": ("recipes/tiny_constrained_nm.yaml", [])}
 XI = ("xi-PPO, integral only", "xi-PPO (PID)")
