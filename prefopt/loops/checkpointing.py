@@ -42,7 +42,7 @@ def restore(ckpt: Path, roles, driver_state: dict) -> dict:
         group.call("load_checkpoint", [(str(Path(ckpt) / group_name),)] * len(group),
                    what=f"{group_name} checkpoint load")
     for key, obj in driver_state.items():
-        if obj is not None:
+        if obj is not None and (key in state or not getattr(obj, "optional_state", False)):
             obj.load_state_dict(state[key])
     return state
 

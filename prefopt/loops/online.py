@@ -68,9 +68,13 @@ class _Timer:
         self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.start
 
 
-def rollout(roles, prompts: list[dict], sampling, seed: int, eos_id: int, pending=None) -> list[dict]:
-    """Sample ``sampling.n`` responses per prompt (or collect ``pending``, started earlier) -> samples."""
-    if pending is not None:
+def rollout(roles, prompts: list[dict], sampling, seed: int, eos_id: int, pending=None,
+            generations=None) -> list[dict]:
+    """Sample ``sampling.n`` responses per prompt (or collect ``pending``, started earlier, or take
+    ``generations`` already collected) -> samples."""
+    if generations is not None:
+        pass
+    elif pending is not None:
         generations = roles.collect_generate(pending)
     else:
         generations = roles.generate([p["prompt_ids"] for p in prompts], sampling, seed=seed)
@@ -210,10 +214,10 @@ def evaluate_prompts(roles, prompts: list[dict], sampling, eval_fn, tokenizer, *
 
 def run_iteration(it: int, roles, recipe: Recipe, sampler: PromptSampler, tokenizer, rewards, process_rewards,
                   normalizer: RewardNormalizer, constraints=None, guard=None,
-                  prefetch: dict | None = None) -> tuple[dict[str, float], int]:
+                  prefetch=None) -> tuple[dict[str, float], int]:
     """One iteration; ``constraints`` (a ``loops.constrained.Constraints``) under constrained PPO.
 
-    ``prefetch`` (``train.async_rollouts``): iteration -> (prompts, pending generation). This
+    ``prefetch`` (``train.async_rollouts``, a ``loops.prefetch.Prefetch``): batches started early. This
     iteration's rollouts come from there when present, and the next iteration's generation is
     started before learning, so the engines sample while the learners train (one-step off-policy:
     those samples come from the weights before this iteration's update).
@@ -221,14 +225,15 @@ def run_iteration(it: int, roles, recipe: Recipe, sampler: PromptSampler, tokeni
     t, params, sampling = recipe.train, recipe.objective, recipe.roles.rollout.sampling
     timings, stats = {}, {}
     with _Timer(timings, "generate"):
-        prompts, pending, pending_ref = (prefetch or {}).pop(it, (None, None, None))
-        if prompts is None:
-            prompts = sampler.take(t.prompts_per_iteration)
-        samples = rollout(roles, prompts, sampling, t.seed * 100003 + it, tokenizer.eos_token_id, pending)
+        ready = prefetch.pop(it) if prefetch is not None else None
+        prompts = ready["prompts"] if ready else sampler.take(t.prompts_per_iteration)
+        samples = rollout(roles, prompts, sampling, t.seed * 100003 + it, tokenizer.eos_token_id,
+                          ready and ready["pending"], ready and ready["generations"])
+        pending_ref = ready and ready["pending_ref"]
     if prefetch is not None and it < t.iterations:
         upcoming = sampler.take(t.prompts_per_iteration)
         started = roles.submit_generate([p["prompt_ids"] for p in upcoming], sampling, t.seed * 100003 + it + 1)
-        prefetch[it + 1] = (upcoming, started, submit_pipelined_reference(
+        prefetch.put(it + 1, upcoming, started, submit_pipelined_reference(
             roles, upcoming, started[-1], t.micro_batch_size, tokenizer.eos_token_id))
     from prefopt.rewards.sources import NonFiniteReward
     try:
@@ -315,7 +320,10 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         held_out = prompts[-nm.eval_prompts:] if nm is not None else []
         sampler = PromptSampler(prompts[:len(prompts) - len(held_out)], t.seed)
         normalizer = RewardNormalizer()
-        driver_state = {"sampler": sampler, "normalizer": normalizer, "constraints": constraints}
+        from prefopt.loops.prefetch import Prefetch
+        prefetch = Prefetch(roles) if t.async_rollouts else None
+        driver_state = {"sampler": sampler, "normalizer": normalizer, "constraints": constraints,
+                        "prefetch": prefetch}
         if resume_from is not None:
             from prefopt.loops import checkpointing
             result.steps = int(checkpointing.restore(resume_from, roles, driver_state)["steps"])
@@ -328,7 +336,6 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         from prefopt.loops.guards import SkipGuard
         stop, guard = stack.enter_context(StopRequest()), SkipGuard(t.max_skipped_steps)
         ckpt = Checkpointer(run_dir, roles, r.output, driver_state=driver_state, tokenizer=tokenizer)
-        prefetch = {} if t.async_rollouts else None
 
         def advance(n: int) -> int:
             """Train ``n`` more iterations (at most up to train.iterations); returns the last one."""
