@@ -256,7 +256,8 @@ def run_iteration(it: int, roles, recipe: Recipe, sampler: PromptSampler, tokeni
     stats.update(learn_stats)
     if constraints is not None:
         stats.update(constraints.update(samples))
-    timings["sync"] = roles.sync_weights(version=it)
+    # async rollouts: the sync is submitted, not awaited (checked by the next engine or sync call)
+    timings["sync"] = roles.sync_weights(version=it, wait=prefetch is None)
     stats["rollout/engine_restarts"] = roles.engines.restarts
     lengths = [len(s["response_ids"]) for s in samples]
     stats.update({"response_length": sum(lengths) / len(lengths),

@@ -47,6 +47,7 @@ class OnlineRoles:
                 self.reward_models[i] = mcls.remote(src.model, trust_remote_code=r.model.trust_remote_code)
 
     def generate(self, prompt_ids: list[list[int]], sampling, seed: int, greedy: bool = False):
+        self.finish_sync()
         return self._recovering(lambda: self.engines.generate(prompt_ids, sampling, seed, greedy), "generate")
 
     def submit_generate(self, prompt_ids: list[list[int]], sampling, seed: int):
@@ -91,12 +92,40 @@ class OnlineRoles:
         refs += [e.join_sync_group.remote(host, port, i + 1, size, self.timeout) for i, e in enumerate(self.engines.actors)]
         self.sync_specs = remote_get(refs, self.timeout, "weight-sync group")[0]
 
-    def sync_weights(self, version: int) -> float:
-        """Policy learners -> every rollout engine (no disk). Returns seconds."""
+    def sync_weights(self, version: int, wait: bool = True) -> float:
+        """Policy learners -> every rollout engine (no disk). Returns seconds.
+
+        ``wait=False`` (async rollouts, ``object_store`` transport): submit the export and the loads
+        and return; Ray runs each actor's calls in submission order, so the learner exports before
+        its next step and every engine loads before the generation submitted after this call. The
+        result is checked by :meth:`finish_sync`, which every later engine or sync call runs first.
+        """
         start = time.perf_counter()
-        self._recovering(lambda: self._sync(version), "weight sync")
+        self.finish_sync()
+        if wait or self.transport != "object_store":
+            self._recovering(lambda: self._sync(version), "weight sync")
+        else:
+            self._pending_sync = (version, self._submit_object_store_sync(version))
         self.version = version
         return time.perf_counter() - start
+
+    def finish_sync(self) -> None:
+        """Wait for a sync submitted with ``wait=False``; if an engine died meanwhile, replace it and
+        sync again."""
+        from prefopt.cluster import ActorDiedError, remote_get
+        pending, self._pending_sync = getattr(self, "_pending_sync", None), None
+        if pending is None:
+            return
+        version, refs = pending
+        try:
+            remote_get(refs, self.timeout, "weight sync (object store)")
+        except ActorDiedError:
+            self._recovering(lambda: self._sync(version), "weight sync")
+
+    def _submit_object_store_sync(self, version: int) -> list:
+        refs = [a.export_weights.remote() for a in self.policy.actors]
+        weights = refs[0]                        # rank 0 holds the full (gathered) tensors
+        return refs[1:] + [e.update_weights.remote(weights, version) for e in self.engines.actors]
 
     def _sync(self, version: int) -> None:
         from prefopt.cluster import remote_get
@@ -105,13 +134,11 @@ class OnlineRoles:
             refs += [e.receive_weights.remote(self.sync_specs, version) for e in self.engines.actors]
             remote_get(refs, self.timeout, "weight sync (process group)")
         else:
-            refs = [a.export_weights.remote() for a in self.policy.actors]
-            weights = refs[0]                        # rank 0 holds the full (gathered) tensors
-            loads = [e.update_weights.remote(weights, version) for e in self.engines.actors]
-            remote_get(refs[1:] + loads, self.timeout, "weight sync (object store)")
+            remote_get(self._submit_object_store_sync(version), self.timeout, "weight sync (object store)")
 
     def shutdown(self) -> None:
         import ray
+        self._pending_sync = None
         extra = list(self.reward_models.values()) + ([self.process_model] if self.process_model else [])
         for actor in self.references + extra:
             ray.kill(actor)
