@@ -85,7 +85,7 @@ def test_process_reward_padding_and_its_fixes_short(ray_cluster, tmp_path):
     """Gao et al. 2024 at toy scale (short version; docs/prm_padding.md has the long run):
     plain per-step process rewards teach PPO to pad with extra steps; Clip and Delta do not."""
     def steps(recipe):
-        result = run(recipe, tmp_path / recipe, "train.iterations=32", "output.save_model=false")
+        result = run(recipe, tmp_path / recipe, "train.iterations=40", "output.save_model=false")
         s = [h["reward/steps_per_response"] for h in result.train_history]
         return sum(s[:5]) / 5, sum(s[-5:]) / 5
 
