@@ -25,7 +25,7 @@ class ModelConfig:
     trust_remote_code: bool = False          # secure default: never run code shipped with a checkpoint
     attn_implementation: str = "sdpa"        # "sdpa" | "eager" | "flash_attention_2"
     gradient_checkpointing: bool = False
-    padding_free: bool = True                # policy/reference forwards pack the non-pad tokens of a
+    padding_free: bool = True                # policy/reference/critic forwards pack the non-pad tokens of a
                                              # micro-batch into one row (no pad FLOPs; models/packing.py)
 
 

@@ -128,3 +128,25 @@ def test_packed_forward_with_gradient_checkpointing(cache):
         forward_logps(model, batch, padding_free=True).logps.sum().backward()
     for p, q in zip(plain.parameters(), ckpt.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+def test_packed_critic_forward_equals_padded(cache, heads):
+    """Values (one or several heads) and their gradients at the response positions agree."""
+    from prefopt.models.load import load_value_model
+    from prefopt.models.logprobs import forward_values
+    path = str(builtin_model_path("tiny-llama"))
+    torch.manual_seed(0)
+    padded = load_value_model(path, num_heads=heads)
+    packed = load_value_model(path, num_heads=heads, padding_free=True)
+    packed.load_state_dict(padded.state_dict())          # the same fresh value head
+    batch = _batch([21, 35, 12], [4, 9, 3])
+    outs = {}
+    for name, model, pf in (("padded", padded, False), ("packed", packed, True)):
+        out = forward_values(model, batch, padding_free=pf)
+        mask = out.token_mask if heads == 1 else out.token_mask.unsqueeze(-1).expand_as(out.values)
+        out.values[mask].sum().backward()
+        outs[name] = (out.values[mask], [p.grad for p in model.parameters()])
+    torch.testing.assert_close(outs["packed"][0], outs["padded"][0], atol=1e-5, rtol=1e-5)
+    for g, r in zip(outs["packed"][1], outs["padded"][1]):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)

@@ -41,10 +41,14 @@ def load_causal_lm(path: str, *, precision: str = "fp32", trust_remote_code: boo
 
 
 def load_value_model(path: str, *, precision: str = "fp32", trust_remote_code: bool = False,
-                     attn_implementation: str = "sdpa", num_heads: int = 1):
+                     attn_implementation: str = "sdpa", num_heads: int = 1, padding_free: bool = False):
     """A critic: the checkpoint's backbone with a fresh token head of ``num_heads`` outputs (V per
     position; one head per reward channel in constrained PPO)."""
     from transformers import AutoModelForTokenClassification
+
+    if padding_free and attn_implementation == "sdpa":
+        from prefopt.models.packing import register_varlen_sdpa
+        attn_implementation = register_varlen_sdpa()
 
     model = AutoModelForTokenClassification.from_pretrained(
         resolve_model_path(path), num_labels=num_heads, dtype=DTYPES[precision],

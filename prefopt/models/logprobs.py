@@ -62,9 +62,22 @@ def _packed_forward_logps(model, batch, temperature: float, with_entropy: bool) 
     return out
 
 
-def forward_values(model, batch: dict[str, torch.Tensor]) -> PolicyOutput:
+def forward_values(model, batch: dict[str, torch.Tensor], padding_free: bool = False) -> PolicyOutput:
     """Critic forward: a token-classification head gives V at every position: ``[N, L-1]`` values
-    for a one-output head, ``[N, L-1, H]`` for an H-head critic (constrained PPO)."""
+    for a one-output head, ``[N, L-1, H]`` for an H-head critic (constrained PPO).
+
+    ``padding_free``: one packed forward (:mod:`prefopt.models.packing`); values are then 0 outside
+    the response positions (the only ones GAE and the value loss read).
+    """
+    if padding_free:
+        from prefopt.models.packing import pack
+        packed = pack(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        values = packed.unpack(model(**packed.model_kwargs()).logits[0, packed.keep])
+        if values.shape[-1] == 1:
+            values = values[..., 0]
+        zero = values.new_zeros(values.shape[0])
+        return PolicyOutput(logps=zero, num_tokens=packed.mask.sum(-1).to(values.dtype), token_mask=packed.mask,
+                            values=values.float())
     values = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if values.shape[-1] == 1:
         values = values[..., 0]

@@ -48,8 +48,10 @@ class Packed:
                     cu_seq_lens_k=cu, max_length_q=self.max_length, max_length_k=self.max_length)
 
     def unpack(self, values: torch.Tensor) -> torch.Tensor:
-        """``[K]`` values at the scored positions -> ``[N, L-1]`` (0 elsewhere), differentiably."""
-        return values.new_zeros(self.mask.shape).masked_scatter(self.mask, values)
+        """``[K, *D]`` values at the scored positions -> ``[N, L-1, *D]`` (0 elsewhere), differentiably."""
+        out = values.new_zeros((*self.mask.shape, *values.shape[1:]))
+        out[self.mask] = values
+        return out
 
 
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> Packed:

@@ -59,11 +59,11 @@ class LearnerWorker:
         path = getattr(self.role_cfg, "path", None) or r.model.path   # a critic may start elsewhere
         kwargs = dict(precision="fp32", trust_remote_code=r.model.trust_remote_code,
                       attn_implementation=r.model.attn_implementation)
-        self.padding_free = self.model_kind == "policy" and r.model.padding_free
+        self.padding_free = r.model.padding_free
         if self.model_kind == "policy":
             model = load_causal_lm(path, padding_free=self.padding_free, **kwargs)
         else:
-            model = load_value_model(path, num_heads=self.value_heads, **kwargs)
+            model = load_value_model(path, num_heads=self.value_heads, padding_free=self.padding_free, **kwargs)
         if r.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         train_cfg = r.train if lr is None else dataclasses.replace(r.train, lr=lr)
@@ -85,7 +85,7 @@ class LearnerWorker:
     def _forward(self, batch):
         from prefopt.models.logprobs import forward_logps, forward_values
         if self.model_kind == "critic":
-            return forward_values(self.engine, batch)
+            return forward_values(self.engine, batch, padding_free=self.padding_free)
         return forward_logps(self.engine, batch, getattr(self.objective, "temperature", 1.0),
                              with_entropy=getattr(self.objective, "wants_entropy", False),
                              padding_free=self.padding_free)
