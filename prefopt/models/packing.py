@@ -112,7 +112,7 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     p = dropout if module.training else 0.0
     if query.shape[2] <= MASKED_MAX_TOKENS:     # short row: one call beats a Python loop of tiny ones
-        mask = block_causal_mask(cu_seq_lens_q, query.shape[2])
+        mask = _cached_block_causal_mask(cu_seq_lens_q, query.shape[2])
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=p,
                                                                scale=scaling)
         return out.transpose(1, 2).contiguous(), None
@@ -129,6 +129,19 @@ def block_causal_mask(cu_seq_lens: torch.Tensor, total: int) -> torch.Tensor:
     seq = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seq_lens.device), lengths)
     pos = torch.arange(total, device=cu_seq_lens.device)
     return (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
+
+
+_last_mask: tuple = (None, 0, None)
+
+
+def _cached_block_causal_mask(cu_seq_lens: torch.Tensor, total: int) -> torch.Tensor:
+    """The mask of the forward in progress: every layer gets the same ``cu_seq_lens`` tensor."""
+    global _last_mask
+    cu, n, mask = _last_mask
+    if cu is not cu_seq_lens or n != total:
+        mask = block_causal_mask(cu_seq_lens, total)
+        _last_mask = (cu_seq_lens, total, mask)
+    return mask
 
 
 def register_varlen_sdpa() -> str:
