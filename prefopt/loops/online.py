@@ -72,11 +72,9 @@ def rollout(roles, prompts: list[dict], sampling, seed: int, eos_id: int, pendin
             generations=None) -> list[dict]:
     """Sample ``sampling.n`` responses per prompt (or collect ``pending``, started earlier, or take
     ``generations`` already collected) -> samples."""
-    if generations is not None:
-        pass
-    elif pending is not None:
+    if generations is None and pending is not None:
         generations = roles.collect_generate(pending)
-    else:
+    elif generations is None:
         generations = roles.generate([p["prompt_ids"] for p in prompts], sampling, seed=seed)
     return [{"kind": "rollouts", "prompt_ids": p["prompt_ids"], "response_ids": g["response_ids"] or [eos_id],
              "rollout_logps": g["logprobs"], "prompt_text": p["prompt_text"], "row": p["row"]}
@@ -164,10 +162,14 @@ def _collect_pipelined_reference(samples: list[dict], refs, timeout_s: float):
     when there is none or it failed (an engine died: the caller recomputes)."""
     if refs is None:
         return None
-    from prefopt.cluster import remote_get
+    from ray.exceptions import RayError
+
+    from prefopt.cluster import ActorDiedError, remote_get
     try:
         out = [x for part in remote_get(refs, timeout_s, "reference log-probs (pipelined)") for x in part]
-    except Exception:   # the generation it waited on failed; the regenerated samples need a fresh pass
+    except (ActorDiedError, RayError) as e:  # e.g. the generation it waited on failed: recompute
+        import logging
+        logging.getLogger("prefopt").warning("pipelined reference pass failed (%s); computing it again", e)
         return None
     if len(out) != len(samples) or any(len(o) != len(s["response_ids"]) for o, s in zip(out, samples)):
         return None

@@ -35,6 +35,7 @@ class OnlineRoles:
         self.transport = ro.weight_sync
         self.engines = EngineGroup(r, learner_bundle=self.policy.bundle_strategy)
         self.max_engine_restarts, self.version = ro.max_restarts, 0
+        self._pending_sync = None        # (version, refs) of a sync submitted without waiting
         from prefopt.roles.reward_model import RewardModelWorker
         self.reward_models, self.process_model = {}, None
         proc = roles.reward.process
@@ -113,7 +114,7 @@ class OnlineRoles:
         """Wait for a sync submitted with ``wait=False``; if an engine died meanwhile, replace it and
         sync again."""
         from prefopt.cluster import ActorDiedError, remote_get
-        pending, self._pending_sync = getattr(self, "_pending_sync", None), None
+        pending, self._pending_sync = self._pending_sync, None
         if pending is None:
             return
         version, refs = pending

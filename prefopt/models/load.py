@@ -23,15 +23,21 @@ def load_tokenizer(path: str, *, trust_remote_code: bool = False):
     return tokenizer
 
 
+def _attention(attn_implementation: str, padding_free: bool) -> str:
+    """Packed forwards swap ``sdpa`` for the per-sequence SDPA of :mod:`prefopt.models.packing`."""
+    if padding_free and attn_implementation == "sdpa":
+        from prefopt.models.packing import register_varlen_sdpa
+        return register_varlen_sdpa()
+    return attn_implementation
+
+
 def load_causal_lm(path: str, *, precision: str = "fp32", trust_remote_code: bool = False,
                    attn_implementation: str = "sdpa", padding_free: bool = False):
     """An HF causal LM by path (or ``builtin:`` name). ``padding_free`` swaps ``sdpa`` for the
     per-sequence SDPA of packed forwards (:mod:`prefopt.models.packing`)."""
     from transformers import AutoModelForCausalLM
 
-    if padding_free and attn_implementation == "sdpa":
-        from prefopt.models.packing import register_varlen_sdpa
-        attn_implementation = register_varlen_sdpa()
+    attn_implementation = _attention(attn_implementation, padding_free)
 
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(path), dtype=DTYPES[precision], trust_remote_code=trust_remote_code,
@@ -46,9 +52,7 @@ def load_value_model(path: str, *, precision: str = "fp32", trust_remote_code: b
     position; one head per reward channel in constrained PPO)."""
     from transformers import AutoModelForTokenClassification
 
-    if padding_free and attn_implementation == "sdpa":
-        from prefopt.models.packing import register_varlen_sdpa
-        attn_implementation = register_varlen_sdpa()
+    attn_implementation = _attention(attn_implementation, padding_free)
 
     model = AutoModelForTokenClassification.from_pretrained(
         resolve_model_path(path), num_labels=num_heads, dtype=DTYPES[precision],
