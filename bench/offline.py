@@ -50,6 +50,10 @@ MODELS = {
     "30m": dict(model="builtin:llama-30m", label="llama-30m (30M)", steps=10,
                 batch=8, micro=4, max_length=256, max_prompt_length=64, min_words=48, max_words=148,
                 lr=1.0e-4, beta=0.1),
+    # summarization-shaped data (prompts longer than responses, as TL;DR): the same model, long prompts
+    "30m-long": dict(model="builtin:llama-30m", label="llama-30m, long prompts (30M)", steps=10,
+                     batch=8, micro=4, max_length=512, max_prompt_length=320, min_words=24, max_words=96,
+                     prompt_words=(100, 180), lr=1.0e-4, beta=0.1),
 }
 QUICK = {"tiny": dict(steps=16)}
 
@@ -73,6 +77,8 @@ ROWS = [
          threads=CPUS, learners=1, zero=0),
     dict(id="prefopt-1l-2t-ckpt", kind="prefopt", label=f"prefopt 1 learner, ZeRO-0, {CPUS} threads, grad ckpt on",
          threads=CPUS, learners=1, zero=0, overrides=["model.gradient_checkpointing=true"], models=("30m",)),
+    dict(id="prefopt-1l-2t-rows", kind="prefopt", label=f"prefopt 1 learner, ZeRO-0, {CPUS} threads, prompts not shared",
+         threads=CPUS, learners=1, zero=0, overrides=["model.share_prompts=false"], models=("30m-long",)),
     dict(id="prefopt-2l", kind="prefopt", label="prefopt 2 learners, ZeRO-2, 1 thread each",
          threads=1, learners=2, zero=2),
 ]
@@ -96,7 +102,11 @@ def write_data(spec: dict, out_dir: Path, tokenizer) -> tuple[Path, Path, dict]:
         lo, hi = spec["min_words"], spec["max_words"]
         # responses start with a space so that prompt+response (TRL) and the response alone (prefopt)
         # tokenize the same way at the boundary
-        rows.append({"prompt": synthetic._prompt(rng),
+        prompt = synthetic._prompt(rng)
+        if "prompt_words" in spec:       # a long document before the question
+            n = rng.randint(*spec["prompt_words"])
+            prompt = "Summarize: " + " ".join(rng.choice(synthetic.NOUNS) for _ in range(n)) + ". " + prompt
+        rows.append({"prompt": prompt,
                      "chosen": " " + synthetic._response(rng, 0.9, lo, hi),
                      "rejected": " " + synthetic._response(rng, 0.1, lo, hi)})
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,9 +114,10 @@ def write_data(spec: dict, out_dir: Path, tokenizer) -> tuple[Path, Path, dict]:
     for path, part in ((train, rows[:n_train]), (evals, rows[n_train:])):
         path.write_text("".join(json.dumps(r) + "\n" for r in part))
     # token statistics; check nothing gets truncated by either framework
-    lengths, resp = [], []
+    lengths, resp, prompts = [], [], []
     for r in rows[:n_train]:
         p = len(tokenizer(r["prompt"])["input_ids"])
+        prompts.append(p)
         for k in ("chosen", "rejected"):
             n = len(tokenizer(r[k], add_special_tokens=False)["input_ids"]) + 1  # + eos
             resp.append(n)
@@ -114,6 +125,7 @@ def write_data(spec: dict, out_dir: Path, tokenizer) -> tuple[Path, Path, dict]:
             if p > spec["max_prompt_length"] or p + n > spec["max_length"]:
                 raise SystemExit(f"bench data: a row would be truncated ({p} + {n} tokens)")
     stats = {"train_rows": n_train, "eval_rows": n_eval,
+             "prompt_tokens": [min(prompts), statistics.mean(prompts), max(prompts)],
              "response_tokens": [min(resp), statistics.mean(resp), max(resp)],
              "sequence_tokens": [min(lengths), statistics.mean(lengths), max(lengths)]}
     return train, evals, stats

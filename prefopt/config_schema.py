@@ -27,6 +27,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     padding_free: bool = True                # policy/reference/critic forwards pack the non-pad tokens of a
                                              # micro-batch into one row (no pad FLOPs; models/packing.py)
+    share_prompts: bool = True               # with padding_free and sdpa: rows with the same prompt (a pair,
+                                             # a list, a rollout group) share one copy of it in the packed row
 
 
 @dataclass

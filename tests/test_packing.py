@@ -63,7 +63,7 @@ def test_packed_forward_equals_padded(models, impl, left_pad):
     for name, padding_free in (("padded", False), (impl, True)):
         model = models[name]
         model.zero_grad()
-        out = forward_logps(model, batch, temperature=0.7, with_entropy=True, padding_free=padding_free)
+        out = forward_logps(model, batch, temperature=0.7, with_entropy=True, packing="rows" if padding_free else None)
         (out.logps.sum() + out.entropy[out.token_mask].sum()).backward()
         grads = [p.grad.clone() for p in model.parameters()]
         results[name] = (out, grads)
@@ -82,9 +82,9 @@ def test_varlen_attention_keeps_sequences_apart(models):
     batch = _batch([12, 20, 15], [2, 2, 2])
     model = models["varlen_sdpa"]
     with torch.no_grad():
-        before = forward_logps(model, batch, padding_free=True).token_logps
+        before = forward_logps(model, batch, packing="rows").token_logps
         batch["input_ids"][1, :20] = torch.randint(3, 500, (20,), generator=torch.Generator().manual_seed(9))
-        after = forward_logps(model, batch, padding_free=True).token_logps
+        after = forward_logps(model, batch, packing="rows").token_logps
     assert torch.equal(before[0], after[0]) and torch.equal(before[2], after[2])
     assert not torch.equal(before[1], after[1])
 
@@ -93,8 +93,8 @@ def test_padded_batches_still_work_with_varlen_model(models):
     """The swapped attention falls back to SDPA for padded input (e.g. HF generate)."""
     batch = _batch([10, 22], [3, 4])
     with torch.no_grad():
-        a = forward_logps(models["varlen_sdpa"], batch, padding_free=False).token_logps
-        b = forward_logps(models["padded"], batch, padding_free=False).token_logps
+        a = forward_logps(models["varlen_sdpa"], batch, packing=None).token_logps
+        b = forward_logps(models["padded"], batch, packing=None).token_logps
     torch.testing.assert_close(a, b)
 
 
@@ -113,7 +113,7 @@ def test_long_packed_rows_attend_per_sequence(models, monkeypatch):
         ref = forward_logps(models["padded"], batch).token_logps
         for limit in (10_000, 8):        # masked call / per-sequence loop
             monkeypatch.setattr(packing, "MASKED_MAX_TOKENS", limit)
-            got = forward_logps(models["varlen_sdpa"], batch, padding_free=True).token_logps
+            got = forward_logps(models["varlen_sdpa"], batch, packing="rows").token_logps
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -125,7 +125,7 @@ def test_packed_forward_with_gradient_checkpointing(cache):
     plain.train(), ckpt.train()
     batch = _batch([30, 19, 27], [5, 3, 4])
     for model in (plain, ckpt):
-        forward_logps(model, batch, padding_free=True).logps.sum().backward()
+        forward_logps(model, batch, packing="rows").logps.sum().backward()
     for p, q in zip(plain.parameters(), ckpt.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5)
 
@@ -143,10 +143,95 @@ def test_packed_critic_forward_equals_padded(cache, heads):
     batch = _batch([21, 35, 12], [4, 9, 3])
     outs = {}
     for name, model, pf in (("padded", padded, False), ("packed", packed, True)):
-        out = forward_values(model, batch, padding_free=pf)
+        out = forward_values(model, batch, packing="rows" if pf else None)
         mask = out.token_mask if heads == 1 else out.token_mask.unsqueeze(-1).expand_as(out.values)
         out.values[mask].sum().backward()
         outs[name] = (out.values[mask], [p.grad for p in model.parameters()])
     torch.testing.assert_close(outs["packed"][0], outs["padded"][0], atol=1e-5, rtol=1e-5)
     for g, r in zip(outs["packed"][1], outs["padded"][1]):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+def _shared_batch(prompts, responses, *, left_pad=False):
+    """Rows = prompt + response; ``responses[i]`` pairs with ``prompts[owner[i]]`` as given in tuples."""
+    rows = [(prompts[j], r) for j, r in responses]
+    width = max(len(p) + len(r) for p, r in rows)
+    n = len(rows)
+    ids = torch.zeros((n, width), dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    loss = torch.zeros((n, width), dtype=torch.bool)
+    for i, (p, r) in enumerate(rows):
+        length = len(p) + len(r)
+        start = width - length if left_pad else 0
+        ids[i, start:start + length] = torch.tensor(p + r)
+        attention[i, start:start + length] = 1
+        loss[i, start + len(p):start + length] = True
+    return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss}
+
+
+def test_shared_prompt_layout_by_hand():
+    batch = _shared_batch([[5, 6, 7], [8, 9]], [(0, [10, 11]), (1, [12]), (0, [13, 14, 15])])
+    packed = pack(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], share_prompts=True)
+    # group 0: prompt 5 6 7, then row 0's 10 11, then row 2's 13 14 15; group 1: 8 9 12
+    assert packed.input_ids.tolist() == [[5, 6, 7, 10, 11, 13, 14, 15, 8, 9, 12]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5, 0, 1, 2]]
+    seg = packed.segments
+    assert seg.bounds == [(0, 8), (8, 11)] and seg.shared == [True, False]
+    assert seg.segment.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 0, 0, 1]
+    # row 0 scores 10 (from 7, packed 2) and 11 (from 10, packed 3); row 1 scores 12 (from 9, packed 9);
+    # row 2 scores 13 (from 7: the shared prompt's last token again), 14, 15 (from packed 5, 6)
+    assert packed.keep.tolist() == [2, 3, 9, 2, 5, 6]
+    assert packed.labels.tolist() == [10, 11, 12, 13, 14, 15]
+    m = seg.mask()
+    assert m[5].tolist() == [True, True, True, False, False, True] + [False] * 5   # 13 sees the prompt + itself
+    assert not m[9, :8].any() and m[10, 8:].all()                                   # groups stay apart
+
+
+def test_no_shared_prompt_falls_back_to_rows():
+    batch = _shared_batch([[5, 6], [8, 9]], [(0, [10]), (1, [12])])
+    packed = pack(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], share_prompts=True)
+    assert packed.segments is None and packed.cu_seq_lens.tolist() == [0, 3, 6]
+
+
+@pytest.mark.parametrize("limit", [10_000, 8], ids=["one-masked-call", "per-group"])
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_shared_prompt_forward_equals_padded(models, monkeypatch, limit, left_pad):
+    """Pairs (chosen block then rejected block) and a rollout-like group of 3: log-probs, entropies
+    and gradients equal the padded forward's."""
+    import prefopt.models.packing as packing
+    monkeypatch.setattr(packing, "MASKED_MAX_TOKENS", limit)
+    g = torch.Generator().manual_seed(3)
+    rand = lambda n: torch.randint(3, 500, (n,), generator=g).tolist()  # noqa: E731
+    prompts = [rand(7), rand(12), rand(4)]
+    responses = [(0, rand(9)), (1, rand(15)), (0, rand(5)), (1, rand(3)),        # pairs of prompts 0 and 1
+                 (2, rand(11)), (2, rand(6)), (2, rand(13))]                    # a group of 3
+    batch = _shared_batch(prompts, responses, left_pad=left_pad)
+    results = {}
+    for name, model, mode in (("padded", models["padded"], None), ("shared", models["varlen_sdpa"], "shared")):
+        model.zero_grad()
+        out = forward_logps(model, batch, temperature=0.9, with_entropy=True, packing=mode)
+        (out.logps.sum() + 0.1 * out.entropy[out.token_mask].sum()).backward()
+        results[name] = (out, [p.grad.clone() for p in model.parameters()])
+    (ref, ref_grads), (got, got_grads) = results["padded"], results["shared"]
+    torch.testing.assert_close(got.token_logps, ref.token_logps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.entropy[got.token_mask], ref.entropy[ref.token_mask], atol=1e-5, rtol=1e-5)
+    for a, b in zip(got_grads, ref_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prompt_responses_do_not_see_each_other(models):
+    g = torch.Generator().manual_seed(4)
+    rand = lambda n: torch.randint(3, 500, (n,), generator=g).tolist()  # noqa: E731
+    prompt, chosen = rand(6), rand(8)
+    with torch.no_grad():
+        a = forward_logps(models["varlen_sdpa"], _shared_batch([prompt], [(0, chosen), (0, rand(9))]),
+                          packing="shared").token_logps
+        b = forward_logps(models["varlen_sdpa"], _shared_batch([prompt], [(0, chosen), (0, rand(4))]),
+                          packing="shared").token_logps
+    torch.testing.assert_close(a[0, :13], b[0, :13], atol=1e-6, rtol=0)
+
+
+def test_shared_prompts_need_prefopt_sdpa(models):
+    batch = _shared_batch([[5, 6, 7]], [(0, [10, 11]), (0, [12])])
+    with pytest.raises(ValueError, match="shared-prompt packing needs"):
+        forward_logps(models["eager"], batch, packing="shared")

@@ -27,14 +27,16 @@ def sequence_logps(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: tor
 
 
 def forward_logps(model, batch: dict[str, torch.Tensor], temperature: float = 1.0,
-                  with_entropy: bool = False, padding_free: bool = False) -> PolicyOutput:
+                  with_entropy: bool = False, packing: str | None = None) -> PolicyOutput:
     """One forward of every row in ``batch`` (chosen and rejected concatenated) -> PolicyOutput.
 
-    ``padding_free``: one packed row of the non-pad tokens and logits only where a response token
-    is scored (:mod:`prefopt.models.packing`); the same PolicyOutput, without the pad FLOPs.
+    ``packing`` (:func:`prefopt.models.packing.packing_mode`): ``"rows"`` = one packed row of the
+    non-pad tokens, logits only where a response token is scored; ``"shared"`` = the same, with one
+    copy of each prompt shared by its rows. The same PolicyOutput, without the pad (and repeated
+    prompt) FLOPs.
     """
-    if padding_free:
-        return _packed_forward_logps(model, batch, temperature, with_entropy)
+    if packing:
+        return _packed_forward_logps(model, batch, temperature, with_entropy, share_prompts=packing == "shared")
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                    use_cache=False).logits
     if temperature != 1.0:
@@ -46,9 +48,9 @@ def forward_logps(model, batch: dict[str, torch.Tensor], temperature: float = 1.
     return out
 
 
-def _packed_forward_logps(model, batch, temperature: float, with_entropy: bool) -> PolicyOutput:
+def _packed_forward_logps(model, batch, temperature: float, with_entropy: bool, share_prompts: bool) -> PolicyOutput:
     from prefopt.models.packing import pack, packed_logits
-    packed = pack(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    packed = pack(batch["input_ids"], batch["attention_mask"], batch["loss_mask"], share_prompts=share_prompts)
     logits = packed_logits(model, packed)
     if temperature != 1.0:
         logits = logits / temperature
@@ -62,16 +64,17 @@ def _packed_forward_logps(model, batch, temperature: float, with_entropy: bool) 
     return out
 
 
-def forward_values(model, batch: dict[str, torch.Tensor], padding_free: bool = False) -> PolicyOutput:
+def forward_values(model, batch: dict[str, torch.Tensor], packing: str | None = None) -> PolicyOutput:
     """Critic forward: a token-classification head gives V at every position: ``[N, L-1]`` values
     for a one-output head, ``[N, L-1, H]`` for an H-head critic (constrained PPO).
 
-    ``padding_free``: one packed forward (:mod:`prefopt.models.packing`); values are then 0 outside
-    the response positions (the only ones GAE and the value loss read).
+    ``packing``: as :func:`forward_logps`; values are then 0 outside the response positions (the
+    only ones GAE and the value loss read).
     """
-    if padding_free:
+    if packing:
         from prefopt.models.packing import pack
-        packed = pack(batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+        packed = pack(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
+                      share_prompts=packing == "shared")
         values = packed.unpack(model(**packed.model_kwargs()).logits[0, packed.keep])
         if values.shape[-1] == 1:
             values = values[..., 0]

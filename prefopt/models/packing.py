@@ -40,9 +40,12 @@ class Packed:
     keep: torch.Tensor           # [K] packed positions whose next token is scored
     labels: torch.Tensor         # [K] the scored tokens
     mask: torch.Tensor           # [N, L-1] bool: where the K values go in the padded per-token view
+    segments: "Segments | None" = None   # prompts shared by several rows (see pack)
 
     def model_kwargs(self) -> dict:
         """Keyword arguments of an HF causal LM forward over the packed row."""
+        if self.segments is not None:      # only VARLEN_SDPA knows this layout
+            return dict(input_ids=self.input_ids, position_ids=self.position_ids, prefopt_segments=self.segments)
         cu = self.cu_seq_lens
         return dict(input_ids=self.input_ids, position_ids=self.position_ids, cu_seq_lens_q=cu,
                     cu_seq_lens_k=cu, max_length_q=self.max_length, max_length_k=self.max_length)
@@ -54,20 +57,46 @@ class Packed:
         return out
 
 
-def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor) -> Packed:
+@dataclass
+class Segments:
+    """A packed row in which rows with the same prompt share one copy of it: per group of rows, the
+    prompt (segment 0) then each row's response (segments 1, 2, ...); position ids continue from the
+    prompt in every response. A response attends to the prompt and to itself (causally), never to
+    the other responses of its group."""
+    bounds: list                 # (start, end) of each group in the packed row
+    shared: list                 # per group: more than one response (else plain causal attention)
+    group: torch.Tensor          # [S] group index of each packed position
+    segment: torch.Tensor        # [S] 0 = prompt, k = the group's k-th response
+
+    def mask(self, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """``[n, n]`` bool attention mask of positions ``start:end`` (query x key)."""
+        g, s = self.group[start:end], self.segment[start:end]
+        n = g.shape[0]
+        causal = torch.ones((n, n), dtype=torch.bool, device=g.device).tril()
+        return causal & (g[:, None] == g[None, :]) & ((s[None, :] == 0) | (s[None, :] == s[:, None]))
+
+
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, *,
+         share_prompts: bool = False) -> Packed:
     """Pack a padded batch (right or left padding) whose scored tokens are ``loss_mask``.
 
     Token ``t`` of row ``i`` is scored with the logits at ``t - 1`` (as in the padded view), so the
-    kept packed positions are those of the tokens just before the scored ones.
+    kept packed positions are those of the tokens just before the scored ones. ``share_prompts``:
+    rows whose tokens before their first scored token are identical (the chosen and rejected of a
+    pair, a list's responses, a rollout group) share one copy of that prompt (:class:`Segments`).
     """
     present = attention_mask.to(torch.bool)
     lengths = present.sum(-1)
     if (lengths == 0).any():
         raise ValueError("cannot pack a batch with an empty row")
-    flat_index = present.flatten().cumsum(0).view(present.shape) - 1   # packed position of each token
     mask = loss_mask[:, 1:].to(torch.bool)
     if (mask & ~present[:, :-1]).any():
         raise ValueError("a scored token follows a pad token; pack() needs each scored token's predecessor")
+    if share_prompts:
+        shared = _pack_shared_prompts(input_ids, present, loss_mask.to(torch.bool), mask)
+        if shared is not None:
+            return shared
+    flat_index = present.flatten().cumsum(0).view(present.shape) - 1   # packed position of each token
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32, device=input_ids.device)
     cu[1:] = lengths.cumsum(0)
     return Packed(input_ids=input_ids[present].unsqueeze(0),
@@ -76,8 +105,59 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch
                   keep=flat_index[:, :-1][mask], labels=input_ids[:, 1:][mask], mask=mask)
 
 
+def _pack_shared_prompts(input_ids, present, loss_mask, mask) -> Packed | None:
+    """:func:`pack` with shared prompts; None when no two rows share one."""
+    n, device = input_ids.shape[0], input_ids.device
+    rows = [input_ids[i][present[i]] for i in range(n)]
+    starts = []                                   # prompt length: index of the first scored token
+    for i in range(n):
+        scored = loss_mask[i][present[i]].nonzero()
+        starts.append(int(scored[0]) if len(scored) else len(rows[i]))
+    groups: dict[tuple, list[int]] = {}
+    for i in range(n):
+        groups.setdefault((starts[i], tuple(rows[i][:starts[i]].tolist())), []).append(i)
+    if all(len(members) == 1 for members in groups.values()):
+        return None
+    tokens, positions, group_ids, segment_ids, bounds, shared = [], [], [], [], [], []
+    row_positions = [None] * n                    # packed position of each of row i's tokens
+    cursor = 0
+    for g, ((p, _), members) in enumerate(groups.items()):
+        start = cursor
+        tokens.append(rows[members[0]][:p])
+        positions.append(torch.arange(p, device=device))
+        segment_ids.append(torch.zeros(p, dtype=torch.long, device=device))
+        prompt_at = torch.arange(cursor, cursor + p, device=device)
+        cursor += p
+        for k, i in enumerate(members, start=1):
+            response = rows[i][p:]
+            r = len(response)
+            tokens.append(response)
+            positions.append(torch.arange(p, p + r, device=device))
+            segment_ids.append(torch.full((r,), k, dtype=torch.long, device=device))
+            row_positions[i] = torch.cat([prompt_at, torch.arange(cursor, cursor + r, device=device)])
+            cursor += r
+        group_ids.append(torch.full((cursor - start,), g, dtype=torch.long, device=device))
+        bounds.append((start, cursor))
+        shared.append(len(members) > 1)
+    index = torch.full(present.shape, -1, dtype=torch.long, device=device)
+    for i in range(n):
+        index[i][present[i]] = row_positions[i]
+    lengths = [b - a for a, b in bounds]
+    cu = torch.tensor([0] + lengths, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+    return Packed(input_ids=torch.cat(tokens).unsqueeze(0), position_ids=torch.cat(positions).unsqueeze(0),
+                  cu_seq_lens=cu, max_length=max(lengths), keep=index[:, :-1][mask],
+                  labels=input_ids[:, 1:][mask], mask=mask,
+                  segments=Segments(bounds=bounds, shared=shared, group=torch.cat(group_ids),
+                                    segment=torch.cat(segment_ids)))
+
+
 def packed_logits(model, packed: Packed) -> torch.Tensor:
     """``[K, V]`` logits at the kept positions of one packed forward."""
+    if packed.segments is not None:
+        module = getattr(model, "module", model)
+        if getattr(module.config, "_attn_implementation", None) != VARLEN_SDPA:
+            raise ValueError("shared-prompt packing needs the model loaded with padding_free=True and "
+                             "attn_implementation 'sdpa' (its attention is prefopt's per-sequence SDPA)")
     kwargs = packed.model_kwargs()
     if _accepts_logits_to_keep(model):
         return model(**kwargs, logits_to_keep=packed.keep, use_cache=False).logits[0]
@@ -96,13 +176,17 @@ def _accepts_logits_to_keep(model) -> bool:
 # ---------------------------------------------------------------------------- attention
 
 def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
-                          scaling=None, is_causal=None, cu_seq_lens_q=None, **kwargs):
-    """Causal SDPA per packed sequence when ``cu_seq_lens_q`` is given, else transformers' SDPA.
+                          scaling=None, is_causal=None, cu_seq_lens_q=None, prefopt_segments=None, **kwargs):
+    """Causal SDPA per packed sequence when ``cu_seq_lens_q`` is given (or per group of a
+    shared-prompt row, ``prefopt_segments``), else transformers' SDPA.
 
     query ``[1, H, S, D]``, key/value ``[1, H_kv, S, D]`` -> ``([1, S, H, D], None)``.
     """
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
+    if prefopt_segments is not None:
+        return _segment_attention(query, key, value, prefopt_segments, scaling,
+                                  dropout if module.training else 0.0), None
     if cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
@@ -131,6 +215,32 @@ def block_causal_mask(cu_seq_lens: torch.Tensor, total: int) -> torch.Tensor:
     return (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
 
 
+def _segment_attention(query, key, value, segments: Segments, scaling, p: float) -> torch.Tensor:
+    from transformers.integrations.sdpa_attention import repeat_kv
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    if query.shape[2] <= MASKED_MAX_TOKENS:
+        out = sdpa(query, key, value, attn_mask=_cached_segment_mask(segments), dropout_p=p, scale=scaling)
+    else:
+        out = torch.cat([sdpa(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p, scale=scaling,
+                              **({"attn_mask": segments.mask(a, b)} if shared else {"is_causal": True}))
+                         for (a, b), shared in zip(segments.bounds, segments.shared)], dim=2)
+    return out.transpose(1, 2).contiguous()
+
+
+_last_segment_mask: tuple = (None, None)
+
+
+def _cached_segment_mask(segments: Segments) -> torch.Tensor:
+    global _last_segment_mask
+    seen, mask = _last_segment_mask
+    if seen is not segments:
+        mask = segments.mask()
+        _last_segment_mask = (segments, mask)
+    return mask
+
+
 _last_mask: tuple = (None, 0, None)
 
 
@@ -142,6 +252,14 @@ def _cached_block_causal_mask(cu_seq_lens: torch.Tensor, total: int) -> torch.Te
         mask = block_causal_mask(cu_seq_lens, total)
         _last_mask = (cu_seq_lens, total, mask)
     return mask
+
+
+def packing_mode(model_cfg) -> str | None:
+    """The forwards' layout from a recipe's ``model`` section: None (padded), ``"rows"`` (packed) or
+    ``"shared"`` (packed, shared prompts: needs prefopt's SDPA, so ``attn_implementation: sdpa``)."""
+    if not model_cfg.padding_free:
+        return None
+    return "shared" if model_cfg.share_prompts and model_cfg.attn_implementation == "sdpa" else "rows"
 
 
 def register_varlen_sdpa() -> str:

@@ -28,7 +28,7 @@ def collate_to(examples: list[dict], pad_id: int, device):
 
 
 def token_logps(model, micro_batches: list[list[dict]], pad_id: int, device,
-                temperature: float = 1.0, padding_free: bool = False) -> list[list[list[float]]]:
+                temperature: float = 1.0, packing: str | None = None) -> list[list[list[float]]]:
     """No-grad per-token log-probs of each rollout sample's response tokens."""
     import torch
 
@@ -39,13 +39,13 @@ def token_logps(model, micro_batches: list[list[dict]], pad_id: int, device,
     with torch.no_grad():
         for samples in micro_batches:
             policy = forward_logps(model, collate_to(samples, pad_id, device), temperature,
-                                   padding_free=padding_free)
+                                   packing=packing)
             out.append(response_values(policy.token_logps.double().cpu(), samples))
     return out
 
 
 def response_logps(model, micro_batches: list[list[dict]], pad_id: int, device,
-                   padding_free: bool = False) -> list[list[list[float]]]:
+                   packing: str | None = None) -> list[list[list[float]]]:
     """No-grad summed response log-probs: per micro-batch, per example, per response."""
     import torch
 
@@ -55,6 +55,6 @@ def response_logps(model, micro_batches: list[list[dict]], pad_id: int, device,
     out = []
     with torch.no_grad():
         for examples in micro_batches:
-            policy = forward_logps(model, collate_to(examples, pad_id, device), padding_free=padding_free)
+            policy = forward_logps(model, collate_to(examples, pad_id, device), packing=packing)
             out.append(split_rows(policy.logps.double().cpu(), examples))
     return out

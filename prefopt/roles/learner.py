@@ -59,11 +59,12 @@ class LearnerWorker:
         path = getattr(self.role_cfg, "path", None) or r.model.path   # a critic may start elsewhere
         kwargs = dict(precision="fp32", trust_remote_code=r.model.trust_remote_code,
                       attn_implementation=r.model.attn_implementation)
-        self.padding_free = r.model.padding_free
+        from prefopt.models.packing import packing_mode
+        self.packing = packing_mode(r.model)
         if self.model_kind == "policy":
-            model = load_causal_lm(path, padding_free=self.padding_free, **kwargs)
+            model = load_causal_lm(path, padding_free=r.model.padding_free, **kwargs)
         else:
-            model = load_value_model(path, num_heads=self.value_heads, padding_free=self.padding_free, **kwargs)
+            model = load_value_model(path, num_heads=self.value_heads, padding_free=r.model.padding_free, **kwargs)
         if r.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         train_cfg = r.train if lr is None else dataclasses.replace(r.train, lr=lr)
@@ -85,10 +86,10 @@ class LearnerWorker:
     def _forward(self, batch):
         from prefopt.models.logprobs import forward_logps, forward_values
         if self.model_kind == "critic":
-            return forward_values(self.engine, batch, padding_free=self.padding_free)
+            return forward_values(self.engine, batch, packing=self.packing)
         return forward_logps(self.engine, batch, getattr(self.objective, "temperature", 1.0),
                              with_entropy=getattr(self.objective, "wants_entropy", False),
-                             padding_free=self.padding_free)
+                             packing=self.packing)
 
     # ------------------------------------------------------------------ collective calls
     def compute_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
@@ -97,7 +98,7 @@ class LearnerWorker:
         self.engine.eval()
         try:
             return response_logps(self.engine, micro_batches, self.pad_id, self.device,
-                                  padding_free=self.padding_free)
+                                  packing=self.packing)
         finally:
             self.engine.train()
 

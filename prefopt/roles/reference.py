@@ -24,19 +24,20 @@ class ReferenceWorker:
                                     padding_free=recipe.model.padding_free).to(self.device)
         self.model.eval().requires_grad_(False)
         self.pad_id = pad_id
-        self.padding_free = recipe.model.padding_free
+        from prefopt.models.packing import packing_mode
+        self.packing = packing_mode(recipe.model)
         self.temperature = getattr(recipe.objective, "temperature", 1.0)
 
     def compute_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
         from prefopt.roles.common import response_logps
         return response_logps(self.model, micro_batches, self.pad_id, self.device,
-                              padding_free=self.padding_free)
+                              packing=self.packing)
 
     def compute_token_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
         """Per-token log-probs of rollout samples' responses (the KL penalty's reference)."""
         from prefopt.roles.common import token_logps
         return token_logps(self.model, micro_batches, self.pad_id, self.device, self.temperature,
-                           padding_free=self.padding_free)
+                           packing=self.packing)
 
     def compute_generation_logps(self, prompt_ids: list[list[int]], generations: list[list[dict]],
                                  micro_batch_size: int, eos_id: int) -> list[list[float]]:
