@@ -65,7 +65,9 @@ def test_killed_learner_stops_the_run_with_an_intact_checkpoint(ray_cluster, tmp
     thread.join(timeout=5)
     assert killed and stopped - killed["at"] < 60          # within ray.call_timeout_s, no hang
     checkpoints = list_checkpoints(run_dir)
-    assert checkpoints and read_state(checkpoints[-1])["counter"] >= 3
+    # iteration 3 is logged before its checkpoint is written, so the kill may land during that write:
+    # the newest complete checkpoint is then iteration 2's (the half-written one is not listed)
+    assert checkpoints and read_state(checkpoints[-1])["counter"] >= 2
     done = read_state(checkpoints[-1])["counter"]
     resumed = train(load_recipe("recipes/tiny_grpo.yaml", [*COMMON, f"train.iterations={done + 1}",
                                                            f"resume={run_dir}"]), quiet=True)
