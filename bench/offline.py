@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Offline DPO throughput and peak memory: prefopt vs TRL's ``DPOTrainer``, same everything.
 
-    python bench/offline.py            # full bench (tiny-llama and llama-30m), ~7 minutes on 2 idle CPU cores
+    python bench/offline.py            # full bench (tiny-llama, llama-30m, llama-30m long prompts), ~17 minutes on 2 idle CPU cores
     python bench/offline.py --quick    # smoke run: tiny model only, few steps (~2 minutes)
     python bench/offline.py --models tiny --out /tmp/b
 
@@ -83,7 +83,7 @@ ROWS = [
          threads=1, learners=2, zero=2),
 ]
 BASELINES = ("trl-default", "trl-fair")
-# Rows with a "models" key run only for those models (to keep the full bench near 10 minutes).
+# Rows with a "models" key run only for those models (to keep the full bench short).
 
 
 # ============================================================================ data
