@@ -72,10 +72,10 @@ def forward_values(model, batch: dict[str, torch.Tensor], packing: str | None = 
     only ones GAE and the value loss read).
     """
     if packing:
-        from prefopt.models.packing import pack
+        from prefopt.models.packing import pack, packed_forward
         packed = pack(batch["input_ids"], batch["attention_mask"], batch["loss_mask"],
                       share_prompts=packing == "shared")
-        values = packed.unpack(model(**packed.model_kwargs()).logits[0, packed.keep])
+        values = packed.unpack(packed_forward(model, packed).logits[0, packed.keep])
         if values.shape[-1] == 1:
             values = values[..., 0]
         zero = values.new_zeros(values.shape[0])

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -74,6 +75,17 @@ class Segments:
         n = g.shape[0]
         causal = torch.ones((n, n), dtype=torch.bool, device=g.device).tril()
         return causal & (g[:, None] == g[None, :]) & ((s[None, :] == 0) | (s[None, :] == s[:, None]))
+
+    # built once per forward and shared by every layer
+    @cached_property
+    def full_mask(self) -> torch.Tensor:
+        return self.mask()
+
+    def group_mask(self, i: int) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_group_masks", {})
+        if i not in cache:
+            cache[i] = self.mask(*self.bounds[i])
+        return cache[i]
 
 
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, *,
@@ -151,17 +163,21 @@ def _pack_shared_prompts(input_ids, present, loss_mask, mask) -> Packed | None:
                                     segment=torch.cat(segment_ids)))
 
 
-def packed_logits(model, packed: Packed) -> torch.Tensor:
-    """``[K, V]`` logits at the kept positions of one packed forward."""
+def packed_forward(model, packed: Packed, **kwargs):
+    """The model's forward over the packed row (HF output); checks the attention can read the layout."""
     if packed.segments is not None:
         module = getattr(model, "module", model)
         if getattr(module.config, "_attn_implementation", None) != VARLEN_SDPA:
             raise ValueError("shared-prompt packing needs the model loaded with padding_free=True and "
                              "attn_implementation 'sdpa' (its attention is prefopt's per-sequence SDPA)")
-    kwargs = packed.model_kwargs()
+    return model(**packed.model_kwargs(), **kwargs)
+
+
+def packed_logits(model, packed: Packed) -> torch.Tensor:
+    """``[K, V]`` logits at the kept positions of one packed forward."""
     if _accepts_logits_to_keep(model):
-        return model(**kwargs, logits_to_keep=packed.keep, use_cache=False).logits[0]
-    return model(**kwargs, use_cache=False).logits[0, packed.keep]
+        return packed_forward(model, packed, logits_to_keep=packed.keep, use_cache=False).logits[0]
+    return packed_forward(model, packed, use_cache=False).logits[0, packed.keep]
 
 
 def _accepts_logits_to_keep(model) -> bool:
@@ -184,74 +200,53 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     """
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
-    if prefopt_segments is not None:
-        return _segment_attention(query, key, value, prefopt_segments, scaling,
-                                  dropout if module.training else 0.0), None
-    if cu_seq_lens_q is None:
+    if prefopt_segments is None and cu_seq_lens_q is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     if query.shape[0] != 1:
         raise ValueError(f"packed attention expects one packed row, got batch {query.shape[0]}")
+    layout = prefopt_segments if prefopt_segments is not None else _rows_layout(cu_seq_lens_q)
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     p = dropout if module.training else 0.0
+    sdpa = torch.nn.functional.scaled_dot_product_attention
     if query.shape[2] <= MASKED_MAX_TOKENS:     # short row: one call beats a Python loop of tiny ones
-        mask = _cached_block_causal_mask(cu_seq_lens_q, query.shape[2])
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=p,
-                                                               scale=scaling)
-        return out.transpose(1, 2).contiguous(), None
-    bounds = cu_seq_lens_q.tolist()
-    out = [torch.nn.functional.scaled_dot_product_attention(
-               query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p, is_causal=True, scale=scaling)
-           for a, b in zip(bounds[:-1], bounds[1:])]
-    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+        out = sdpa(query, key, value, attn_mask=layout.full_mask, dropout_p=p, scale=scaling)
+    else:
+        out = torch.cat([sdpa(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p, scale=scaling,
+                              **({"attn_mask": layout.group_mask(i)} if shared else {"is_causal": True}))
+                         for i, ((a, b), shared) in enumerate(zip(layout.bounds, layout.shared))], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def rows_segments(cu_seq_lens: torch.Tensor) -> Segments:
+    """The plain packed layout as :class:`Segments`: every row its own group, no shared prompt."""
+    bounds = cu_seq_lens.tolist()
+    lengths = (cu_seq_lens[1:] - cu_seq_lens[:-1]).long()
+    group = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seq_lens.device), lengths)
+    return Segments(bounds=list(zip(bounds[:-1], bounds[1:])), shared=[False] * len(lengths), group=group,
+                    segment=torch.zeros_like(group))
 
 
 def block_causal_mask(cu_seq_lens: torch.Tensor, total: int) -> torch.Tensor:
     """``[total, total]`` bool: position q attends to k iff both are in one sequence and k <= q."""
-    lengths = (cu_seq_lens[1:] - cu_seq_lens[:-1]).long()
-    seq = torch.repeat_interleave(torch.arange(len(lengths), device=cu_seq_lens.device), lengths)
-    pos = torch.arange(total, device=cu_seq_lens.device)
-    return (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
-
-
-def _segment_attention(query, key, value, segments: Segments, scaling, p: float) -> torch.Tensor:
-    from transformers.integrations.sdpa_attention import repeat_kv
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    groups = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    if query.shape[2] <= MASKED_MAX_TOKENS:
-        out = sdpa(query, key, value, attn_mask=_cached_segment_mask(segments), dropout_p=p, scale=scaling)
-    else:
-        out = torch.cat([sdpa(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p, scale=scaling,
-                              **({"attn_mask": segments.mask(a, b)} if shared else {"is_causal": True}))
-                         for (a, b), shared in zip(segments.bounds, segments.shared)], dim=2)
-    return out.transpose(1, 2).contiguous()
-
-
-_last_segment_mask: tuple = (None, None)
-
-
-def _cached_segment_mask(segments: Segments) -> torch.Tensor:
-    global _last_segment_mask
-    seen, mask = _last_segment_mask
-    if seen is not segments:
-        mask = segments.mask()
-        _last_segment_mask = (segments, mask)
+    mask = rows_segments(cu_seq_lens).full_mask
+    if mask.shape[0] != total:
+        raise ValueError(f"cu_seq_lens covers {mask.shape[0]} positions, not {total}")
     return mask
 
 
-_last_mask: tuple = (None, 0, None)
+_rows_cache: tuple = (None, None)
 
 
-def _cached_block_causal_mask(cu_seq_lens: torch.Tensor, total: int) -> torch.Tensor:
-    """The mask of the forward in progress: every layer gets the same ``cu_seq_lens`` tensor."""
-    global _last_mask
-    cu, n, mask = _last_mask
-    if cu is not cu_seq_lens or n != total:
-        mask = block_causal_mask(cu_seq_lens, total)
-        _last_mask = (cu_seq_lens, total, mask)
-    return mask
+def _rows_layout(cu_seq_lens: torch.Tensor) -> Segments:
+    """The layout of the forward in progress: every layer gets the same ``cu_seq_lens`` tensor."""
+    global _rows_cache
+    seen, layout = _rows_cache
+    if seen is not cu_seq_lens:
+        layout = rows_segments(cu_seq_lens)
+        _rows_cache = (cu_seq_lens, layout)
+    return layout
 
 
 def packing_mode(model_cfg) -> str | None:
