@@ -39,27 +39,22 @@ def collate_examples(examples: list[dict], *, pad_id: int, kind: str) -> dict[st
     else:
         slots = [(b, k) for b, ex in enumerate(examples) for k in range(len(ex["response_ids"]))]
 
-    lengths = [len(examples[b]["prompt_ids"]) + len(examples[b]["response_ids"][k]) for b, k in slots]
-    n, width = len(slots), max(lengths)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
-    loss_mask = torch.zeros((n, width), dtype=torch.bool)
-    for i, ((b, k), length) in enumerate(zip(slots, lengths)):
-        prompt = examples[b]["prompt_ids"]
-        input_ids[i, :length] = torch.tensor(list(prompt) + list(examples[b]["response_ids"][k]),
-                                             dtype=torch.long)
-        attention_mask[i, :length] = 1
-        loss_mask[i, len(prompt):length] = True
+    rows = [list(examples[b]["prompt_ids"]) + list(examples[b]["response_ids"][k]) for b, k in slots]
+    width = max(len(row) for row in rows)
+    input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
+    attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
+    prompt_lengths = [len(examples[b]["prompt_ids"]) for b, _ in slots]
+    loss_mask = torch.tensor([[False] * p + [True] * (len(row) - p) + [False] * (width - len(row))
+                              for p, row in zip(prompt_lengths, rows)], dtype=torch.bool)
 
     num_slots = max(len(ex["response_ids"]) for ex in examples)
-    scores = torch.zeros((len(examples), num_slots), dtype=torch.float32)
-    slot_mask = torch.zeros((len(examples), num_slots), dtype=torch.bool)
-    for b, ex in enumerate(examples):
-        k = len(ex["response_ids"])
-        if len(ex["scores"]) != k:
-            raise ValueError(f"row {ex.get('row')}: {len(ex['scores'])} scores for {k} responses")
-        scores[b, :k] = torch.tensor(ex["scores"], dtype=torch.float32)
-        slot_mask[b, :k] = True
+    for ex in examples:
+        if len(ex["scores"]) != len(ex["response_ids"]):
+            raise ValueError(f"row {ex.get('row')}: {len(ex['scores'])} scores for {len(ex['response_ids'])} responses")
+    scores = torch.tensor([list(ex["scores"]) + [0.0] * (num_slots - len(ex["scores"])) for ex in examples],
+                          dtype=torch.float32)
+    slot_mask = torch.tensor([[True] * len(ex["response_ids"]) + [False] * (num_slots - len(ex["response_ids"]))
+                              for ex in examples], dtype=torch.bool)
 
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
              "scores": scores, "slot_mask": slot_mask}

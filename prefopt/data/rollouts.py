@@ -14,24 +14,25 @@ PER_TOKEN_KEYS = ("old_logps", "ref_logps", "values", "advantages", "returns", "
 
 
 def collate_rollouts(samples: list[dict], *, pad_id: int) -> dict[str, torch.Tensor]:
-    lengths = [len(s["prompt_ids"]) + len(s["response_ids"]) for s in samples]
-    n, width = len(samples), max(lengths)
-    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, width), dtype=torch.long)
-    loss_mask = torch.zeros((n, width), dtype=torch.bool)
+    rows = [list(s["prompt_ids"]) + list(s["response_ids"]) for s in samples]
+    prompt_lengths = [len(s["prompt_ids"]) for s in samples]
+    width = max(len(row) for row in rows)
+    input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
+    attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
+    loss_mask = torch.tensor([[False] * p + [True] * (len(row) - p) + [False] * (width - len(row))
+                              for p, row in zip(prompt_lengths, rows)], dtype=torch.bool)
     present = [k for k in PER_TOKEN_KEYS if all(k in s for s in samples)]
-    # a multi-head critic's values / returns carry a list per token: [N, L-1, H]
-    heads = {k: len(samples[0][k][0]) if samples[0][k] and isinstance(samples[0][k][0], list) else None
-             for k in present}
-    per_token = {k: torch.zeros((n, width - 1) + ((heads[k],) if heads[k] else ()), dtype=torch.float64)
-                 for k in present}
-    for i, s in enumerate(samples):
-        p, r = len(s["prompt_ids"]), len(s["response_ids"])
-        input_ids[i, :p + r] = torch.tensor(list(s["prompt_ids"]) + list(s["response_ids"]))
-        attention_mask[i, :p + r] = 1
-        loss_mask[i, p:p + r] = True
-        for k in present:
-            per_token[k][i, p - 1:p - 1 + r] = torch.tensor(s[k], dtype=torch.float64)
+    per_token = {}
+    for k in present:
+        # a multi-head critic's values / returns carry a list per token: [N, L-1, H]
+        heads = len(samples[0][k][0]) if samples[0][k] and isinstance(samples[0][k][0], list) else None
+        zero = [0.0] * heads if heads else 0.0
+        for i, s in enumerate(samples):
+            if len(s[k]) != len(s["response_ids"]):
+                raise ValueError(f"rollout sample {i}: {len(s[k])} '{k}' values for {len(s['response_ids'])} "
+                                 f"response tokens")
+        per_token[k] = torch.tensor([[zero] * (p - 1) + list(s[k]) + [zero] * (width - p - len(s[k]))
+                                     for p, s in zip(prompt_lengths, samples)], dtype=torch.float64)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
              "token_mask": loss_mask[:, 1:].clone()}
     batch.update(per_token)

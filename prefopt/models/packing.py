@@ -118,49 +118,53 @@ def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch
 
 
 def _pack_shared_prompts(input_ids, present, loss_mask, mask) -> Packed | None:
-    """:func:`pack` with shared prompts; None when no two rows share one."""
-    n, device = input_ids.shape[0], input_ids.device
-    rows = [input_ids[i][present[i]] for i in range(n)]
-    starts = []                                   # prompt length: index of the first scored token
-    for i in range(n):
-        scored = loss_mask[i][present[i]].nonzero()
-        starts.append(int(scored[0]) if len(scored) else len(rows[i]))
+    """:func:`pack` with shared prompts; None when no two rows share one.
+
+    The layout is built on Python lists (one ``tolist`` per input, one tensor per output): per-row
+    tensor slicing costs more than the forward of a small model.
+    """
+    device = input_ids.device
+    ids, keep_row, scored = input_ids.tolist(), present.tolist(), loss_mask.tolist()
+    rows, starts = [], []                         # row tokens; prompt length = index of the first scored token
+    for row_ids, row_present, row_scored in zip(ids, keep_row, scored):
+        at = [t for t, p in enumerate(row_present) if p]
+        rows.append([row_ids[t] for t in at])
+        starts.append(next((k for k, t in enumerate(at) if row_scored[t]), len(at)))
     groups: dict[tuple, list[int]] = {}
-    for i in range(n):
-        groups.setdefault((starts[i], tuple(rows[i][:starts[i]].tolist())), []).append(i)
+    for i, (row, p) in enumerate(zip(rows, starts)):
+        groups.setdefault((p, tuple(row[:p])), []).append(i)
     if all(len(members) == 1 for members in groups.values()):
         return None
     tokens, positions, group_ids, segment_ids, bounds, shared = [], [], [], [], [], []
-    row_positions = [None] * n                    # packed position of each of row i's tokens
-    cursor = 0
-    for g, ((p, _), members) in enumerate(groups.items()):
-        start = cursor
-        tokens.append(rows[members[0]][:p])
-        positions.append(torch.arange(p, device=device))
-        segment_ids.append(torch.zeros(p, dtype=torch.long, device=device))
-        prompt_at = torch.arange(cursor, cursor + p, device=device)
-        cursor += p
+    row_positions = [None] * len(rows)            # packed position of each of row i's tokens
+    for g, ((p, prompt), members) in enumerate(groups.items()):
+        start = len(tokens)
+        tokens += prompt
+        positions += range(p)
+        segment_ids += [0] * p
         for k, i in enumerate(members, start=1):
             response = rows[i][p:]
-            r = len(response)
-            tokens.append(response)
-            positions.append(torch.arange(p, p + r, device=device))
-            segment_ids.append(torch.full((r,), k, dtype=torch.long, device=device))
-            row_positions[i] = torch.cat([prompt_at, torch.arange(cursor, cursor + r, device=device)])
-            cursor += r
-        group_ids.append(torch.full((cursor - start,), g, dtype=torch.long, device=device))
-        bounds.append((start, cursor))
+            row_positions[i] = list(range(start, start + p)) + list(range(len(tokens), len(tokens) + len(response)))
+            tokens += response
+            positions += range(p, p + len(response))
+            segment_ids += [k] * len(response)
+        group_ids += [g] * (len(tokens) - start)
+        bounds.append((start, len(tokens)))
         shared.append(len(members) > 1)
-    index = torch.full(present.shape, -1, dtype=torch.long, device=device)
-    for i in range(n):
-        index[i][present[i]] = row_positions[i]
+    index = []
+    for positions_i, row_present in zip(row_positions, keep_row):
+        slots = iter(positions_i)
+        index.append([next(slots) if p else -1 for p in row_present])
+    index = torch.tensor(index, dtype=torch.long, device=device)
     lengths = [b - a for a, b in bounds]
     cu = torch.tensor([0] + lengths, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
-    return Packed(input_ids=torch.cat(tokens).unsqueeze(0), position_ids=torch.cat(positions).unsqueeze(0),
+    return Packed(input_ids=torch.tensor([tokens], dtype=input_ids.dtype, device=device),
+                  position_ids=torch.tensor([positions], dtype=torch.long, device=device),
                   cu_seq_lens=cu, max_length=max(lengths), keep=index[:, :-1][mask],
                   labels=input_ids[:, 1:][mask], mask=mask,
-                  segments=Segments(bounds=bounds, shared=shared, group=torch.cat(group_ids),
-                                    segment=torch.cat(segment_ids)))
+                  segments=Segments(bounds=bounds, shared=shared,
+                                    group=torch.tensor(group_ids, dtype=torch.long, device=device),
+                                    segment=torch.tensor(segment_ids, dtype=torch.long, device=device)))
 
 
 def packed_forward(model, packed: Packed, **kwargs):
