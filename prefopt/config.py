@@ -239,6 +239,9 @@ def validate_recipe(recipe: Recipe, what: str = "recipe") -> None:
     t, learner = recipe.train, recipe.roles.learner
     _positive(t.batch_size, "train.batch_size", what)
     _positive(t.micro_batch_size, "train.micro_batch_size", what)
+    for key in ("micro_batch_tokens", "inference_micro_batch_tokens"):
+        if getattr(t, key) is not None:
+            _positive(getattr(t, key), f"train.{key}", what)
     _positive(t.lr, "train.lr", what)
     _positive(t.epochs, "train.epochs", what)
     _positive(learner.num_actors, "roles.learner.num_actors", what)

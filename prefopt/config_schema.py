@@ -179,6 +179,11 @@ class TrainConfig:
     max_steps: int = -1                      # > 0 caps the number of optimizer steps
     batch_size: int = 8                      # examples (pairs or lists) per optimizer step, all learners
     micro_batch_size: int = 4                # examples per learner per forward/backward
+    # token budgets (padding-free forwards): a micro-batch takes consecutive examples up to this many
+    # tokens of the packed row instead of micro_batch_size examples (null: by count)
+    micro_batch_tokens: Optional[int] = None             # training forwards/backwards
+    inference_micro_batch_tokens: Optional[int] = None   # no-grad passes (reference / old log-probs,
+                                                         # values, evaluation); null: as training
     lr: float = 5.0e-7
     lr_scheduler: str = "cosine"             # "constant" | "linear" | "cosine"
     warmup_ratio: float = 0.1

@@ -40,3 +40,37 @@ def test_unsorted_split_is_contiguous():
 def test_rollout_sample_length():
     sample = {"kind": "rollouts", "prompt_ids": [1, 2], "response_ids": [5, 6, 7]}
     assert batching.example_length(sample) == 5
+
+
+def test_budget_counts_the_packed_row():
+    pair = _pair(5, 3, 4, 0)
+    assert batching.Budget(100, share_prompts=True).cost(pair) == 5 + 3 + 4
+    assert batching.Budget(100, share_prompts=False).cost(pair) == 2 * 5 + 3 + 4
+    sample = {"kind": "rollouts", "prompt_ids": [1, 2], "response_ids": [5, 6, 7]}
+    assert batching.Budget(100).cost(sample) == 5
+
+
+def test_token_budget_chunks_greedily_in_order():
+    items = [_pair(2, n, n, n) for n in (4, 4, 4, 1, 1, 20)]       # costs 10, 10, 10, 4, 4, 42
+    chunks = batching.chunk(items, batching.Budget(24))
+    assert [[ex["tag"] for ex in c] for c in chunks] == [[4, 4], [4, 1, 1], [20]]
+    assert all(sum(batching.Budget(24).cost(ex) for ex in c) <= 24 for c in chunks[:2])
+    assert batching.chunk(items, 4) == [items[:4], items[4:]]      # a count: fixed-size chunks
+
+
+def test_token_budget_gives_every_learner_the_same_number_of_micro_batches():
+    batch = [_pair(2, 30, 30, 0), _pair(2, 30, 30, 1)] + [_pair(2, 1, 1, n) for n in range(2, 8)]
+    shards = batching.split_for_learners(batch, 2, batching.Budget(70), sort_by_length=True)
+    counts = [len(shard) for shard in shards]
+    assert counts[0] == counts[1] >= 2
+    tags = sorted(ex["tag"] for shard in shards for micro in shard for ex in micro)
+    assert tags == list(range(8))
+    assert all(micro for shard in shards for micro in shard)
+
+
+def test_inference_plan_with_a_budget_restores_order():
+    items = [_pair(2, n % 5 + 1, 1, n) for n in range(11)]
+    plan, keep = batching.shard_for_inference(items, 2, batching.Budget(12))
+    assert len(plan[0]) == len(plan[1])
+    flat = [ex["tag"] for r in range(2) for micro, k in zip(plan[r], keep[r]) if k for ex in micro]
+    assert flat == list(range(11))

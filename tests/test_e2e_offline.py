@@ -115,6 +115,12 @@ def test_two_learners_batch4_equal_one_learner_batch8(ray_cluster, tmp_path):
     acc = run("tiny_dpo", tmp_path / "acc", *common, "roles.learner.num_actors=1", "train.micro_batch_size=4")
     assert acc.train_history[0]["loss"] == pytest.approx(o["loss"], abs=1e-5)
     assert acc.train_history[0]["grad_norm"] == pytest.approx(o["grad_norm"], abs=1e-5)
+    # and token-budget micro-batches (unequal sizes, weighted by their share), 2 learners under ZeRO-2
+    tok = run("tiny_dpo", tmp_path / "tok", *common, "roles.learner.num_actors=2", "train.micro_batch_size=4",
+              "train.micro_batch_tokens=100")   # micro-batches of 3 and 1 pairs
+    assert tok.train_history[0]["micro_batches"] >= 2 and one.train_history[0]["micro_batches"] == 1
+    assert tok.train_history[0]["loss"] == pytest.approx(o["loss"], abs=1e-5)
+    assert tok.train_history[0]["grad_norm"] == pytest.approx(o["grad_norm"], abs=1e-5)
 
 
 def test_reference_actor_matches_learner_reference(ray_cluster, tmp_path):

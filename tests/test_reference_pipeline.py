@@ -3,10 +3,12 @@ import pytest
 import torch
 
 from prefopt.config import load_recipe
+from prefopt.loops.batching import Budget
 from prefopt.roles.reference import ReferenceWorker
 
 
-def test_generation_logps_equal_token_logps(cache):
+@pytest.mark.parametrize("micro", [4, Budget(tokens=20)], ids=["4-samples", "20-tokens"])
+def test_generation_logps_equal_token_logps(cache, micro):
     recipe = load_recipe("recipes/tiny_grpo.yaml")
     from prefopt.models.tiny import resolve_model_path
     recipe.model.path = resolve_model_path(recipe.model.path)
@@ -16,7 +18,7 @@ def test_generation_logps_equal_token_logps(cache):
     generations = [[{"response_ids": torch.randint(3, 500, (m,), generator=g).tolist(), "logprobs": None}
                     for m in lens] for lens in ((4, 11), (1, 6), (8, 3))]
     generations[1][0]["response_ids"] = []          # an empty response is scored as [eos], as the loop does
-    got = worker.compute_generation_logps(prompts, generations, micro_batch_size=4, eos_id=2)
+    got = worker.compute_generation_logps(prompts, generations, micro=micro, eos_id=2)
     samples = [{"kind": "rollouts", "prompt_ids": p, "response_ids": x["response_ids"] or [2]}
                for p, gens in zip(prompts, generations) for x in gens]
     want = [x for part in worker.compute_token_logps([samples[:3], samples[3:]]) for x in part]

@@ -27,22 +27,34 @@ def lr_lambda(kind: str, warmup_steps: int, total_steps: int):
     return fn
 
 
+def total_grad_norm(grads) -> float:
+    """L2 norm of all ``grads`` together: one fused per-tensor norm kernel, combined in float64."""
+    import torch
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).double()))
+
+
 def guarded_adamw():
     """``torch.optim.AdamW`` that skips a step whose gradients are not finite or whose global norm
-    is above ``max_norm`` (``train.skip_grad_norm_above``).
+    is above ``max_norm`` (``train.skip_grad_norm_above``), and clips to ``clip_norm``.
 
     Non-finite: it sets ``overflow`` as DeepSpeed's own optimizers do, so the engine counts the step
     in ``skipped_steps`` and does not advance the LR schedule (under ZeRO 1-3 DeepSpeed already skips
     steps with a non-finite global norm; this covers ZeRO-0). Norm above the bound: the update is not
     applied and ``skipped_steps`` here counts it (DeepSpeed's counters advance as for a step). The
-    global pre-clipping norm comes from ``norm_hint`` (set by the learner) or ``norm_source()``
-    (DeepSpeed's ZeRO optimizer, which computes it before stepping its partitions).
+    global pre-clipping norm comes from ``norm_hint`` (set by the learner, which computed it once for
+    logging) or ``norm_source()`` (DeepSpeed's ZeRO optimizer, which computes it before stepping its
+    partitions). ``clip_norm`` (ZeRO-0 only: there DeepSpeed's own clipping is turned off, it would
+    compute the same norm a second time) scales the gradients by ``clip_norm / (norm + 1e-6)`` when
+    that is below 1, as DeepSpeed does.
     """
     import torch
 
     class GuardedAdamW(torch.optim.AdamW):
         overflow = False
         max_norm: float | None = None
+        clip_norm: float | None = None
         norm_hint: float | None = None
         norm_source = None
         skipped_steps = 0
@@ -55,17 +67,26 @@ def guarded_adamw():
         @torch.no_grad()
         def step(self, closure=None):
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-            self.overflow = not all(bool(torch.isfinite(torch.linalg.vector_norm(g))) for g in grads)
+            hint, self.norm_hint = self.norm_hint, None
+            if hint is None and self.clip_norm:
+                hint = total_grad_norm(grads)
+            if hint is not None:                   # a non-finite gradient makes the global norm non-finite
+                self.overflow = not math.isfinite(hint)
+            else:
+                self.overflow = not all(bool(torch.isfinite(torch.linalg.vector_norm(g))) for g in grads)
             if self.overflow:
                 self._skip()
                 return None
             if self.max_norm is not None:
-                norm = self.norm_hint if self.norm_hint is not None else (self.norm_source() if self.norm_source else None)
-                self.norm_hint = None
+                norm = hint if hint is not None else (self.norm_source() if self.norm_source else None)
                 if norm is not None and float(norm) > self.max_norm:
                     self.skipped_steps += 1
                     self._skip()
                     return None
+            if self.clip_norm and grads:
+                coef = self.clip_norm / (hint + 1e-6)
+                if coef < 1.0:
+                    torch._foreach_mul_(grads, coef)
             return super().step(closure)
 
     return GuardedAdamW
@@ -85,7 +106,8 @@ def deepspeed_config(train: TrainConfig, learner: LearnerRoleConfig, *, grad_acc
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": train.micro_batch_size * grad_accum * learner.num_actors,
-        "gradient_clipping": train.max_grad_norm,
+        # ZeRO-0: prefopt's optimizer clips (with the norm the learner computes anyway for its metrics)
+        "gradient_clipping": train.max_grad_norm if learner.zero_stage > 0 or learner.offload_optimizer else 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {"enabled": train.precision == "fp16", "initial_scale_power": 16},
@@ -125,6 +147,8 @@ def init_engine(model, train: TrainConfig, learner: LearnerRoleConfig, *, grad_a
 
     if optimizer is not None:
         optimizer.max_norm = train.skip_grad_norm_above
+        if learner.zero_stage == 0:
+            optimizer.clip_norm = train.max_grad_norm or None
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=config, lr_scheduler=scheduler,
         model_parameters=None if optimizer is not None else [p for p in model.parameters() if p.requires_grad])

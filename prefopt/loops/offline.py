@@ -108,6 +108,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         from prefopt.errors import ConfigError
         raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {len(data.train)} training examples")
     grad_accum = t.batch_size // (t.micro_batch_size * lr_cfg.num_actors)
+    train_micro, infer_micro = batching.train_micro(recipe), batching.inference_micro(recipe)
 
     resume_from = None
     if recipe.resume:
@@ -130,7 +131,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         result = RunResult(run_dir=run_dir, steps=len(steps), final_train={})
         if "reference" in objective_cls.needs:
             start = time.perf_counter()
-            cache_reference_logps(roles, data.train + data.eval, t.micro_batch_size)
+            cache_reference_logps(roles, data.train + data.eval, batching.inference_micro(recipe))
             result.reference_time_s = time.perf_counter() - start
             logger.log(0, {"time_s": result.reference_time_s,
                            "examples": len(data.train) + len(data.eval)}, prefix="reference")
@@ -141,7 +142,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
             result.train_history = checkpointing.history(run_dir, "train", "step")
             result.eval_history = checkpointing.history(run_dir, "eval", "step")
         else:
-            result.eval_history.append({"step": 0, **evaluate(roles, data.eval, t.micro_batch_size)})
+            result.eval_history.append({"step": 0, **evaluate(roles, data.eval, infer_micro)})
             logger.log(0, result.eval_history[-1], prefix="eval")
 
         progress = _progress(len(steps), recipe, quiet)
@@ -158,11 +159,12 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
                 ckpt.stop_now(stop, f"step_{step - 1:06d}", step - 1)
             examples = [data.train[i] for i in indices]
             start = time.perf_counter()
-            per_learner = roles.learners.train_step(examples, t.micro_batch_size, what=f"train step {step}",
+            per_learner = roles.learners.train_step(examples, train_micro, what=f"train step {step}",
                                                     sort_by_length=True, inject_nan=step in t.debug_nan_steps)
             elapsed = time.perf_counter() - start
             stats = means(merge_summaries(per_learner))
             stats.update(grad_norm=per_learner[0]["grad_norm"], lr=per_learner[0]["lr"], skipped=per_learner[0]["skipped"],
+                         micro_batches=per_learner[0]["micro_batches"],
                          peak_memory_mb=max(p["peak_memory_mb"] for p in per_learner),
                          epoch=(step - 1) * t.batch_size / len(data.train),
                          tokens_per_s=sum(p["tokens"] for p in per_learner) / elapsed,
@@ -172,14 +174,14 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
             if step % t.log_every == 0 or step == len(steps):
                 logger.log(step, stats)
             if t.eval_every and step % t.eval_every == 0 and step != len(steps):
-                result.eval_history.append({"step": step, **evaluate(roles, data.eval, t.micro_batch_size)})
+                result.eval_history.append({"step": step, **evaluate(roles, data.eval, infer_micro)})
                 logger.log(step, result.eval_history[-1], prefix="eval")
             if ckpt.due(step, len(steps)):
                 ckpt.save(f"step_{step:06d}", step)
             progress.update(1)
             progress.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats.get(objective_cls.accuracy_metric, math.nan):.3f}")
         progress.close()
-        result.eval_history.append({"step": len(steps), **evaluate(roles, data.eval, t.micro_batch_size)})
+        result.eval_history.append({"step": len(steps), **evaluate(roles, data.eval, infer_micro)})
         logger.log(len(steps), result.eval_history[-1], prefix="eval")
         result.final_train = result.train_history[-1]
 

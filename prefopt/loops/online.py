@@ -26,6 +26,7 @@ from pathlib import Path
 from prefopt.cluster import release
 from prefopt.config_schema import Recipe
 from prefopt.io.run_dir import MetricsLogger, create_run_dir, write_config
+from prefopt.loops import batching
 from prefopt.loops.metrics import means, merge_summaries
 from prefopt.loops.offline import RunResult
 from prefopt.rl.signals import RewardNormalizer, compute_advantages, shape_sequence_rewards
@@ -106,7 +107,7 @@ def _attach(samples: list[dict], key: str, per_micro: list) -> None:
         s[key] = v
 
 
-def annotate(samples: list[dict], roles, micro: int, timings: dict, old_logprobs: str = "learner",
+def annotate(samples: list[dict], roles, micro: int | batching.Budget, timings: dict, old_logprobs: str = "learner",
              pending_ref=None) -> dict[str, float]:
     """Reference / old log-probs and values per token (then advantages, in ``compute_advantages``).
 
@@ -146,7 +147,8 @@ def annotate(samples: list[dict], roles, micro: int, timings: dict, old_logprobs
     return {**stats, "rollout/logp_abs_diff": max(diffs)} if diffs else stats
 
 
-def submit_pipelined_reference(roles, prompts: list[dict], generation_refs: list, micro: int, eos_id: int):
+def submit_pipelined_reference(roles, prompts: list[dict], generation_refs: list, micro: int | batching.Budget,
+                               eos_id: int):
     """Start the reference pass of a generation still in flight: each engine's share of the prompts goes
     to a reference actor together with that engine's (unfinished) result, so the reference starts the
     moment the engine is done, with no driver round trip (``train.async_rollouts``)."""
@@ -186,7 +188,7 @@ def learn(samples: list[dict], roles, recipe: Recipe, iteration: int, guard=None
         random.Random(f"{t.seed}-{iteration}-{epoch}").shuffle(order)
         for b in range(0, len(order) - t.batch_size + 1, t.batch_size):
             batch = [samples[i] for i in order[b:b + t.batch_size]]
-            step = roles.policy.train_step(batch, t.micro_batch_size, what=f"policy step (iteration {iteration})",
+            step = roles.policy.train_step(batch, batching.train_micro(recipe), what=f"policy step (iteration {iteration})",
                                            inject_nan=iteration in t.debug_nan_steps)
             policy_stats += step
             if guard is not None:
@@ -194,7 +196,7 @@ def learn(samples: list[dict], roles, recipe: Recipe, iteration: int, guard=None
                 skipped += guard.check(check, f"{iteration} (PPO epoch {epoch}, batch {b // t.batch_size})",
                                        order[b:b + t.batch_size]) > 0
             if roles.critic is not None:
-                critic_stats += roles.critic.train_step(batch, t.micro_batch_size,
+                critic_stats += roles.critic.train_step(batch, batching.train_micro(recipe),
                                                         what=f"critic step (iteration {iteration})")
     stats = means(merge_summaries(policy_stats))
     stats.update(grad_norm=policy_stats[-1]["grad_norm"], lr=policy_stats[-1]["lr"], skipped_steps=skipped)
@@ -236,7 +238,7 @@ def run_iteration(it: int, roles, recipe: Recipe, sampler: PromptSampler, tokeni
         upcoming = sampler.take(t.prompts_per_iteration)
         started = roles.submit_generate([p["prompt_ids"] for p in upcoming], sampling, t.seed * 100003 + it + 1)
         prefetch.put(it + 1, upcoming, started, submit_pipelined_reference(
-            roles, upcoming, started[-1], t.micro_batch_size, tokenizer.eos_token_id))
+            roles, upcoming, started[-1], batching.inference_micro(recipe), tokenizer.eos_token_id))
     from prefopt.rewards.sources import NonFiniteReward
     try:
         with _Timer(timings, "reward"):
@@ -248,7 +250,7 @@ def run_iteration(it: int, roles, recipe: Recipe, sampler: PromptSampler, tokeni
         return {"reward/mean": math.nan, "skipped_steps": 1, "reward/non_finite": len(e.samples),
                 "rollout/engine_restarts": roles.engines.restarts,
                 **{f"time/{k}": v for k, v in timings.items()}}, 0
-    stats.update(annotate(samples, roles, t.micro_batch_size, timings, params.old_logprobs, pending_ref))
+    stats.update(annotate(samples, roles, batching.inference_micro(recipe), timings, params.old_logprobs, pending_ref))
     with _Timer(timings, "learn"):
         if constraints is None:
             stats.update(compute_advantages(samples, params, sampling.n))

@@ -53,20 +53,20 @@ class LearnerGroup:
         addr, port = remote_get(self.actors[0].address.remote(), self.timeout, f"{self.model_kind}.address")
         return self.call("setup", [(addr, port)] * len(self.actors), **kwargs)
 
-    def train_step(self, examples: list, micro_batch_size: int, what: str, *,
+    def train_step(self, examples: list, micro: int | batching.Budget, what: str, *,
                    sort_by_length: bool = False, inject_nan: bool = False) -> list[dict]:
         """One optimizer step on a global batch, split into equal shards (see ``split_for_learners``)."""
-        shards = batching.split_for_learners(examples, len(self.actors), micro_batch_size,
+        shards = batching.split_for_learners(examples, len(self.actors), micro,
                                              sort_by_length=sort_by_length)
         return self.call("train_step", [(s,) for s in shards], what=what, inject_nan=inject_nan)
 
-    def infer(self, method: str, items: list, micro_batch_size: int) -> list:
+    def infer(self, method: str, items: list, micro: int | batching.Budget) -> list:
         """A no-grad collective pass over ``items`` (any count); results in the order of ``items``."""
-        return run_sharded(self.actors, method, items, micro_batch_size, self.timeout)
+        return run_sharded(self.actors, method, items, micro, self.timeout)
 
-    def submit(self, method: str, items: list, micro_batch_size: int):
+    def submit(self, method: str, items: list, micro: int | batching.Budget):
         """``infer`` without waiting: pass the result to ``collect_sharded``."""
-        return submit_sharded(self.actors, method, items, micro_batch_size)
+        return submit_sharded(self.actors, method, items, micro)
 
     def kill(self) -> None:
         import ray
@@ -75,9 +75,9 @@ class LearnerGroup:
         ray.util.remove_placement_group(self.pg)
 
 
-def submit_sharded(workers: list, method: str, items: list, micro_batch_size: int):
+def submit_sharded(workers: list, method: str, items: list, micro: int | batching.Budget):
     """Start ``method`` on ``workers`` over ``items`` (equal micro-batch counts); see ``collect_sharded``."""
-    plan, keep = batching.shard_for_inference(items, len(workers), micro_batch_size)
+    plan, keep = batching.shard_for_inference(items, len(workers), micro)
     return [getattr(w, method).remote(p) for w, p in zip(workers, plan)], keep
 
 
@@ -89,7 +89,7 @@ def collect_sharded(pending, timeout_s: float, what: str) -> list:
     return [out for worker_out, flags in zip(results, keep) for out, k in zip(worker_out, flags) if k]
 
 
-def run_sharded(workers: list, method: str, items: list, micro_batch_size: int, timeout_s: float) -> list:
+def run_sharded(workers: list, method: str, items: list, micro: int | batching.Budget, timeout_s: float) -> list:
     """Spread ``items`` over ``workers`` (equal micro-batch counts), call ``method``, flatten in order."""
-    return collect_sharded(submit_sharded(workers, method, items, micro_batch_size), timeout_s,
+    return collect_sharded(submit_sharded(workers, method, items, micro), timeout_s,
                            f"{method} on {len(items)} items")

@@ -147,14 +147,19 @@ class LearnerWorker:
         guard = self._client_optimizer()
         skipped_before = self.engine.skipped_steps + getattr(guard, "skipped_steps", 0)
         summaries, grad_norm, tokens = [], None, 0
-        for examples in micro_batches:
+        total = sum(len(examples) for examples in micro_batches)
+        for i, examples in enumerate(micro_batches):
+            # micro-batches may differ in size (a token budget): each loss (a mean over its examples)
+            # is weighted by its share of the shard, and the last one is the accumulation boundary
+            last = i == len(micro_batches) - 1
+            self.engine.set_gradient_accumulation_boundary(last)
             batch = self._collate(examples)
             tokens += int(batch["attention_mask"].sum())
             out = self.objective.loss(self._forward(batch), batch)
             if inject_nan:
                 out.loss = out.loss * float("nan")
-            self.engine.backward(out.loss)
-            if self.engine.is_gradient_accumulation_boundary() and self.engine.zero_optimization_stage() == 0:
+            self.engine.backward(out.loss * (len(examples) / total), scale_wrt_gas=False)
+            if last and self.engine.zero_optimization_stage() == 0:
                 grad_norm = self._full_grad_norm()   # ZeRO-0 does not record it; grads are all-reduced here
                 self._client_optimizer().norm_hint = grad_norm
             self.engine.step()   # applies the update only at the accumulation boundary
@@ -167,6 +172,7 @@ class LearnerWorker:
         # one optimizer step per call (ZeRO steps each parameter group separately: count it once)
         stats["skipped"] = int(self.engine.skipped_steps + getattr(guard, "skipped_steps", 0) > skipped_before)
         stats["tokens"] = tokens
+        stats["micro_batches"] = len(micro_batches)
         stats["time_s"] = time.perf_counter() - start
         stats["peak_memory_mb"] = peak_memory_mb()
         return stats
@@ -177,10 +183,8 @@ class LearnerWorker:
         return getattr(opt, "optimizer", opt)
 
     def _full_grad_norm(self) -> float:
-        import torch
-        norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float64)   # no float64 copies
-                 for p in self.engine.module.parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack(norms)))
+        from prefopt.backends.deepspeed_engine import total_grad_norm
+        return total_grad_norm([p.grad.detach() for p in self.engine.module.parameters() if p.grad is not None])
 
     def export_weights(self) -> list | None:
         """The policy's named parameters as CPU tensors on rank 0 (gathered under ZeRO-3)."""

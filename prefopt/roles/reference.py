@@ -40,10 +40,10 @@ class ReferenceWorker:
                            packing=self.packing)
 
     def compute_generation_logps(self, prompt_ids: list[list[int]], generations: list[list[dict]],
-                                 micro_batch_size: int, eos_id: int) -> list[list[float]]:
+                                 micro, eos_id: int) -> list[list[float]]:
         """Per-token log-probs of a rollout engine's output (``RolloutWorker.generate``), flattened
         prompt by prompt; Ray passes ``generations`` in once that engine is done (pipelined reference)."""
         samples = [{"kind": "rollouts", "prompt_ids": p, "response_ids": g["response_ids"] or [eos_id]}
                    for p, gens in zip(prompt_ids, generations) for g in gens]
-        micro = [samples[i:i + micro_batch_size] for i in range(0, len(samples), micro_batch_size)]
-        return [x for part in self.compute_token_logps(micro) for x in part]
+        from prefopt.loops.batching import chunk
+        return [x for part in self.compute_token_logps(chunk(samples, micro)) for x in part]
