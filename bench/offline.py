@@ -58,6 +58,15 @@ MODELS = {
 QUICK = {"tiny": dict(steps=16)}
 
 CPUS = os.cpu_count() or 1
+TOKEN_BUDGETS = ["train.micro_batch_tokens={train_tokens}", "train.inference_micro_batch_tokens={inference_tokens}"]
+
+
+def token_budgets(spec: dict) -> dict:
+    """``{train_tokens}`` / ``{inference_tokens}`` of a row's overrides: TRL's padded micro-batch at
+    max_length (micro x 2 rows x max_length tokens), and 4x that for no-grad passes."""
+    train = spec["micro"] * 2 * spec["max_length"]
+    return {"train_tokens": train, "inference_tokens": 4 * train}
+
 # Rows, in table order. kind: trl | prefopt. TRL's keys are DPOConfig overrides *on top of* what
 # every TRL row sets (see trl_worker); absent keys keep TRL's defaults.
 ROWS = [
@@ -67,6 +76,8 @@ ROWS = [
          threads=CPUS, trl={"precompute_ref_log_probs": True}, models=("tiny",)),
     dict(id="trl-fair", kind="trl", label="TRL precompute, no grad ckpt (fair)",
          threads=CPUS, trl={"precompute_ref_log_probs": True, "gradient_checkpointing": False}),
+    dict(id="trl-fair-ref4x", kind="trl", label="TRL fair, reference batch 4x micro (precompute_ref_batch_size)",
+         threads=CPUS, trl={"precompute_ref_log_probs": True, "gradient_checkpointing": False}, ref_batch_factor=4),
     dict(id="trl-fair-1t", kind="trl", label="TRL precompute, no grad ckpt, 1 thread",
          threads=1, trl={"precompute_ref_log_probs": True, "gradient_checkpointing": False}),
     dict(id="prefopt-1l-padded", kind="prefopt", label="prefopt 1 learner, ZeRO-0, 1 thread, padded (model.padding_free=false)",
@@ -79,6 +90,13 @@ ROWS = [
          threads=CPUS, learners=1, zero=0, overrides=["model.gradient_checkpointing=true"], models=("30m",)),
     dict(id="prefopt-1l-2t-rows", kind="prefopt", label=f"prefopt 1 learner, ZeRO-0, {CPUS} threads, prompts not shared",
          threads=CPUS, learners=1, zero=0, overrides=["model.share_prompts=false"], models=("30m-long",)),
+    # token budgets instead of example counts: a training micro-batch holds up to what TRL's padded
+    # micro-batch holds at max_length (micro x 2 x max_length tokens), a no-grad one 4x that
+    dict(id="prefopt-1l-tok", kind="prefopt", label="prefopt 1 learner, ZeRO-0, 1 thread, token-budget micro-batches",
+         threads=1, learners=1, zero=0, overrides=TOKEN_BUDGETS),
+    dict(id="prefopt-1l-2t-tok", kind="prefopt",
+         label=f"prefopt 1 learner, ZeRO-0, {CPUS} threads, token-budget micro-batches",
+         threads=CPUS, learners=1, zero=0, overrides=TOKEN_BUDGETS),
     dict(id="prefopt-2l", kind="prefopt", label="prefopt 2 learners, ZeRO-2, 1 thread each",
          threads=1, learners=2, zero=2),
 ]
@@ -189,6 +207,8 @@ def trl_worker(cfg: dict) -> dict:
         beta=spec["beta"], max_length=spec["max_length"], bf16=False, seed=0,
         report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True)
     kwargs.update(cfg["trl"])
+    if cfg.get("ref_batch_factor"):   # as prefopt's no-grad token budget: 4x a training micro-batch
+        kwargs["precompute_ref_batch_size"] = cfg["ref_batch_factor"] * spec["micro"]
     # TRL's own defaults, as declared (bf16=None means "True unless fp16"); on a CPU-only machine
     # DPOConfig() with them raises ("doesn't support bf16/gpu"), so every row sets bf16=False.
     fields = DPOConfig.__dataclass_fields__
@@ -384,8 +404,8 @@ def run_row(row: dict, spec: dict, model_dir: str, data: tuple[Path, Path], out:
     tmp = tempfile.mkdtemp(prefix=f"bench-{name}-")
     cfg = {"id": name, "spec": spec, "model_dir": model_dir, "train_path": str(data[0]),
            "eval_path": str(data[1]), "tmp": tmp, "threads": row["threads"],
-           "trl": row.get("trl", {}), "learners": row.get("learners"), "zero": row.get("zero"),
-           "overrides": row.get("overrides", []),
+           "trl": row.get("trl", {}), "ref_batch_factor": row.get("ref_batch_factor"), "learners": row.get("learners"), "zero": row.get("zero"),
+           "overrides": [o.format(**token_budgets(spec)) for o in row.get("overrides", [])],
            "result": str(out / "raw" / f"{name}.json")}
     (out / "raw").mkdir(parents=True, exist_ok=True)
     (out / "logs").mkdir(parents=True, exist_ok=True)

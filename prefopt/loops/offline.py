@@ -152,16 +152,25 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         from prefopt.loops.checkpointing import Checkpointer, StopRequest
         stop = stack.enter_context(StopRequest())
         ckpt = Checkpointer(run_dir, roles, recipe.output, tokenizer=tokenizer)
+        queued: dict[int, list] = {}      # step -> learner calls submitted while the step before ran
+        last_done = None
         for step, indices in enumerate(steps, start=1):
             if step <= done:
                 continue
-            if stop.requested:
+            if stop.requested and step not in queued:
                 ckpt.stop_now(stop, f"step_{step - 1:06d}", step - 1)
-            examples = [data.train[i] for i in indices]
             start = time.perf_counter()
-            per_learner = roles.learners.train_step(examples, train_micro, what=f"train step {step}",
-                                                    sort_by_length=True, inject_nan=step in t.debug_nan_steps)
-            elapsed = time.perf_counter() - start
+            was_queued = step in queued
+            refs = queued.pop(step) if was_queued else _submit_step(roles, data, steps, step, train_micro, t)
+            evaluate_now = bool(t.eval_every) and step % t.eval_every == 0 and step != len(steps)
+            save_now = ckpt.due(step, len(steps))
+            if step < len(steps) and not (evaluate_now or save_now or stop.requested):
+                # nothing runs on the learners between this step and the next: queue it behind this one
+                queued[step + 1] = _submit_step(roles, data, steps, step + 1, train_micro, t)
+            per_learner = roles.learners.collect(refs, f"train step {step}")
+            now = time.perf_counter()
+            elapsed = now - (last_done if was_queued else start)   # a queued step started when the last ended
+            last_done = now
             stats = means(merge_summaries(per_learner))
             stats.update(grad_norm=per_learner[0]["grad_norm"], lr=per_learner[0]["lr"], skipped=per_learner[0]["skipped"],
                          micro_batches=per_learner[0]["micro_batches"],
@@ -173,10 +182,10 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
             result.train_history.append({"step": step, **stats})
             if step % t.log_every == 0 or step == len(steps):
                 logger.log(step, stats)
-            if t.eval_every and step % t.eval_every == 0 and step != len(steps):
+            if evaluate_now:
                 result.eval_history.append({"step": step, **evaluate(roles, data.eval, infer_micro)})
                 logger.log(step, result.eval_history[-1], prefix="eval")
-            if ckpt.due(step, len(steps)):
+            if save_now:
                 ckpt.save(f"step_{step:06d}", step)
             progress.update(1)
             progress.set_postfix(loss=f"{stats['loss']:.4f}", acc=f"{stats.get(objective_cls.accuracy_metric, math.nan):.3f}")
@@ -196,6 +205,13 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         stack.close()
         logger.close()
         release(roles, started_ray)
+
+
+def _submit_step(roles: Roles, data, steps: list[list[int]], step: int, micro, t) -> list:
+    """Start optimizer step ``step`` (1-based) on the learners; ``roles.learners.collect`` waits for it."""
+    examples = [data.train[i] for i in steps[step - 1]]
+    return roles.learners.submit_train_step(examples, micro, sort_by_length=True,
+                                            inject_nan=step in t.debug_nan_steps)
 
 
 def _progress(total: int, recipe: Recipe, quiet: bool):

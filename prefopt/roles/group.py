@@ -56,9 +56,19 @@ class LearnerGroup:
     def train_step(self, examples: list, micro: int | batching.Budget, what: str, *,
                    sort_by_length: bool = False, inject_nan: bool = False) -> list[dict]:
         """One optimizer step on a global batch, split into equal shards (see ``split_for_learners``)."""
-        shards = batching.split_for_learners(examples, len(self.actors), micro,
-                                             sort_by_length=sort_by_length)
-        return self.call("train_step", [(s,) for s in shards], what=what, inject_nan=inject_nan)
+        return self.collect(self.submit_train_step(examples, micro, sort_by_length=sort_by_length,
+                                                   inject_nan=inject_nan), what)
+
+    def submit_train_step(self, examples: list, micro: int | batching.Budget, *, sort_by_length: bool = False,
+                          inject_nan: bool = False) -> list:
+        """``train_step`` without waiting: Ray runs each actor's calls in order, so a step submitted
+        while the previous one runs starts the moment it ends (no driver round trip in between)."""
+        shards = batching.split_for_learners(examples, len(self.actors), micro, sort_by_length=sort_by_length)
+        return [a.train_step.remote(s, inject_nan=inject_nan) for a, s in zip(self.actors, shards)]
+
+    def collect(self, refs: list, what: str) -> list:
+        from prefopt.cluster import remote_get
+        return remote_get(refs, self.timeout, what)
 
     def infer(self, method: str, items: list, micro: int | batching.Budget) -> list:
         """A no-grad collective pass over ``items`` (any count); results in the order of ``items``."""
