@@ -13,7 +13,7 @@ Three parts; every configuration (one table row) runs in its own subprocess
    prompts), same ``n``, ``max_tokens`` and temperature 1, three ways:
    (a) ``vllm.LLM.generate`` in a plain process (no Ray), with the RolloutWorker's engine arguments,
    engine environment (``_engine_env``: in-process engine, KV space, TORCHDYNAMO_DISABLE) and
-   exactly its ``SamplingParams`` (per-request ``seed``, ``logprobs=0``) with the same seeds as (b), so
+   exactly its ``SamplingParams`` (``logprobs=0``, the engine generator seeded per call) with the same seeds as (b), so
    (a) and (b) sample the very same tokens (checked by a digest of the token ids); a second (a0)
    measurement in the same process drops the seed and logprobs (what a bare ``LLM.generate`` user
    gets), and (a1) keeps (a)'s params but sets ``detokenize=True`` (what the worker did before it left text to the loop); (b) prefopt's ``RolloutWorker`` as a Ray actor (embedded ``ray.init(address="local")``

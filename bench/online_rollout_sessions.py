@@ -115,13 +115,16 @@ class RawVLLMSession:
         # exactly the RolloutWorker's SamplingParams (same seeds as (b): the same tokens get sampled)
         kw = dict(n=s.n, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, max_tokens=mt,
                   stop=list(s.stop) or None, min_tokens=s.min_tokens, ignore_eos=s.ignore_eos,
-                  logprobs=0 if s.logprobs else None, seed=SEED0 + i, detokenize=bool(s.stop))
+                  logprobs=0 if s.logprobs else None, detokenize=bool(s.stop))
         if variant == "detokenize":        # what the worker did before it left text to the loop: vLLM
             kw["detokenize"] = True        # detokenizes every sampled token and every logprob entry
         return P(**kw)
 
     def call(self, i: int, max_tokens: int | None, variant: str) -> dict:
         params = self.params(i, max_tokens, variant)
+        if variant != "bare":              # as the RolloutWorker: the engine's generator seeded per call
+            import torch
+            torch.manual_seed(SEED0 + i)
         start, cpu = time.perf_counter(), time.process_time()
         outs = self.llm.generate(self.requests, params, use_tqdm=False)
         s, cpu = time.perf_counter() - start, time.process_time() - cpu

@@ -199,7 +199,8 @@ def learn(samples: list[dict], roles, recipe: Recipe, iteration: int, guard=None
                 critic_stats += roles.critic.train_step(batch, batching.train_micro(recipe),
                                                         what=f"critic step (iteration {iteration})")
     stats = means(merge_summaries(policy_stats))
-    stats.update(grad_norm=policy_stats[-1]["grad_norm"], lr=policy_stats[-1]["lr"], skipped_steps=skipped)
+    stats.update(grad_norm=policy_stats[-1]["grad_norm"], lr=policy_stats[-1]["lr"], skipped_steps=skipped,
+                 **{"time/policy_steps": sum(p["time_s"] for p in policy_stats[::len(roles.policy)])})
     if critic_stats:
         critic = means(merge_summaries(critic_stats))
         stats.update({k: v for k, v in critic.items() if k.startswith("critic/")})
