@@ -111,8 +111,9 @@ def test_long_packed_rows_attend_per_sequence(models, monkeypatch):
     batch = _batch([30, 41, 25], [4, 6, 2])
     with torch.no_grad():
         ref = forward_logps(models["padded"], batch).token_logps
-        for limit in (10_000, 8):        # masked call / per-sequence loop
+        for limit, cost in ((10_000, 1e15), (8, 0)):        # masked call / per-sequence loop
             monkeypatch.setattr(packing, "MASKED_MAX_TOKENS", limit)
+            monkeypatch.setattr(packing, "CALL_COST", cost)
             got = forward_logps(models["varlen_sdpa"], batch, packing="rows").token_logps
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
@@ -200,6 +201,7 @@ def test_shared_prompt_forward_equals_padded(models, monkeypatch, limit, left_pa
     and gradients equal the padded forward's."""
     import prefopt.models.packing as packing
     monkeypatch.setattr(packing, "MASKED_MAX_TOKENS", limit)
+    monkeypatch.setattr(packing, "CALL_COST", 1e15 if limit > 1000 else 0)
     g = torch.Generator().manual_seed(3)
     rand = lambda n: torch.randint(3, 500, (n,), generator=g).tolist()  # noqa: E731
     prompts = [rand(7), rand(12), rand(4)]
@@ -235,3 +237,13 @@ def test_shared_prompts_need_prefopt_sdpa(models):
     batch = _shared_batch([[5, 6, 7]], [(0, [10, 11]), (0, [12])])
     with pytest.raises(ValueError, match="shared-prompt packing needs"):
         forward_logps(models["eager"], batch, packing="shared")
+
+
+def test_attention_path_choice_follows_the_cost_model():
+    """Many short sequences: one masked call; a few long ones: a call per sequence."""
+    from prefopt.models.packing import _one_masked_call, rows_segments
+    many_short = rows_segments(torch.tensor([0] + [20 * (i + 1) for i in range(16)], dtype=torch.int32))
+    few_long = rows_segments(torch.tensor([0, 110, 220, 330, 440], dtype=torch.int32))
+    assert _one_masked_call(many_short, heads_x_dim=64, total=320)
+    assert not _one_masked_call(few_long, heads_x_dim=512, total=440)
+    assert not _one_masked_call(many_short, heads_x_dim=64, total=10**6)   # above MASKED_MAX_TOKENS

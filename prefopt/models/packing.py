@@ -10,8 +10,8 @@ Attention must then not cross sequence boundaries:
 
 * ``attn_implementation: flash_attention_2`` (GPU) reads ``cu_seq_lens_q/k`` natively;
 * ``sdpa`` is swapped for :data:`VARLEN_SDPA` (registered here): causal SDPA run per sequence
-  (exact, and no S x S work) — or, for a short packed row (<= :data:`MASKED_MAX_TOKENS`), one
-  SDPA call with a block-diagonal causal mask, cheaper than many tiny calls; it falls back to
+  (exact, and no S x S work) — or, when that is cheaper (many short sequences, :data:`CALL_COST`),
+  one SDPA call with a block-diagonal causal mask; it falls back to
   transformers' SDPA for padded batches;
 * ``eager`` sees the packed layout in ``position_ids`` and builds a block-diagonal causal mask
   (transformers' packed-sequence detection).
@@ -28,7 +28,12 @@ from functools import cached_property
 import torch
 
 VARLEN_SDPA = "prefopt_varlen_sdpa"
-MASKED_MAX_TOKENS = 512     # packed rows up to this long: one SDPA call with a block-diagonal mask
+MASKED_MAX_TOKENS = 4096    # never build an S x S mask for a longer packed row
+# One masked SDPA call over the whole row computes S^2 scores where only sum(len_g^2) are needed; a
+# loop spends one call (slice, SDPA, cat; forward and backward) per group. Measured on CPU (torch
+# 2.13): a call costs about as much as 5e5 (score x head-dim) units. The loop wins from ~300 tokens
+# of a few sequences; many short sequences (a tiny model's micro-batch) favour the masked call.
+CALL_COST = 500_000
 _REGISTERED = False
 
 
@@ -214,13 +219,21 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     p = dropout if module.training else 0.0
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    if query.shape[2] <= MASKED_MAX_TOKENS:     # short row: one call beats a Python loop of tiny ones
+    if _one_masked_call(layout, query.shape[1] * query.shape[3], query.shape[2]):
         out = sdpa(query, key, value, attn_mask=layout.full_mask, dropout_p=p, scale=scaling)
     else:
         out = torch.cat([sdpa(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p, scale=scaling,
                               **({"attn_mask": layout.group_mask(i)} if shared else {"is_causal": True}))
                          for i, ((a, b), shared) in enumerate(zip(layout.bounds, layout.shared))], dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _one_masked_call(layout: Segments, heads_x_dim: int, total: int) -> bool:
+    """One masked SDPA call (True) or one call per group: whichever wastes less (see CALL_COST)."""
+    if total > MASKED_MAX_TOKENS:
+        return False
+    wasted = total * total - sum((b - a) ** 2 for a, b in layout.bounds)
+    return wasted * heads_x_dim <= CALL_COST * (len(layout.bounds) - 1)
 
 
 def rows_segments(cu_seq_lens: torch.Tensor) -> Segments:
