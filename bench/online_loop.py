@@ -15,13 +15,6 @@ LOOP = {
                        overrides=["train.async_rollouts=true"]),
     "tiny-async-rollout": dict(label="tiny-llama, tiny_grpo.yaml, async_rollouts + old_logprobs=rollout",
                                iterations=20, overrides=["train.async_rollouts=true", "objective.old_logprobs=rollout"]),
-    "tiny-async-rollout-z0": dict(label="tiny-llama, tiny_grpo.yaml, async_rollouts + old_logprobs=rollout, ZeRO-0",
-                                  iterations=20, overrides=["train.async_rollouts=true", "objective.old_logprobs=rollout",
-                                                            "roles.learner.zero_stage=0"]),
-    "tiny-async-rollout-tok": dict(
-        label="tiny-llama, tiny_grpo.yaml, async_rollouts + old_logprobs=rollout, ZeRO-0, no-grad budget 4096 tokens",
-        iterations=20, overrides=["train.async_rollouts=true", "objective.old_logprobs=rollout",
-                                  "roles.learner.zero_stage=0", "train.inference_micro_batch_tokens=4096"]),
     "100m": dict(label="llama-100m, 8 prompts x 4, 32 tokens", iterations=3, overrides=[
         "model.path=builtin:llama-100m", "train.prompts_per_iteration=8", "roles.rollout.sampling.n=4",
         "roles.rollout.sampling.max_tokens=32", "train.batch_size=16", "train.micro_batch_size=8",

@@ -64,7 +64,7 @@ class Roles:
         self.learners.kill()
 
 
-def cache_reference_logps(roles: Roles, examples: list[dict], micro: int) -> None:
+def cache_reference_logps(roles: Roles, examples: list[dict], micro: int | batching.Budget) -> None:
     """Attach ``ref_logps`` (one per response) to every example, computed once."""
     from prefopt.roles.group import run_sharded
     workers = roles.references or roles.learners.actors
@@ -131,7 +131,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         result = RunResult(run_dir=run_dir, steps=len(steps), final_train={})
         if "reference" in objective_cls.needs:
             start = time.perf_counter()
-            cache_reference_logps(roles, data.train + data.eval, batching.inference_micro(recipe))
+            cache_reference_logps(roles, data.train + data.eval, infer_micro)
             result.reference_time_s = time.perf_counter() - start
             logger.log(0, {"time_s": result.reference_time_s,
                            "examples": len(data.train) + len(data.eval)}, prefix="reference")

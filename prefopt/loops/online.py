@@ -188,7 +188,8 @@ def learn(samples: list[dict], roles, recipe: Recipe, iteration: int, guard=None
         random.Random(f"{t.seed}-{iteration}-{epoch}").shuffle(order)
         for b in range(0, len(order) - t.batch_size + 1, t.batch_size):
             batch = [samples[i] for i in order[b:b + t.batch_size]]
-            step = roles.policy.train_step(batch, batching.train_micro(recipe), what=f"policy step (iteration {iteration})",
+            step = roles.policy.train_step(batch, batching.train_micro(recipe),
+                                           what=f"policy step (iteration {iteration})",
                                            inject_nan=iteration in t.debug_nan_steps)
             policy_stats += step
             if guard is not None:
@@ -200,7 +201,7 @@ def learn(samples: list[dict], roles, recipe: Recipe, iteration: int, guard=None
                                                         what=f"critic step (iteration {iteration})")
     stats = means(merge_summaries(policy_stats))
     stats.update(grad_norm=policy_stats[-1]["grad_norm"], lr=policy_stats[-1]["lr"], skipped_steps=skipped,
-                 **{"time/policy_steps": sum(p["time_s"] for p in policy_stats[::len(roles.policy)])})
+                 policy_steps_time_s=sum(p["time_s"] for p in policy_stats[::len(roles.policy)]))
     if critic_stats:
         critic = means(merge_summaries(critic_stats))
         stats.update({k: v for k, v in critic.items() if k.startswith("critic/")})
