@@ -92,6 +92,12 @@ def guarded_adamw():
     return GuardedAdamW
 
 
+def client_clips(train: TrainConfig, learner: LearnerRoleConfig) -> bool:
+    """Whether prefopt's AdamW clips (fp32 ZeRO-0, where it steps the model's own gradients) rather
+    than DeepSpeed (ZeRO 1-3 partitions, mixed-precision wrappers, offload)."""
+    return learner.zero_stage == 0 and train.precision == "fp32" and not learner.offload_optimizer
+
+
 def deepspeed_config(train: TrainConfig, learner: LearnerRoleConfig, *, grad_accum: int) -> dict:
     zero: dict = {"stage": learner.zero_stage}
     if learner.zero_stage >= 1:
@@ -106,8 +112,8 @@ def deepspeed_config(train: TrainConfig, learner: LearnerRoleConfig, *, grad_acc
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
         "train_batch_size": train.micro_batch_size * grad_accum * learner.num_actors,
-        # ZeRO-0: prefopt's optimizer clips (with the norm the learner computes anyway for its metrics)
-        "gradient_clipping": train.max_grad_norm if learner.zero_stage > 0 or learner.offload_optimizer else 0.0,
+        # fp32 ZeRO-0: prefopt's optimizer clips (with the norm the learner computes anyway for its metrics)
+        "gradient_clipping": 0.0 if client_clips(train, learner) else train.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
         "fp16": {"enabled": train.precision == "fp16", "initial_scale_power": 16},
@@ -147,7 +153,7 @@ def init_engine(model, train: TrainConfig, learner: LearnerRoleConfig, *, grad_a
 
     if optimizer is not None:
         optimizer.max_norm = train.skip_grad_norm_above
-        if learner.zero_stage == 0:
+        if client_clips(train, learner):
             optimizer.clip_norm = train.max_grad_norm or None
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=config, lr_scheduler=scheduler,
