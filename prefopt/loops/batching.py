@@ -34,12 +34,15 @@ def step_batches(num_examples: int, batch_size: int, *, seed: int, epochs: int,
     return steps
 
 
+def _responses(example: dict) -> list:
+    """An example's responses (a rollout sample holds one, as a flat list of token ids)."""
+    responses = example.get("response_ids") or [[]]
+    return [responses] if isinstance(responses[0], int) else responses
+
+
 def example_length(example: dict) -> int:
     """Padded row length an example needs: prompt plus its longest response."""
-    responses = example.get("response_ids") or [[]]
-    if responses and isinstance(responses[0], int):   # a rollout sample: one response
-        return len(example["prompt_ids"]) + len(responses)
-    return len(example["prompt_ids"]) + max(len(r) for r in responses)
+    return len(example["prompt_ids"]) + max(len(r) for r in _responses(example))
 
 
 @dataclass(frozen=True)
@@ -51,9 +54,7 @@ class Budget:
     share_prompts: bool = True
 
     def cost(self, example: dict) -> int:
-        responses = example.get("response_ids") or [[]]
-        if responses and isinstance(responses[0], int):   # a rollout sample: one response
-            return len(example["prompt_ids"]) + len(responses)
+        responses = _responses(example)
         copies = 1 if self.share_prompts else len(responses)
         return copies * len(example["prompt_ids"]) + sum(len(r) for r in responses)
 
