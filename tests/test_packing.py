@@ -194,14 +194,15 @@ def test_no_shared_prompt_falls_back_to_rows():
     assert packed.segments is None and packed.cu_seq_lens.tolist() == [0, 3, 6]
 
 
-@pytest.mark.parametrize("limit", [10_000, 8], ids=["one-masked-call", "per-group"])
+@pytest.mark.parametrize("limit,cost", [(10_000, 1e15), (8, 1e15), (8, 0)],
+                         ids=["one-masked-call", "call-per-group", "call-per-response"])
 @pytest.mark.parametrize("left_pad", [False, True])
-def test_shared_prompt_forward_equals_padded(models, monkeypatch, limit, left_pad):
+def test_shared_prompt_forward_equals_padded(models, monkeypatch, limit, cost, left_pad):
     """Pairs (chosen block then rejected block) and a rollout-like group of 3: log-probs, entropies
-    and gradients equal the padded forward's."""
+    and gradients equal the padded forward's, whichever SDPA calls the attention plan makes."""
     import prefopt.models.packing as packing
     monkeypatch.setattr(packing, "MASKED_MAX_TOKENS", limit)
-    monkeypatch.setattr(packing, "CALL_COST", 1e15 if limit > 1000 else 0)
+    monkeypatch.setattr(packing, "CALL_COST", cost)
     g = torch.Generator().manual_seed(3)
     rand = lambda n: torch.randint(3, 500, (n,), generator=g).tolist()  # noqa: E731
     prompts = [rand(7), rand(12), rand(4)]
@@ -239,11 +240,32 @@ def test_shared_prompts_need_prefopt_sdpa(models):
         forward_logps(models["eager"], batch, packing="shared")
 
 
-def test_attention_path_choice_follows_the_cost_model():
-    """Many short sequences: one masked call; a few long ones: a call per sequence."""
-    from prefopt.models.packing import _one_masked_call, rows_segments
+def test_attention_plan_follows_the_cost_model():
+    """Many short sequences: one masked call; a few long ones: a call per sequence; a long shared
+    pair: the prompt + chosen causally, then rejected over [prompt, rejected]; a short one: one call."""
+    from prefopt.models.packing import Segments, attention_plan, rows_segments
     many_short = rows_segments(torch.tensor([0] + [20 * (i + 1) for i in range(16)], dtype=torch.int32))
     few_long = rows_segments(torch.tensor([0, 110, 220, 330, 440], dtype=torch.int32))
-    assert _one_masked_call(many_short, heads_x_dim=64, total=320)
-    assert not _one_masked_call(few_long, heads_x_dim=512, total=440)
-    assert not _one_masked_call(many_short, heads_x_dim=64, total=10**6)   # above MASKED_MAX_TOKENS
+    assert attention_plan(many_short, heads_x_dim=64, total=320) is None
+    plan = attention_plan(few_long, heads_x_dim=512, total=440)
+    assert plan.sizes == [110] * 4 and all(c.mask is None for c in plan.calls)
+    assert attention_plan(many_short, heads_x_dim=64, total=10**6) is not None   # above MASKED_MAX_TOKENS
+
+    def pair(prompt, chosen, rejected):
+        segment = [0] * prompt + [1] * chosen + [2] * rejected
+        n = len(segment)
+        return Segments(bounds=[(0, n)], shared=[True], group=torch.zeros(n, dtype=torch.long),
+                        segment=torch.tensor(segment))
+    long_pair = pair(30, 130, 120)
+    plan = attention_plan(long_pair, heads_x_dim=512, total=10**6)
+    assert plan.sizes == [160, 120]
+    head, rejected = plan.calls
+    assert head.mask is None and head.keys == ((0, None),)
+    assert rejected.keys == ((0, 30), (1, None))
+    # rejected token t sees the prompt and rejected tokens 0..t: the [q, k] view of the full mask
+    full = long_pair.mask()
+    want = torch.cat([full[160:, :30], full[160:, 160:]], dim=1)
+    assert torch.equal(rejected.mask, want)
+    short_pair = pair(6, 4, 5)
+    plan = attention_plan(short_pair, heads_x_dim=64, total=10**6)
+    assert plan.sizes == [15] and torch.equal(plan.calls[0].mask, short_pair.mask())

@@ -9,10 +9,11 @@ forward and backward. :func:`pack` turns it into one row of ``S = sum(lengths)``
 Attention must then not cross sequence boundaries:
 
 * ``attn_implementation: flash_attention_2`` (GPU) reads ``cu_seq_lens_q/k`` natively;
-* ``sdpa`` is swapped for :data:`VARLEN_SDPA` (registered here): causal SDPA run per sequence
-  (exact, and no S x S work) — or, when that is cheaper (many short sequences, :data:`CALL_COST`),
-  one SDPA call with a block-diagonal causal mask; it falls back to
-  transformers' SDPA for padded batches;
+* ``sdpa`` is swapped for :data:`VARLEN_SDPA` (registered here): exact causal SDPA over the
+  pieces of the row that attend to each other (no S x S work), planned by cost once per forward
+  (:func:`attention_plan`): a call per sequence; for a shared prompt, the prompt and first response
+  causally, then each further response over [prompt, response]; or, for many short sequences, one
+  call with a block-diagonal causal mask. It falls back to transformers' SDPA for padded batches;
 * ``eager`` sees the packed layout in ``position_ids`` and builds a block-diagonal causal mask
   (transformers' packed-sequence detection).
 
@@ -29,11 +30,15 @@ import torch
 
 VARLEN_SDPA = "prefopt_varlen_sdpa"
 MASKED_MAX_TOKENS = 4096    # never build an S x S mask for a longer packed row
-# One masked SDPA call over the whole row computes S^2 scores where only sum(len_g^2) are needed; a
-# loop spends one call (slice, SDPA, cat; forward and backward) per group. Measured on CPU (torch
-# 2.13): a call costs about as much as 5e5 (score x head-dim) units. The loop wins from ~300 tokens
-# of a few sequences; many short sequences (a tiny model's micro-batch) favour the masked call.
-CALL_COST = 500_000
+# The attention of a packed row is planned once per forward (every layer reuses the plan) as SDPA calls
+# over consecutive pieces of the row, priced in (query x key x head-dim) units plus CALL_COST per call
+# (slice, SDPA, cat; forward and backward). Measured on CPU (torch 2.13, fp32, fwd + bwd): a call costs
+# about as much as 5.6e5 units; a causal call costs about what the same masked call costs. Options:
+# one masked call over the whole row (many short sequences: a tiny model's micro-batch), one call
+# per sequence / group, or, for a group that shares its prompt, one causal call over the prompt and
+# its first response plus one call per further response over [prompt, response] (a pair of
+# 30 + 130 + 130 tokens: 46k instead of 84k scores per head).
+CALL_COST = 560_000
 _REGISTERED = False
 
 
@@ -86,11 +91,12 @@ class Segments:
     def full_mask(self) -> torch.Tensor:
         return self.mask()
 
-    def group_mask(self, i: int) -> torch.Tensor:
-        cache = self.__dict__.setdefault("_group_masks", {})
-        if i not in cache:
-            cache[i] = self.mask(*self.bounds[i])
-        return cache[i]
+    def plan(self, heads_x_dim: int) -> "AttentionPlan | None":
+        """:func:`attention_plan` of this layout, built once per forward (every layer asks)."""
+        cache = self.__dict__.setdefault("_plans", {})
+        if heads_x_dim not in cache:
+            cache[heads_x_dim] = attention_plan(self, heads_x_dim, int(self.group.shape[0]))
+        return cache[heads_x_dim]
 
 
 def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, *,
@@ -219,21 +225,80 @@ def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     p = dropout if module.training else 0.0
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    if _one_masked_call(layout, query.shape[1] * query.shape[3], query.shape[2]):
+    plan = layout.plan(query.shape[1] * query.shape[3])
+    if plan is None:
         out = sdpa(query, key, value, attn_mask=layout.full_mask, dropout_p=p, scale=scaling)
     else:
-        out = torch.cat([sdpa(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=p, scale=scaling,
-                              **({"attn_mask": layout.group_mask(i)} if shared else {"is_causal": True}))
-                         for i, ((a, b), shared) in enumerate(zip(layout.bounds, layout.shared))], dim=2)
+        # split (views; one cat in backward) rather than per-piece slicing (a zero-filled full-size
+        # gradient per slice)
+        qs, ks, vs = (x.split(plan.sizes, dim=2) for x in (query, key, value))
+        parts = []
+        for call in plan.calls:
+            k, v = (_gather(xs, call.keys) for xs in (ks, vs))
+            mask = {"is_causal": True} if call.mask is None else {"attn_mask": call.mask}
+            parts.append(sdpa(qs[call.query], k, v, dropout_p=p, scale=scaling, **mask))
+        out = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     return out.transpose(1, 2).contiguous(), None
 
 
-def _one_masked_call(layout: Segments, heads_x_dim: int, total: int) -> bool:
-    """One masked SDPA call (True) or one call per group: whichever wastes less (see CALL_COST)."""
-    if total > MASKED_MAX_TOKENS:
-        return False
-    wasted = total * total - sum((b - a) ** 2 for a, b in layout.bounds)
-    return wasted * heads_x_dim <= CALL_COST * (len(layout.bounds) - 1)
+def _gather(pieces: tuple, keys: tuple) -> torch.Tensor:
+    """The keys (or values) of one call: ``(piece, length)`` parts, in order (length None: all)."""
+    parts = [pieces[j] if n is None else pieces[j][:, :, :n] for j, n in keys]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+
+@dataclass
+class AttentionCall:
+    query: int                   # the piece whose queries this call computes
+    keys: tuple                  # ((piece, length or None = all of it), ...): where its keys / values are
+    mask: "torch.Tensor | None"  # [q, k] bool; None: causal within the query piece
+
+
+@dataclass
+class AttentionPlan:
+    sizes: list                  # the packed row split into consecutive pieces
+    calls: list                  # one AttentionCall per piece, in row order
+
+
+def attention_plan(layout: "Segments", heads_x_dim: int, total: int,
+                   call_cost: float | None = None) -> AttentionPlan | None:
+    """The cheapest SDPA calls for a packed row (see :data:`CALL_COST`); None: one masked call
+    over the whole row."""
+    call_cost = CALL_COST if call_cost is None else call_cost
+    sizes, calls, cost = [], [], 0.0
+    segment = layout.segment.tolist()
+    for (a, b), shared in zip(layout.bounds, layout.shared):
+        n = b - a
+        if not shared:
+            calls.append(AttentionCall(len(sizes), ((len(sizes), None),), None))
+            sizes.append(n)
+            cost += n * n * heads_x_dim + call_cost
+            continue
+        seg = segment[a:b]
+        prompt = seg.index(1) if 1 in seg else n
+        responses = [seg.count(k) for k in range(1, max(seg) + 1)]
+        whole = n * n * heads_x_dim + call_cost
+        first = prompt + responses[0]
+        split = ((first * first + sum(r * (prompt + r) for r in responses[1:])) * heads_x_dim
+                 + len(responses) * call_cost)
+        if whole <= split:
+            calls.append(AttentionCall(len(sizes), ((len(sizes), None),), layout.mask(a, b)))
+            sizes.append(n)
+            cost += whole
+            continue
+        # the prompt and its first response causally; each further response over [prompt, itself]
+        # (the prompt's keys are the first `prompt` positions of the head piece)
+        head = len(sizes)
+        calls.append(AttentionCall(head, ((head, None),), None))
+        sizes.append(first)
+        for r in (r for r in responses[1:] if r):
+            mask = torch.ones((r, prompt + r), dtype=torch.bool, device=layout.group.device).tril(diagonal=prompt)
+            calls.append(AttentionCall(len(sizes), ((head, prompt), (len(sizes), None)), mask))
+            sizes.append(r)
+        cost += split
+    if total <= MASKED_MAX_TOKENS and total * total * heads_x_dim + call_cost <= cost:
+        return None
+    return AttentionPlan(sizes=sizes, calls=calls)
 
 
 def rows_segments(cu_seq_lens: torch.Tensor) -> Segments:
