@@ -32,7 +32,7 @@ VARLEN_SDPA = "prefopt_varlen_sdpa"
 MASKED_MAX_TOKENS = 4096    # never build an S x S mask for a longer packed row
 # The attention of a packed row is planned once per forward (every layer reuses the plan) as SDPA calls
 # over consecutive pieces of the row, priced in (query x key x head-dim) units plus CALL_COST per call
-# (slice, SDPA, cat; forward and backward). Measured on CPU (torch 2.13, fp32, fwd + bwd): a call costs
+# (split piece, SDPA, cat; forward and backward). Measured on CPU (torch 2.13, fp32, fwd + bwd): a call costs
 # about as much as 5.6e5 units; a causal call costs about what the same masked call costs. Options:
 # one masked call over the whole row (many short sequences: a tiny model's micro-batch), one call
 # per sequence / group, or, for a group that shares its prompt, one causal call over the prompt and
@@ -208,8 +208,8 @@ def _accepts_logits_to_keep(model) -> bool:
 
 def varlen_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                           scaling=None, is_causal=None, cu_seq_lens_q=None, prefopt_segments=None, **kwargs):
-    """Causal SDPA per packed sequence when ``cu_seq_lens_q`` is given (or per group of a
-    shared-prompt row, ``prefopt_segments``), else transformers' SDPA.
+    """Causal SDPA over a packed row (``cu_seq_lens_q``, or the groups of a shared-prompt row,
+    ``prefopt_segments``) in the calls of its :func:`attention_plan`, else transformers' SDPA.
 
     query ``[1, H, S, D]``, key/value ``[1, H_kv, S, D]`` -> ``([1, S, H, D], None)``.
     """
