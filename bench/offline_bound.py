@@ -125,29 +125,30 @@ def main(argv=None) -> None:
             train_path, _, _ = write_data(spec, Path(tmp), load_tokenizer(model_dir))
             trl = trl_tokens(spec, model_dir, train_path)
             packed, scored = prefopt_tokens(spec, model_dir, train_path)
-        m = int(statistics.mean(packed)) // spec["batch"] * spec["micro"]     # rows of one micro-batch's GEMMs
+        trl_mean, packed_mean = statistics.mean(trl), statistics.mean(packed)
+        m = int(packed_mean) // spec["batch"] * spec["micro"]     # rows of one micro-batch's GEMMs
         shapes = [(m, hidden, inter), (m, inter, hidden), (m, hidden, hidden)]
         rates = {str(dt).removeprefix("torch."): statistics.mean(gemm_gflops(*s, dt, a.threads) for s in shapes)
                  for dt in (torch.float32, torch.bfloat16, torch.float16)}
         fp32 = rates["float32"] * 1e9
-        trl_gemm = [6 * (body + head) * t / fp32 for t in trl]
-        pre_gemm = [(6 * body * t + 6 * head * s) / fp32 for t, s in zip(packed, scored)]
+        trl_gemm = statistics.mean(6 * (body + head) * t / fp32 for t in trl)
+        pre_gemm = statistics.mean((6 * body * t + 6 * head * s) / fp32 for t, s in zip(packed, scored))
         print(f"== {spec['label']} ({a.threads} threads)")
-        print(f"tokens per step: TRL padded {statistics.mean(trl):.0f}, prefopt packed {statistics.mean(packed):.0f} "
+        print(f"tokens per step: TRL padded {trl_mean:.0f}, prefopt packed {packed_mean:.0f} "
               f"(ratio {sum(trl) / sum(packed):.2f}x); linear params {body / 1e6:.1f}M + LM head {head / 1e6:.2f}M")
         print("GEMM GFLOP/s at the model's shapes: " + ", ".join(f"{k} {v:.0f}" for k, v in rates.items()))
-        print(f"GEMM s per step at fp32: TRL {statistics.mean(trl_gemm):.3f}, prefopt {statistics.mean(pre_gemm):.3f}")
+        print(f"GEMM s per step at fp32: TRL {trl_gemm:.3f}, prefopt {pre_gemm:.3f}")
         t_row, p_row = measured.get((key, "trl-fair")), measured.get((key, "prefopt-1l-2t"))
         if t_row and p_row:
             trl_step, pre_step = t_row["train_s"] / len(trl), p_row["train_s"] / len(packed)
-            trl_other = trl_step - statistics.mean(trl_gemm)
-            per_token = trl_other / statistics.mean(trl)
-            ceiling = trl_step / (statistics.mean(pre_gemm) + per_token * statistics.mean(packed))
+            trl_other = trl_step - trl_gemm
+            per_token = trl_other / trl_mean
+            ceiling = trl_step / (pre_gemm + per_token * packed_mean)
             print(f"measured step s: TRL fair {trl_step:.3f} (non-GEMM {trl_other:.3f}), prefopt {pre_step:.3f} "
-                  f"(non-GEMM {pre_step - statistics.mean(pre_gemm):.3f}); x TRL {trl_step / pre_step:.2f}")
+                  f"(non-GEMM {pre_step - pre_gemm:.3f}); x TRL {trl_step / pre_step:.2f}")
             print(f"ceiling with prefopt's non-GEMM per token = TRL's: {ceiling:.2f}x; "
                   f"1.5x needs prefopt's non-GEMM per token at "
-                  f"{(trl_step / 1.5 - statistics.mean(pre_gemm)) / statistics.mean(packed) / per_token:.2f}x TRL's")
+                  f"{(trl_step / 1.5 - pre_gemm) / packed_mean / per_token:.2f}x TRL's")
 
 
 if __name__ == "__main__":
