@@ -76,6 +76,10 @@ ROWS = [
          threads=CPUS, trl={"precompute_ref_log_probs": True, "gradient_checkpointing": False}),
     dict(id="trl-fair-ref4x", kind="trl", label="TRL fair, reference batch 4x micro (precompute_ref_batch_size)",
          threads=CPUS, trl={"precompute_ref_log_probs": True, "gradient_checkpointing": False}, ref_batch_factor=4),
+    # TRL with the glibc malloc settings prefopt gives its actors (prefopt.cluster.MALLOC_ENV): how
+    # much of prefopt's lead is that allocator setting alone
+    dict(id="trl-fair-malloc", kind="trl", label="TRL fair, with prefopt's malloc settings",
+         threads=CPUS, trl={"precompute_ref_log_probs": True, "gradient_checkpointing": False}, env="malloc"),
     dict(id="trl-fair-1t", kind="trl", label="TRL precompute, no grad ckpt, 1 thread",
          threads=1, trl={"precompute_ref_log_probs": True, "gradient_checkpointing": False}),
     dict(id="prefopt-1l-padded", kind="prefopt", label="prefopt 1 learner, ZeRO-0, 1 thread, padded (model.padding_free=false)",
@@ -242,6 +246,9 @@ def run_row(row: dict, spec: dict, model_dir: str, data: tuple[Path, Path], out:
     env.setdefault("RAY_AUTH_MODE", "disabled")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["TQDM_DISABLE"] = "1"
+    if row.get("env") == "malloc":
+        from prefopt.cluster import MALLOC_ENV
+        env.update(MALLOC_ENV)
     monitor = ForeignLoad()
     monitor.start()
     start = time.perf_counter()

@@ -123,6 +123,22 @@ def test_two_learners_batch4_equal_one_learner_batch8(ray_cluster, tmp_path):
     assert tok.train_history[0]["grad_norm"] == pytest.approx(o["grad_norm"], abs=1e-5)
 
 
+def test_zero0_one_learner_without_allreduce_equals_two_learners(ray_cluster, tmp_path):
+    """ZeRO-0 with a single data-parallel rank skips DeepSpeed's gradient all-reduce (a flatten and
+    copy of every gradient); the first two steps still equal 2 learners that do all-reduce (the
+    second step's loss and gradient are taken after the first update, so they check it too)."""
+    common = ("train.batch_size=8", "train.micro_batch_size=4", "train.max_steps=2",
+              "roles.learner.zero_stage=0", "output.save_model=false")
+    one = run("tiny_dpo", tmp_path / "one", *common, "roles.learner.num_actors=1")
+    two = run("tiny_dpo", tmp_path / "two", *common, "roles.learner.num_actors=2")
+    placement = lambda result: json.loads((result.run_dir / "placement.json").read_text())
+    assert [p["gradient_allreduce"] for p in placement(one)] == [False]
+    assert [p["gradient_allreduce"] for p in placement(two)] == [True, True]
+    for o, t in zip(one.train_history, two.train_history, strict=True):
+        assert o["loss"] == pytest.approx(t["loss"], abs=1e-5)
+        assert o["grad_norm"] == pytest.approx(t["grad_norm"], abs=1e-5)
+
+
 def test_reference_actor_matches_learner_reference(ray_cluster, tmp_path):
     common = ("train.max_steps=2", "output.save_model=false")
     on_learner = run("tiny_dpo", tmp_path / "l", *common)

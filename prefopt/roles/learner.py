@@ -75,6 +75,7 @@ class LearnerWorker:
         self.device = self.engine.device
         return {"role": self.model_kind, "rank": self.rank, "backend": backend, "device": str(self.device),
                 "pid": os.getpid(), "node_ip": node_ip(), "node_id": node_id(), "placement_group": placement_group_id(),
+                "gradient_allreduce": bool(self.engine.enable_backward_allreduce),
                 "num_parameters": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
                                       for p in self.engine.module.parameters())}
 
