@@ -79,7 +79,8 @@ ROWS = [
     # TRL with the glibc malloc settings prefopt gives its actors (prefopt.cluster.MALLOC_ENV): how
     # much of prefopt's lead is that allocator setting alone
     dict(id="trl-fair-malloc", kind="trl", label="TRL fair, with prefopt's malloc settings",
-         threads=CPUS, trl={"precompute_ref_log_probs": True, "gradient_checkpointing": False}, env="malloc"),
+         threads=CPUS, trl={"precompute_ref_log_probs": True, "gradient_checkpointing": False}, env="malloc",
+         models=("30m", "30m-long")),
     dict(id="trl-fair-1t", kind="trl", label="TRL precompute, no grad ckpt, 1 thread",
          threads=1, trl={"precompute_ref_log_probs": True, "gradient_checkpointing": False}),
     dict(id="prefopt-1l-padded", kind="prefopt", label="prefopt 1 learner, ZeRO-0, 1 thread, padded (model.padding_free=false)",
