@@ -21,7 +21,7 @@ WORKER_ENV = {
 # micro-batch. By default large tensors are mmap-ed and unmapped on free, and the heap is trimmed,
 # so each training step faults the same 140-340 MB of pages in again (35-85k page faults per step
 # on the llama-30m benchmark, -7% step time once they are gone; docs/benchmarks.md, session 6/7).
-# The high-water mark (peak RSS) is unchanged; the memory is just not returned between steps.
+# The learner's peak RSS did not rise in that benchmark; the memory is kept between steps instead.
 # A value already in the driver's environment, or in ``ray.env``, wins over these.
 MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(1 << 30),

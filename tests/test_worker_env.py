@@ -25,7 +25,7 @@ def test_a_users_malloc_setting_wins_over_the_default(monkeypatch):
     assert env["MALLOC_TRIM_THRESHOLD_"] == "0" and env["OMP_NUM_THREADS"] == "2"
 
 
-def test_a_real_actor_sees_the_worker_env(ray_cluster):
+def test_a_real_ray_worker_sees_the_worker_env(ray_cluster):
     @ray_cluster.remote(num_cpus=0)
     def read_env(keys):
         return {k: os.environ.get(k) for k in keys}
