@@ -266,6 +266,7 @@ def attention_plan(layout: "Segments", heads_x_dim: int, total: int,
     over the whole row."""
     call_cost = CALL_COST if call_cost is None else call_cost
     sizes, calls, cost = [], [], 0.0
+    masks = []                   # (call, mask builder): built only if this plan is used
     segment = layout.segment.tolist()
     for (a, b), shared in zip(layout.bounds, layout.shared):
         n = b - a
@@ -282,7 +283,8 @@ def attention_plan(layout: "Segments", heads_x_dim: int, total: int,
         split = ((first * first + sum(r * (prompt + r) for r in responses[1:])) * heads_x_dim
                  + len(responses) * call_cost)
         if whole <= split:
-            calls.append(AttentionCall(len(sizes), ((len(sizes), None),), layout.mask(a, b)))
+            calls.append(AttentionCall(len(sizes), ((len(sizes), None),), None))
+            masks.append((calls[-1], lambda a=a, b=b: layout.mask(a, b)))
             sizes.append(n)
             cost += whole
             continue
@@ -292,12 +294,15 @@ def attention_plan(layout: "Segments", heads_x_dim: int, total: int,
         calls.append(AttentionCall(head, ((head, None),), None))
         sizes.append(first)
         for r in (r for r in responses[1:] if r):
-            mask = torch.ones((r, prompt + r), dtype=torch.bool, device=layout.group.device).tril(diagonal=prompt)
-            calls.append(AttentionCall(len(sizes), ((head, prompt), (len(sizes), None)), mask))
+            calls.append(AttentionCall(len(sizes), ((head, prompt), (len(sizes), None)), None))
+            masks.append((calls[-1], lambda r=r, prompt=prompt: torch.ones(
+                (r, prompt + r), dtype=torch.bool, device=layout.group.device).tril(diagonal=prompt)))
             sizes.append(r)
         cost += split
     if total <= MASKED_MAX_TOKENS and total * total * heads_x_dim + call_cost <= cost:
         return None
+    for call, build in masks:
+        call.mask = build()
     return AttentionPlan(sizes=sizes, calls=calls)
 
 
