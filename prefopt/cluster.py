@@ -22,6 +22,8 @@ WORKER_ENV = {
 # so each training step faults the same 140-340 MB of pages in again (35-85k page faults per step
 # on the llama-30m benchmark, -7% step time once they are gone; docs/benchmarks.md, session 6/7).
 # The learner's peak RSS did not rise in that benchmark; the memory is kept between steps instead.
+# Only for runs whose roles use no GPU: a GPU node's host memory sees little churn, and a freed
+# multi-GB host buffer (a gathered checkpoint) should go back to the OS there.
 # A value already in the driver's environment, or in ``ray.env``, wins over these.
 MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(1 << 30),
@@ -32,14 +34,16 @@ PASSTHROUGH_ENV = ("PREFOPT_CACHE", "HF_HUB_OFFLINE", "HF_HOME", "TORCH_EXTENSIO
                    "DS_ACCELERATOR", "VLLM_CPU_KVCACHE_SPACE", "PYTHONPATH", *MALLOC_ENV)
 
 
-def worker_env(ray_cfg: RayConfig) -> dict[str, str]:
-    env = {**WORKER_ENV, **MALLOC_ENV}
+def worker_env(ray_cfg: RayConfig, *, cpu_only: bool = True) -> dict[str, str]:
+    """The environment of every actor: ``WORKER_ENV``, ``MALLOC_ENV`` when no role uses a GPU, the
+    driver's values of ``PASSTHROUGH_ENV``, then ``ray.env``."""
+    env = {**WORKER_ENV, **(MALLOC_ENV if cpu_only else {})}
     env.update({k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ})
     env.update({k: str(v) for k, v in ray_cfg.env.items()})
     return env
 
 
-def init_ray(ray_cfg: RayConfig, *, num_cpus_needed: float) -> bool:
+def init_ray(ray_cfg: RayConfig, *, num_cpus_needed: float, cpu_only: bool = True) -> bool:
     """Start an embedded local cluster or connect to ``ray_cfg.address``.
 
     Returns True if this call started Ray (and so should shut it down). Inside a Ray job (or
@@ -49,7 +53,7 @@ def init_ray(ray_cfg: RayConfig, *, num_cpus_needed: float) -> bool:
 
     if ray.is_initialized():
         return False
-    env = {"env_vars": worker_env(ray_cfg)}
+    env = {"env_vars": worker_env(ray_cfg, cpu_only=cpu_only)}
     if ray_cfg.address == "local" and not os.environ.get("RAY_ADDRESS"):
         num_cpus = ray_cfg.num_cpus or max(int(num_cpus_needed + 0.999), os.cpu_count() or 1)
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=ray_cfg.include_dashboard,
@@ -86,6 +90,11 @@ def resource_demand(recipe) -> list[tuple[str, int, dict[str, float]]]:
 def cpus_needed(recipe) -> float:
     """Logical CPUs of all the run's actors (what an embedded local cluster must offer)."""
     return sum(count * per_actor.get("CPU", 0.0) for _, count, per_actor in resource_demand(recipe))
+
+
+def uses_gpus(recipe) -> bool:
+    """Whether any of the run's actors asks for a GPU."""
+    return any(per_actor.get("GPU", 0.0) for _, _, per_actor in resource_demand(recipe))
 
 
 def check_cluster_resources(recipe) -> None:

@@ -34,3 +34,14 @@ def test_a_real_ray_worker_sees_the_worker_env(ray_cluster):
     seen = ray_cluster.get(read_env.remote(keys), timeout=120)
     expected = worker_env(RayConfig(num_cpus=4))     # the conftest cluster's config
     assert seen == {k: expected[k] for k in keys}
+
+
+def test_malloc_settings_only_for_runs_without_gpus(monkeypatch):
+    from prefopt.cluster import uses_gpus
+    from prefopt.config import load_recipe
+
+    for key in MALLOC_ENV:
+        monkeypatch.delenv(key, raising=False)
+    assert not set(MALLOC_ENV) & set(worker_env(RayConfig(), cpu_only=False))
+    assert not uses_gpus(load_recipe("recipes/tiny_dpo.yaml"))
+    assert uses_gpus(load_recipe("recipes/tiny_dpo.yaml", ["roles.learner.num_gpus=1"]))

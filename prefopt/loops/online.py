@@ -301,8 +301,8 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
     run_dir = Path(run_dir) if run_dir else create_run_dir(r)
     write_config(run_dir, r)
     logger = MetricsLogger(run_dir, tensorboard=r.output.tensorboard)
-    from prefopt.cluster import cpus_needed
-    started_ray = init_ray(r.ray, num_cpus_needed=cpus_needed(r))
+    from prefopt.cluster import cpus_needed, uses_gpus
+    started_ray = init_ray(r.ray, num_cpus_needed=cpus_needed(r), cpu_only=not uses_gpus(r))
     roles = None
     stack = contextlib.ExitStack()
     try:
