@@ -41,6 +41,8 @@ from pathlib import Path
 
 from offline_workers import CPUS, REPO, run_worker  # bench/ is on sys.path
 
+from prefopt.cluster import MALLOC_ENV
+
 # Per model: the workload shared by every row.
 MODELS = {
     "tiny": dict(model="builtin:tiny-llama", label="tiny-llama (0.16M)", steps=64,
@@ -79,7 +81,7 @@ ROWS = [
     # TRL with the glibc malloc settings prefopt gives its actors (prefopt.cluster.MALLOC_ENV): how
     # much of prefopt's lead is that allocator setting alone
     dict(id="trl-fair-malloc", kind="trl", label="TRL fair, with prefopt's malloc settings",
-         threads=CPUS, trl={"precompute_ref_log_probs": True, "gradient_checkpointing": False}, env="malloc",
+         threads=CPUS, trl={"precompute_ref_log_probs": True, "gradient_checkpointing": False}, env=MALLOC_ENV,
          models=("30m", "30m-long")),
     dict(id="trl-fair-1t", kind="trl", label="TRL precompute, no grad ckpt, 1 thread",
          threads=1, trl={"precompute_ref_log_probs": True, "gradient_checkpointing": False}),
@@ -247,9 +249,7 @@ def run_row(row: dict, spec: dict, model_dir: str, data: tuple[Path, Path], out:
     env.setdefault("RAY_AUTH_MODE", "disabled")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["TQDM_DISABLE"] = "1"
-    if row.get("env") == "malloc":
-        from prefopt.cluster import MALLOC_ENV
-        env.update(MALLOC_ENV)
+    env.update(row.get("env", {}))   # a row's own extra variables
     monitor = ForeignLoad()
     monitor.start()
     start = time.perf_counter()

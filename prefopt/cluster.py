@@ -65,6 +65,12 @@ def init_ray(ray_cfg: RayConfig, *, num_cpus_needed: float, cpu_only: bool = Tru
     return True
 
 
+def init_ray_for(recipe) -> bool:
+    """:func:`init_ray` for a run of ``recipe``: the CPUs its actors need, malloc settings unless a
+    role uses a GPU."""
+    return init_ray(recipe.ray, num_cpus_needed=cpus_needed(recipe), cpu_only=not uses_gpus(recipe))
+
+
 def resource_demand(recipe) -> list[tuple[str, int, dict[str, float]]]:
     """``(recipe key, actor count, resources per actor)`` of every role the run will start."""
     r = recipe.roles

@@ -118,8 +118,8 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
     write_config(run_dir, recipe)
     logger = MetricsLogger(run_dir, tensorboard=recipe.output.tensorboard)
 
-    from prefopt.cluster import cpus_needed, init_ray, uses_gpus
-    started_ray = init_ray(recipe.ray, num_cpus_needed=cpus_needed(recipe), cpu_only=not uses_gpus(recipe))
+    from prefopt.cluster import init_ray_for
+    started_ray = init_ray_for(recipe)
     roles = None
     stack = contextlib.ExitStack()
     try:

@@ -277,7 +277,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
     from tqdm.auto import tqdm
 
     from prefopt.cache import cache_dir
-    from prefopt.cluster import init_ray
+    from prefopt.cluster import init_ray_for
     from prefopt.config import validate_recipe
     from prefopt.data.prompts import load_prompts
     from prefopt.loops.online_roles import OnlineRoles, verify_sync
@@ -301,8 +301,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
     run_dir = Path(run_dir) if run_dir else create_run_dir(r)
     write_config(run_dir, r)
     logger = MetricsLogger(run_dir, tensorboard=r.output.tensorboard)
-    from prefopt.cluster import cpus_needed, uses_gpus
-    started_ray = init_ray(r.ray, num_cpus_needed=cpus_needed(r), cpu_only=not uses_gpus(r))
+    started_ray = init_ray_for(r)
     roles = None
     stack = contextlib.ExitStack()
     try:
