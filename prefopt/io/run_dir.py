@@ -1,44 +1,146 @@
 """The run directory: resolved config, metrics (JSONL + TensorBoard), final model.
 
     runs/<name>-<timestamp>/
+      .prefopt-run       marker: this folder was created by prefopt (JSON: name, creation time)
       config.yaml        the fully resolved recipe
       metrics.jsonl      one JSON object per logged step / evaluation
       tensorboard/       TensorBoard event files
       model/             final policy in HF format (safetensors) + tokenizer
       summary.json       final numbers of the run
 
-A run never writes into a directory that already holds results: an existing ``run_dir`` with
-``metrics.jsonl`` or ``model/`` in it is an error, so nobody's results are overwritten.
+Nothing of the user's is ever overwritten: a run never writes into a directory that already holds
+results (``metrics.jsonl``, ``model/`` or ``summary.json``), nor into an existing non-empty folder
+that prefopt did not create (no ``.prefopt-run`` marker). An existing empty folder is fine: it gets
+the marker; so is a marked folder whose run failed before its first result (at most an empty
+``metrics.jsonl``): the run starts again in it. :func:`check_run_dir` is the pure check (for the
+pre-flight, before Ray starts); :func:`create_run_dir` checks again and creates the folder and its
+marker. A torn last line of ``metrics.jsonl`` (a run killed mid-write) is skipped when reading.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from prefopt.config_schema import Recipe
-from prefopt.errors import ConfigError
+from prefopt.errors import ConfigError, DataError
+
+MARKER = ".prefopt-run"
+RESULTS = ("metrics.jsonl", "model", "summary.json")
+log = logging.getLogger("prefopt")
 
 
-def create_run_dir(recipe: Recipe) -> Path:
+def check_run_dir(recipe: Recipe) -> Path:
+    """The run directory ``create_run_dir`` will create (absolute), checked without writing anything.
+
+    ``output.run_dir`` if set, else ``{output.root}/{name}-{timestamp}`` (``-2``, ``-3``... if taken).
+    Raises :class:`ConfigError` when the folder already holds a run's results, is an existing
+    non-empty folder without prefopt's marker (someone else's files), is a file or lies under one, or
+    cannot be created (no write permission)."""
     out = recipe.output
     if out.run_dir:
         path = Path(out.run_dir)
-        if path.exists() and any((path / name).exists() for name in ("metrics.jsonl", "model", "summary.json")):
-            raise ConfigError(f"output.run_dir '{path}' already holds a run's results; choose another "
-                              f"directory (prefopt never overwrites results)")
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = Path(out.root) / f"{recipe.name}-{stamp}"
-        n = 1
-        while path.exists():
-            n += 1
-            path = Path(out.root) / f"{recipe.name}-{stamp}-{n}"
-    path.mkdir(parents=True, exist_ok=True)
+        _check_folder_path("output.run_dir", path)
+        if path.is_dir():
+            _check_existing_run_dir(path)
+        return path.resolve()
+    root = Path(out.root)
+    _check_folder_path("output.root", root)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, n = root / f"{recipe.name}-{stamp}", 1
+    while path.exists():
+        n += 1
+        path = root / f"{recipe.name}-{stamp}-{n}"
     return path.resolve()
+
+
+def create_run_dir(recipe: Recipe) -> Path:
+    """Check (:func:`check_run_dir`), then create the run directory and its ``.prefopt-run`` marker."""
+    path = check_run_dir(recipe)
+    key = "output.run_dir" if recipe.output.run_dir else "output.root"
+    try:
+        if recipe.output.run_dir:
+            path.mkdir(parents=True, exist_ok=True)
+        else:   # exist_ok=False: two runs started in the same second never share a folder
+            path.parent.mkdir(parents=True, exist_ok=True)
+            base, n = path, 1
+            while True:
+                try:
+                    path.mkdir()
+                    break
+                except FileExistsError:
+                    n += 1
+                    path = base.with_name(f"{base.name}-{n}")
+        marker = path / MARKER
+        if not marker.exists():
+            marker.write_text(json.dumps({"name": recipe.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                          "prefopt": _version()}) + "\n")
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot create the run directory '{path}': "
+                          f"{e.strerror or e.__class__.__name__}") from e
+    return path
+
+
+def _is_empty_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink() and path.stat().st_size == 0
+
+
+def _version() -> str:
+    try:
+        from prefopt import __version__
+        return __version__
+    except ImportError:  # pragma: no cover
+        return "unknown"
+
+
+def _check_folder_path(key: str, path: Path) -> None:
+    """``path`` is, or can be created as, a folder: not a file, no file among its parents, writable."""
+    try:
+        _check_folder_path_raw(key, path)
+    except OSError as e:   # e.g. no permission to look into a parent
+        raise ConfigError(f"{key} '{path}' cannot be checked: {e.strerror or e}") from e
+
+
+def _check_folder_path_raw(key: str, path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key} '{path}' is a file, not a folder; choose a folder for the run's outputs")
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        if existing.is_symlink():
+            raise ConfigError(f"{key} '{path}': '{existing}' is a broken symbolic link")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{key} '{path}': '{existing}' is a file, not a folder, so '{path}' cannot be created "
+                          f"under it")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "write into" if existing == path else "create folders in"
+        raise ConfigError(f"{key} '{path}': no permission to {what} '{existing}'")
+
+
+def _check_existing_run_dir(path: Path) -> None:
+    marked = (path / MARKER).is_file()
+    results = [name for name in RESULTS if (path / name).exists()
+               # an empty metrics.jsonl in a marked folder: a run that failed before its first record
+               and not (marked and name == "metrics.jsonl" and _is_empty_file(path / name))]
+    if results:
+        raise ConfigError(f"output.run_dir '{path}' already holds a run's results ({', '.join(results)}); choose "
+                          f"another directory (prefopt never overwrites results)")
+    if marked:
+        return      # a folder prefopt created whose run ended before any result: reused
+    try:
+        names = sorted(p.name for p in path.iterdir())
+    except OSError as e:
+        raise ConfigError(f"output.run_dir '{path}' cannot be read: {e.strerror}") from e
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise ConfigError(f"output.run_dir '{path}' is a non-empty folder that prefopt did not create (it holds "
+                          f"{shown}); prefopt would write config.yaml, metrics.jsonl, model/... into it. Choose a "
+                          f"new or empty folder, or leave output.run_dir unset for {{output.root}}/{{name}}-{{time}}")
 
 
 SECRET_KEY = re.compile(r"token|secret|password|passwd|api[_-]?key|credential", re.IGNORECASE)
@@ -97,9 +199,52 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path, split: str | None = None) -> list[dict]:
-    """The records of ``metrics.jsonl`` (optionally only one split: "train" or "eval")."""
-    records = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl") if line.strip()]
-    return [r for r in records if split is None or r["split"] == split]
+    """The records of ``metrics.jsonl`` (optionally only one split: "train" or "eval").
+
+    A torn last line (a run killed while writing it) is skipped with a warning; a broken line
+    before the last is a :class:`DataError` naming the file and line."""
+    path = Path(run_dir) / "metrics.jsonl"
+    lines, torn = parse_metrics(path)
+    if torn is not None:
+        log.warning("%s: skipping its torn last line %d (a run killed while writing it): %r", path, torn[0],
+                    preview_line(torn[1]))
+    return [r for _, r in lines if split is None or r["split"] == split]
+
+
+def parse_metrics(path: Path) -> tuple[list[tuple[bytes, dict]], tuple[int, bytes] | None]:
+    """The lines of a ``metrics.jsonl`` as ``(raw line, record)`` and its torn last line as
+    ``(line number, raw text)`` or None. Raises :class:`DataError` for a broken line before the last."""
+    raw_lines = Path(path).read_bytes().split(b"\n")
+    numbered = [(n, line) for n, line in enumerate(raw_lines, 1) if line.strip()]
+    out, torn = [], None
+    for i, (n, line) in enumerate(numbered):
+        record, problem = _record(line)
+        if problem is None:
+            out.append((line.rstrip(b"\r"), record))
+        elif i == len(numbered) - 1:
+            torn = (n, line)
+        else:
+            raise DataError(f"line {n} is not a metrics record ({problem}): {preview_line(line)!r}; only the "
+                            f"last line of a killed run may be torn, so this file was edited or damaged: fix or "
+                            f"delete that line", source=str(path))
+    return out, torn
+
+
+def _record(line: bytes) -> tuple[dict | None, str | None]:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except ValueError as e:   # JSONDecodeError
+        return None, str(e)
+    if not isinstance(record, dict) or not isinstance(record.get("step"), int) or "split" not in record:
+        return None, "not a JSON object with 'step' and 'split'"
+    return record, None
+
+
+def preview_line(line: bytes, limit: int = 80) -> str:
+    text = line.decode("utf-8", errors="replace")
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def final_metrics(run_dir: str | Path) -> dict[str, float]:
