@@ -59,6 +59,8 @@ BAD_ROWS = [
     ("responses-not-list", listwise(responses="kind."), "responses", "expected a list"),
     ("response-is-int", listwise(responses=["kind.", 7, "calm."]), "responses[1]", "got int 7"),
     ("score-not-number", listwise(scores=[1, "high", 0]), "scores", "score 1 must be a finite number"),
+    ("score-numeric-string", listwise(scores=["0.5", 1, 0]), "scores", "score 0 must be a finite number, got str '0.5'"),
+    ("scores-all-strings", listwise(scores=["0.5", "1", "2"]), "scores", "score 0 must be a finite number, got str"),
     ("score-nan", listwise(scores=[1, float("nan"), 0]), "scores", "finite number"),
     ("score-bool", listwise(scores=[True, False, 0]), "scores", "finite number"),
     ("scores-all-equal", listwise(scores=[1, 1, 1.0]), "scores", "all scores are equal"),
@@ -205,7 +207,8 @@ def weighted(*choices):
 
 
 TEXTISH = weighted(PLAIN, PLAIN, PLAIN, TEXTS, MESSAGES, ANY_VALUE)       # mostly plausible
-SCORES = weighted(*[st.lists(st.one_of(st.integers(-3, 3), st.floats()), min_size=2, max_size=4)] * 4, ANY_VALUE)
+SCORE = st.one_of(st.integers(-3, 3), st.floats(), st.integers(-3, 3), st.sampled_from(["0.5", "1", "-2"]))
+SCORES = weighted(*[st.lists(SCORE, min_size=2, max_size=4)] * 4, ANY_VALUE)
 PAIR_ROW = st.fixed_dictionaries({"prompt": TEXTISH, "chosen": TEXTISH, "rejected": TEXTISH},
                                  optional={"extra": ANY_VALUE})
 LIST_ROW = st.fixed_dictionaries({"prompt": TEXTISH, "scores": SCORES,
@@ -244,4 +247,4 @@ def test_fuzz_rows_load_or_raise_data_error(tmp_path_factory, tok, cache, rows, 
         assert 1 <= len(ex["prompt_ids"]) <= max_length // 2
         assert len(ex["response_ids"]) == len(ex["scores"]) >= 2
         assert all(1 <= len(r) and len(ex["prompt_ids"]) + len(r) <= max_length for r in ex["response_ids"])
-        assert all(math.isfinite(s) for s in ex["scores"]) and len(set(ex["scores"])) > 1
+        assert all(type(s) is float and math.isfinite(s) for s in ex["scores"]) and len(set(ex["scores"])) > 1
