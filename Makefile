@@ -16,7 +16,6 @@ export OMP_NUM_THREADS ?= 1
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
-export RAY_AUTH_MODE ?= disabled
 export PREFOPT_CACHE ?= $(CURDIR)/.cache/prefopt
 export PYTHONUNBUFFERED := 1
 

@@ -10,7 +10,7 @@ import sys
 def _setup_env() -> None:
     # Defaults that make the CPU stack fast and offline-safe; a user's own settings win.
     for key, value in {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                       "HF_HUB_DISABLE_TELEMETRY": "1", "RAY_AUTH_MODE": "disabled"}.items():
+                       "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
         os.environ.setdefault(key, value)
 
 
@@ -34,7 +34,14 @@ def _summary_table(result) -> str:
             ("iterations / optimizer steps", f"{summary['iterations']} / {summary['steps']}"),
             ("mean reward (first -> last iteration)", f"{summary['reward_first']:.3f} -> {summary['reward_final']:.3f}"),
         ]
+        for key, label, fmt in (("kl", "KL to the reference", ".3f"), ("entropy", "entropy", ".3f"),
+                                ("response_length", "response length (tokens)", ".1f")):
+            if f"{key}_first" in summary:
+                rows.append((f"{label} (first -> last)",
+                             f"{summary[f'{key}_first']:{fmt}} -> {summary[f'{key}_final']:{fmt}}"))
     rows.append(("run directory", summary["run_dir"]))
+    if (result.run_dir / "curves.png").exists():
+        rows.append(("curves", str(result.run_dir / "curves.png")))
     width = max(len(k) for k, _ in rows)
     line = "-" * (width + 3 + max(len(str(v)) for _, v in rows))
     return "\n".join([line] + [f"{k:<{width}} | {v}" for k, v in rows] + [line])
@@ -59,22 +66,46 @@ def _load(path: str, overrides: list[str]):
 def cmd_train(args) -> int:
     from prefopt.train import train
     recipe = _load(args.recipe, args.overrides)
+    if args.verbose:
+        recipe.output.log_level = "debug"
     result = train(recipe)
     print(_summary_table(result))
     return 0
 
 
 def cmd_validate(args) -> int:
+    """Every check ``train`` makes before Ray starts (recipe, models, data, reward functions, local
+    resources, run folder), for each recipe; ``key=value`` items among the arguments are overrides."""
     from prefopt.config import load_recipe
-    for path in args.recipes:
-        recipe = load_recipe(path, args.overrides)
-        print(f"ok: {path} ({recipe.name}: objective {recipe.objective.name})")
+    from prefopt.preflight import prepare
+    paths = [a for a in args.recipes if not _is_override(a)]
+    overrides = [*args.overrides, *(a for a in args.recipes if _is_override(a))]
+    if not paths:
+        from prefopt.errors import ConfigError
+        raise ConfigError("prefopt validate needs at least one recipe")
+    for path in paths:
+        recipe = load_recipe(path, overrides)
+        if args.recipe_only:
+            print(f"ok: {path} ({recipe.name}: objective {recipe.objective.name}; recipe only)")
+            continue
+        pre = prepare(recipe)
+        what = (f"{len(pre.prompts)} prompts" if pre.prompts is not None
+                else f"{len(pre.data.train)} / {len(pre.data.eval)} train / held-out {pre.data.kind}")
+        print(f"ok: {path} ({recipe.name}: objective {recipe.objective.name}, {what})")
     return 0
 
 
+def _is_override(arg: str) -> bool:
+    key, sep, _ = arg.partition("=")
+    return bool(sep) and bool(key) and "/" not in key and not key.endswith((".yaml", ".yml"))
+
+
 def cmd_show(args) -> int:
-    from prefopt.config import load_recipe, recipe_to_yaml
-    print(recipe_to_yaml(load_recipe(args.recipe, args.overrides)), end="")
+    from prefopt.config import load_recipe, recipe_to_dict
+    from prefopt.secrets import redact
+    from omegaconf import OmegaConf
+    print(OmegaConf.to_yaml(OmegaConf.create(redact(recipe_to_dict(load_recipe(args.recipe, args.overrides))))),
+          end="")
     return 0
 
 
@@ -91,6 +122,8 @@ def cmd_reproduce(args) -> int:
         run_dir = Path(args.check)
     else:
         from prefopt.train import train
+        if args.verbose:
+            recipe.output.log_level = "debug"
         run_dir = train(recipe).run_dir
     checks = check_run(recipe.expect, run_dir)
     print(format_checks(checks, f"reproduce {recipe.name} ({run_dir})"))
@@ -137,12 +170,17 @@ def cmd_sweep(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefopt", description="Preference optimization of language models.")
     sub = parser.add_subparsers(dest="command", required=True)
+    verbose_help = "show everything: third-party output and the actors' logs (output.log_level=debug)"
     p = sub.add_parser("train", help="run a recipe (locally, or on the cluster in ray.address)")
     p.add_argument("recipe"); p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     p.set_defaults(fn=cmd_train)
-    p = sub.add_parser("validate", help="check recipes without running them")
-    p.add_argument("recipes", nargs="+"); p.add_argument("--set", dest="overrides", action="append", default=[],
-                                                         metavar="key=value")
+    p = sub.add_parser("validate", help="run every check of `train` that precedes Ray, without running")
+    p.add_argument("recipes", nargs="+", metavar="RECIPE [key=value ...]")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="key=value",
+                   help="an override (as the key=value arguments)")
+    p.add_argument("--recipe-only", action="store_true",
+                   help="check the recipe itself only (keys, types, values), not its models, data or resources")
     p.set_defaults(fn=cmd_validate)
     p = sub.add_parser("show", help="print the fully resolved recipe")
     p.add_argument("recipe"); p.add_argument("overrides", nargs="*", metavar="key=value")
@@ -150,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="run a recipe and check its 'expect:' ranges (pass/fail table)")
     p.add_argument("recipe"); p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--check", metavar="RUN_DIR", help="check an existing run instead of training")
+    p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     p.set_defaults(fn=cmd_reproduce)
     address_help = "Ray job server, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)"
     p = sub.add_parser("submit", help="submit a recipe as a Ray job to a cluster")
@@ -176,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from prefopt.errors import PrefoptError, RunInterrupted
     _setup_env()
+    # modules beside the user (a reward function in ./my_rewards.py) import, as with `python -m`
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:   # `key=value` overrides may also follow options (`reproduce R --check D key=value`)

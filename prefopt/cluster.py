@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from prefopt.config_schema import RayConfig
+from prefopt.secrets import is_secret
 
 # Every worker process: one BLAS/OpenMP thread per logical CPU Ray gives it (without this, two
 # learners on two cores oversubscribe and run 10-40x slower), offline hub access, CPU DeepSpeed.
@@ -34,41 +35,95 @@ PASSTHROUGH_ENV = ("PREFOPT_CACHE", "HF_HUB_OFFLINE", "HF_HOME", "TORCH_EXTENSIO
                    "DS_ACCELERATOR", "VLLM_CPU_KVCACHE_SPACE", "PYTHONPATH", *MALLOC_ENV)
 
 
-def worker_env(ray_cfg: RayConfig, *, cpu_only: bool = True) -> dict[str, str]:
+def worker_env(ray_cfg: RayConfig, *, cpu_only: bool = True, local: bool = False) -> dict[str, str]:
     """The environment of every actor: ``WORKER_ENV``, ``MALLOC_ENV`` when no role uses a GPU, the
-    driver's values of ``PASSTHROUGH_ENV``, then ``ray.env``."""
+    driver's values of ``PASSTHROUGH_ENV``, then ``ray.env`` without its secrets (those travel by
+    :func:`secret_env_hook`). On a local cluster the driver's working directory leads ``PYTHONPATH``,
+    so a reward module beside the user imports in every actor (as ``python -m`` does)."""
     env = {**WORKER_ENV, **(MALLOC_ENV if cpu_only else {})}
     env.update({k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ})
-    env.update({k: str(v) for k, v in ray_cfg.env.items()})
+    env.update({k: str(v) for k, v in ray_cfg.env.items() if not is_secret(k)})
+    if local:
+        parts = [os.getcwd(), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(parts))
     return env
 
 
-def init_ray(ray_cfg: RayConfig, *, num_cpus_needed: float, cpu_only: bool = True) -> bool:
+def secret_env(ray_cfg: RayConfig) -> dict[str, str]:
+    """The secret-named variables of ``ray.env`` (tokens, keys, passwords: :func:`is_secret`)."""
+    return {k: str(v) for k, v in ray_cfg.env.items() if is_secret(k)}
+
+
+def secret_env_hook(secrets: dict[str, str]):
+    """A worker setup hook that puts ``secrets`` into each worker's environment.
+
+    Ray logs a runtime environment's ``env_vars`` in clear (the runtime-env agent's log, readable
+    by every user of the machine); a callable setup hook is pickled into the cluster's internal
+    key-value store instead, and the logged environment holds only its key.
+    """
+    def prefopt_secret_env():
+        os.environ.update(secrets)
+    return prefopt_secret_env
+
+
+def runtime_env_for(ray_cfg: RayConfig, *, cpu_only: bool = True, local: bool = False) -> dict:
+    """The ``runtime_env`` of a run's job: worker variables, secrets through a setup hook."""
+    env = {"env_vars": worker_env(ray_cfg, cpu_only=cpu_only, local=local)}
+    secrets = secret_env(ray_cfg)
+    if secrets:
+        env["worker_process_setup_hook"] = secret_env_hook(secrets)
+    return env
+
+
+def is_local(ray_cfg: RayConfig) -> bool:
+    """Whether the run starts its own embedded cluster (``ray.address: local`` outside a Ray job)."""
+    return ray_cfg.address == "local" and not os.environ.get("RAY_ADDRESS")
+
+
+def init_ray(ray_cfg: RayConfig, *, num_cpus_needed: float, cpu_only: bool = True,
+             log_to_driver: bool = False) -> bool:
     """Start an embedded local cluster or connect to ``ray_cfg.address``.
 
+    The embedded cluster listens on loopback only and requires a token of its own
+    (:mod:`prefopt.local_ray`). ``log_to_driver``: actors' output on this console (``--verbose``).
     Returns True if this call started Ray (and so should shut it down). Inside a Ray job (or
     when Ray is already initialised) the existing connection is reused.
     """
     import ray
 
+    from prefopt import console
     if ray.is_initialized():
         return False
-    env = {"env_vars": worker_env(ray_cfg, cpu_only=cpu_only)}
-    if ray_cfg.address == "local" and not os.environ.get("RAY_ADDRESS"):
+    local = is_local(ray_cfg)
+    runtime_env = runtime_env_for(ray_cfg, cpu_only=cpu_only, local=local)
+    if local:
+        from prefopt import local_ray
         num_cpus = ray_cfg.num_cpus or max(int(num_cpus_needed + 0.999), os.cpu_count() or 1)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=ray_cfg.include_dashboard,
-                 dashboard_host="127.0.0.1", runtime_env=env, log_to_driver=True,
-                 logging_level="WARNING", configure_logging=True)
+        console.status(f"starting a local Ray cluster ({num_cpus} CPUs, listening on 127.0.0.1 only, "
+                       f"token authentication)")
+        local_ray.start(num_cpus=num_cpus, include_dashboard=ray_cfg.include_dashboard,
+                        runtime_env=runtime_env, log_to_driver=log_to_driver)
     else:
         address = os.environ.get("RAY_ADDRESS") if ray_cfg.address == "local" else ray_cfg.address
-        ray.init(address=address, runtime_env=env, logging_level="WARNING")
+        console.status(f"joining the Ray cluster at {address}")
+        ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=log_to_driver)
     return True
+
+
+def shutdown_ray() -> None:
+    """Disconnect; an embedded cluster stops and its token is removed."""
+    import ray
+    ray.shutdown()
+    from prefopt import local_ray
+    local_ray.cleanup()
 
 
 def init_ray_for(recipe) -> bool:
     """:func:`init_ray` for a run of ``recipe``: the CPUs its actors need, malloc settings unless a
     role uses a GPU."""
-    return init_ray(recipe.ray, num_cpus_needed=cpus_needed(recipe), cpu_only=not uses_gpus(recipe))
+    from prefopt import console
+    return init_ray(recipe.ray, num_cpus_needed=cpus_needed(recipe), cpu_only=not uses_gpus(recipe),
+                    log_to_driver=console.verbose())
 
 
 def resource_demand(recipe) -> list[tuple[str, int, dict[str, float]]]:
@@ -101,6 +156,44 @@ def cpus_needed(recipe) -> float:
 def uses_gpus(recipe) -> bool:
     """Whether any of the run's actors asks for a GPU."""
     return any(per_actor.get("GPU", 0.0) for _, _, per_actor in resource_demand(recipe))
+
+
+def check_local_resources(recipe) -> None:
+    """Before an embedded local cluster starts: the run's actors must fit this machine.
+
+    A local cluster may offer up to ``ray.oversubscribe`` logical CPUs per core (actors that wait
+    on each other share cores well; 2 learners + a reference actor on 2 cores is the tiny recipes'
+    case); more is refused, naming the numbers. GPUs must exist; custom resources (node labels)
+    exist only on a cluster that defines them. Nothing to check when joining a cluster.
+    """
+    from prefopt.errors import ConfigError
+    if not is_local(recipe.ray) or not recipe.ray.check_resources:
+        return
+    cores = os.cpu_count() or 1
+    limit = cores * recipe.ray.oversubscribe
+    rows = resource_demand(recipe)
+    cpus = sum(count * per_actor.get("CPU", 0.0) for _, count, per_actor in rows)
+    offered = recipe.ray.num_cpus or max(int(cpus + 0.999), cores)
+    roles = ", ".join(f"{k} {c} x {a.get('CPU', 0):g}" for k, c, a in rows if a.get("CPU"))
+    if offered > limit + 1e-9:
+        what = f"ray.num_cpus={recipe.ray.num_cpus}" if recipe.ray.num_cpus else f"the run needs CPU={cpus:g} ({roles})"
+        raise ConfigError(f"{what}, but this machine has {cores} cores and a local cluster may offer at most "
+                          f"ray.oversubscribe={recipe.ray.oversubscribe:g} x {cores} = {limit:g} logical CPUs; "
+                          f"use fewer or smaller roles, raise ray.oversubscribe, or set ray.address to a cluster")
+    if cpus > offered + 1e-9:
+        raise ConfigError(f"the run needs CPU={cpus:g} ({roles}), but ray.num_cpus={offered:g}")
+    gpus = sum(count * per_actor.get("GPU", 0.0) for _, count, per_actor in rows)
+    if gpus:
+        import torch
+        have = torch.cuda.device_count()
+        if gpus > have:
+            roles = ", ".join(f"{k} {c} x {a['GPU']:g}" for k, c, a in rows if a.get("GPU"))
+            raise ConfigError(f"the run needs GPU={gpus:g} ({roles}), but this machine has {have} GPU(s)")
+    for key, _, per_actor in rows:
+        custom = sorted(set(per_actor) - {"CPU", "GPU"})
+        if custom:
+            raise ConfigError(f"{key} asks for the custom resource(s) {', '.join(custom)}, which only a cluster "
+                              f"that defines them has (the local cluster has none); set ray.address to it")
 
 
 def check_cluster_resources(recipe) -> None:
@@ -172,5 +265,4 @@ def release(roles, started_ray: bool) -> None:
     if roles is not None:
         roles.shutdown()
     if started_ray:
-        import ray
-        ray.shutdown()
+        shutdown_ray()

@@ -212,6 +212,7 @@ class OutputConfig:
     save_model: bool = True                  # final model in HF format (safetensors)
     tensorboard: bool = True
     progress_bar: bool = True
+    log_level: str = "info"                  # "info": status lines, no third-party output; "warning"; "debug": all
     checkpoint_every: int = 0                # online: every N iterations (and at the end); 0: none
     keep_checkpoints: int = 2                # the last K checkpoints are kept (0: all)
     checkpoint_hf: bool = True               # each checkpoint also holds hf/: the policy as HF safetensors
@@ -223,6 +224,7 @@ class RayConfig:
     # "auto" or "HOST:PORT" / "ray://HOST:10001": connect to an existing cluster.
     address: str = "local"
     num_cpus: Optional[int] = None           # logical CPUs of the embedded cluster (default: what roles need)
+    oversubscribe: float = 2.0               # a local cluster offers at most this many logical CPUs per core
     include_dashboard: bool = False
     check_resources: bool = True             # fail fast if the cluster cannot hold the roles (off for autoscalers)
     call_timeout_s: float = 1800.0           # bound on any remote call; a dead actor never hangs the run

@@ -5,7 +5,11 @@ from prefopt.config_schema import Recipe
 
 
 def train(recipe: Recipe, **kwargs):
+    from prefopt import console
     from prefopt.objectives import get_objective
+
+    console.configure(recipe.output.log_level)
+    console.status("checking the recipe, models and data")
 
     kind = get_objective(recipe.objective.name).batch_kind
     if kind in ("pairs", "lists"):

@@ -9,7 +9,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("PREFOPT_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "prefopt"))
 
 
@@ -18,13 +17,13 @@ def ray_cluster():
     """A real local Ray cluster (4 logical CPUs: 2 learners + a reference actor + slack)."""
     import ray
 
-    from prefopt.cluster import init_ray
+    from prefopt.cluster import init_ray, shutdown_ray
     from prefopt.config_schema import RayConfig
 
     started = init_ray(RayConfig(num_cpus=4), num_cpus_needed=4)
     yield ray
     if started:
-        ray.shutdown()
+        shutdown_ray()
 
 
 @pytest.fixture(scope="module")

@@ -140,8 +140,14 @@ def test_malformed_override(tmp_path):
 
 def test_cli_validate_and_show(capsys):
     from prefopt.cli import main
-    assert main(["validate", str(RECIPES[0])]) == 0
-    assert "ok:" in capsys.readouterr().out
+    assert main(["validate", "recipes/tiny_dpo.yaml", "train.lr=1e-3"]) == 0     # models, data, resources too
+    assert "ok: recipes/tiny_dpo.yaml (tiny-dpo: objective dpo, 512 / 128 train / held-out pairs)" \
+        in capsys.readouterr().out
+    # a paper recipe names a hub model this offline machine cannot have: its recipe alone validates
+    assert main(["validate", "--recipe-only", str(RECIPES[0])]) == 0
+    assert "recipe only" in capsys.readouterr().out
+    assert main(["validate", str(RECIPES[0])]) == 2
+    assert "model.path: 'gpt2' is not a local folder" in capsys.readouterr().err
     assert main(["show", str(RECIPES[0]), "train.lr=0.5"]) == 0
     assert "lr: 0.5" in capsys.readouterr().out
     assert main(["show", str(RECIPES[0]), "train.lrr=0.5"]) == 2

@@ -16,8 +16,36 @@ def node_ip() -> str:
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
+        s.bind((node_ip(), 0))
         return s.getsockname()[1]
+
+
+def make_store(host: str, port: int, rank: int, world_size: int, *, timeout_s: float):
+    """The rendezvous store of a process group; rank 0 serves it on ``host:port``.
+
+    torch's TCPStore server listens on every interface; on a loopback ``host`` (the embedded local
+    cluster) rank 0 binds the socket to loopback itself and hands it over, so the store listens on
+    127.0.0.1 only.
+    """
+    import ipaddress
+
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    if rank != 0:
+        return dist.TCPStore(host, port, world_size, False, timeout)
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        return dist.TCPStore(host, port, world_size, True, timeout)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(128)
+    store = dist.TCPStore(host, port, world_size, True, timeout, master_listen_fd=sock.detach(), use_libuv=True)
+    return store
 
 
 def init_process_group(rank: int, world_size: int, master_addr: str, master_port: int,
@@ -30,8 +58,9 @@ def init_process_group(rank: int, world_size: int, master_addr: str, master_port
     os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=timeout_s))
+        store = make_store(master_addr, master_port, rank, world_size, timeout_s=timeout_s)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
     return backend
 
 

@@ -24,8 +24,10 @@ class StatelessGroup:
     def __init__(self, host: str, port: int, rank: int, world_size: int, *, timeout_s: float = 600.0):
         import torch.distributed as dist
 
+        from prefopt.backends.distributed import make_store
+
         timeout = timedelta(seconds=timeout_s)
-        self.store = dist.TCPStore(host, port, world_size, is_master=(rank == 0), timeout=timeout)
+        self.store = make_store(host, port, rank, world_size, timeout_s=timeout_s)
         self.rank, self.world_size = rank, world_size
         if torch.cuda.is_available():
             self.pg = dist.ProcessGroupNCCL(self.store, rank, world_size)

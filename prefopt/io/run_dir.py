@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,26 +142,12 @@ def _check_existing_run_dir(path: Path) -> None:
                           f"new or empty folder, or leave output.run_dir unset for {{output.root}}/{{name}}-{{time}}")
 
 
-SECRET_KEY = re.compile(r"token|secret|password|passwd|api[_-]?key|credential", re.IGNORECASE)
-REDACTED = "***redacted***"
-
-
-def redact(value, key: str = ""):
-    """A copy of a config tree with the values under secret-looking keys (token, secret, password,
-    api_key, credential) replaced, so logged configs never carry them."""
-    if isinstance(value, dict):
-        return {k: (REDACTED if SECRET_KEY.search(str(k)) and not isinstance(v, dict) else redact(v, str(k)))
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [redact(v, key) for v in value]
-    return value
-
-
 def write_config(run_dir: Path, recipe: Recipe) -> None:
     """``config.yaml``: the resolved recipe, secrets redacted (e.g. an ``HF_TOKEN`` in ``ray.env``)."""
     from omegaconf import OmegaConf
 
     from prefopt.config import recipe_to_dict
+    from prefopt.secrets import redact
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(redact(recipe_to_dict(recipe)))))
 
 

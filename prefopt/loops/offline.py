@@ -21,7 +21,8 @@ from pathlib import Path
 
 from prefopt.cluster import release
 from prefopt.config_schema import Recipe
-from prefopt.io.run_dir import MetricsLogger, create_run_dir, write_config
+from prefopt.io.plots import write_curves
+from prefopt.io.run_dir import MetricsLogger
 from prefopt.loops import batching
 from prefopt.loops.metrics import means, merge_summaries
 
@@ -79,43 +80,19 @@ def evaluate(roles: Roles, examples: list[dict], micro: int) -> dict[str, float]
     return means(merge_summaries(roles.learners.infer("evaluate", examples, micro)))
 
 
-def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -> RunResult:
+def train(recipe: Recipe, *, quiet: bool = False) -> RunResult:
     """Run an offline recipe end to end. Returns the run's metrics and directory."""
-    from prefopt.data import load_preference_data
-    from prefopt.cache import cache_dir
-    from prefopt.config import validate_recipe
-    from prefopt.models.load import load_tokenizer
-    from prefopt.models.tiny import resolve_model_path
-    from prefopt.objectives import get_objective
+    from prefopt import console
+    from prefopt.preflight import open_run_dir, prepare
 
-    validate_recipe(recipe)
-    objective_cls = get_objective(recipe.objective.name)
-    t, lr_cfg = recipe.train, recipe.roles.learner
-    # Builtin models are materialised once here, so actors only ever load a local directory.
-    recipe.model.path = resolve_model_path(recipe.model.path)
-    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path,
-                               trust_remote_code=recipe.model.trust_remote_code)
-    data = load_preference_data(recipe.data, tokenizer, seed=t.seed, cache_dir=cache_dir())
-    if data.kind != objective_cls.batch_kind:
-        from prefopt.errors import ConfigError
-        raise ConfigError(f"objective '{recipe.objective.name}' trains on {objective_cls.batch_kind}, but "
-                          f"{data.source} holds {data.kind} rows")
+    pre = prepare(recipe)        # every check, before Ray starts and before the run folder exists
+    objective_cls, tokenizer, data, steps = pre.objective_cls, pre.tokenizer, pre.data, pre.steps
     for ex in data.train + data.eval:
         ex["kind"] = data.kind
-    steps = batching.step_batches(len(data.train), t.batch_size, seed=t.seed, epochs=t.epochs,
-                                  max_steps=t.max_steps)
-    if not steps:
-        from prefopt.errors import ConfigError
-        raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {len(data.train)} training examples")
+    t, lr_cfg = recipe.train, recipe.roles.learner
     grad_accum = t.batch_size // (t.micro_batch_size * lr_cfg.num_actors)
     train_micro, infer_micro = batching.train_micro(recipe), batching.inference_micro(recipe)
-
-    resume_from = None
-    if recipe.resume:
-        from prefopt.io.checkpoint import prepare_resume
-        run_dir, resume_from = prepare_resume(recipe.resume, recipe.output.root, recipe.name)
-    run_dir = Path(run_dir) if run_dir else create_run_dir(recipe)
-    write_config(run_dir, recipe)
+    run_dir, resume_from = open_run_dir(pre)
     logger = MetricsLogger(run_dir, tensorboard=recipe.output.tensorboard)
 
     from prefopt.cluster import init_ray_for
@@ -130,6 +107,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         (run_dir / "placement.json").write_text(json.dumps(info, indent=1))
         result = RunResult(run_dir=run_dir, steps=len(steps), final_train={})
         if "reference" in objective_cls.needs:
+            console.status(f"computing reference log-probs of {len(data.train) + len(data.eval)} examples")
             start = time.perf_counter()
             cache_reference_logps(roles, data.train + data.eval, infer_micro)
             result.reference_time_s = time.perf_counter() - start
@@ -204,6 +182,7 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
     finally:
         stack.close()
         logger.close()
+        write_curves(run_dir, best_effort=True)
         release(roles, started_ray)
 
 

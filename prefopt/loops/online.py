@@ -25,7 +25,8 @@ from pathlib import Path
 
 from prefopt.cluster import release
 from prefopt.config_schema import Recipe
-from prefopt.io.run_dir import MetricsLogger, create_run_dir, write_config
+from prefopt.io.plots import write_curves
+from prefopt.io.run_dir import MetricsLogger
 from prefopt.loops import batching
 from prefopt.loops.metrics import means, merge_summaries
 from prefopt.loops.offline import RunResult
@@ -272,34 +273,19 @@ def run_iteration(it: int, roles, recipe: Recipe, sampler: PromptSampler, tokeni
     return stats, steps
 
 
-def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -> RunResult:
+def train(recipe: Recipe, *, quiet: bool = False) -> RunResult:
     """Run an online recipe end to end. Recipe and data errors surface before Ray starts."""
     from tqdm.auto import tqdm
 
-    from prefopt.cache import cache_dir
     from prefopt.cluster import init_ray_for
-    from prefopt.config import validate_recipe
-    from prefopt.data.prompts import load_prompts
     from prefopt.loops.online_roles import OnlineRoles, verify_sync
-    from prefopt.models.load import load_tokenizer
-    from prefopt.models.tiny import resolve_model_path
-    from prefopt.rewards.sources import SequenceRewards, check_sources
+    from prefopt.preflight import open_run_dir, prepare
+    from prefopt.rewards.sources import SequenceRewards
 
-    validate_recipe(recipe)
+    pre = prepare(recipe)        # every check, before Ray starts and before the run folder exists
     r, t, params, ro = recipe, recipe.train, recipe.objective, recipe.roles.rollout
-    r.model.path = resolve_model_path(r.model.path)
-    if r.roles.critic is not None and r.roles.critic.path:
-        r.roles.critic.path = resolve_model_path(r.roles.critic.path)
-    tokenizer = load_tokenizer(r.model.tokenizer or r.model.path, trust_remote_code=r.model.trust_remote_code)
-    prompts = load_prompts(r.data, tokenizer, cache_dir=cache_dir()).prompts
-    check_sources(r.roles.reward)
-
-    resume_from = None
-    if r.resume:
-        from prefopt.io.checkpoint import prepare_resume
-        run_dir, resume_from = prepare_resume(r.resume, r.output.root, r.name)
-    run_dir = Path(run_dir) if run_dir else create_run_dir(r)
-    write_config(run_dir, r)
+    tokenizer, prompts = pre.tokenizer, pre.prompts
+    run_dir, resume_from = open_run_dir(pre)
     logger = MetricsLogger(run_dir, tensorboard=r.output.tensorboard)
     started_ray = init_ray_for(r)
     roles = None
@@ -396,9 +382,23 @@ def train(recipe: Recipe, *, run_dir: Path | None = None, quiet: bool = False) -
         summary = {"name": r.name, "objective": params.name, "advantage": params.advantage, "iterations": t.iterations,
                    "steps": result.steps, "reward_first": result.train_history[0]["reward/mean"],
                    "reward_final": result.final_train["reward/mean"], "run_dir": str(run_dir)}
+        summary.update(trends(result.train_history, {"kl": "kl", "entropy": "policy/entropy",
+                                                     "response_length": "response_length"}))
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return result
     finally:
         stack.close()
         logger.close()
+        write_curves(run_dir, best_effort=True)
         release(roles, started_ray)
+
+
+def trends(history: list[dict], keys: dict[str, str]) -> dict[str, float]:
+    """``{name}_first`` / ``{name}_final``: the first and last finite value of each metric in ``history``."""
+    from prefopt.io.plots import summary_trend
+    out = {}
+    for name, key in keys.items():
+        trend = summary_trend([{**h, "split": "train"} for h in history], key)
+        if trend is not None:
+            out[f"{name}_first"], out[f"{name}_final"] = trend
+    return out

@@ -27,12 +27,15 @@ class OnlineRoles:
             from prefopt.loops.constrained import value_heads
             self.critic = LearnerGroup(r, roles.critic, model_kind="critic", objective=ValueObjective(r.objective),
                                        value_heads=value_heads(r))
+        from prefopt import console
         self.references = []
         if r.objective.kl_coef > 0:
             ref = roles.reference
+            console.status(f"starting {ref.num_actors} reference actor{'s' if ref.num_actors > 1 else ''}")
             rcls = ray.remote(num_cpus=ref.num_cpus, num_gpus=ref.num_gpus)(ReferenceWorker)
             self.references = [rcls.remote(r, pad_id) for _ in range(ref.num_actors)]
         self.transport = ro.weight_sync
+        console.status(f"starting {ro.engines} vLLM engine{'s' if ro.engines > 1 else ''}")
         self.engines = EngineGroup(r, learner_bundle=self.policy.bundle_strategy)
         self.max_engine_restarts, self.version = ro.max_restarts, 0
         self._pending_sync = None        # (version, refs) of a sync submitted without waiting

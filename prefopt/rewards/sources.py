@@ -104,3 +104,57 @@ class SequenceRewards:
                 totals[i] += weight * v
             components[name] = values
         return totals, components
+
+
+PROBE_RESPONSE = "A short sample response."
+
+
+def _where(fn) -> str:
+    import inspect
+    try:
+        return f"{inspect.getsourcefile(fn)}:{inspect.getsourcelines(fn)[1]}"
+    except (TypeError, OSError):
+        return getattr(fn, "__module__", "?")
+
+
+def _probe(key: str, spec: str, fn, prompt: dict, **kwargs):
+    """Call ``fn`` once on the first prompt row; a raise becomes a ConfigError naming its source."""
+    try:
+        return fn(prompt=prompt["prompt_text"], row=prompt["row"], **kwargs)
+    except Exception as e:
+        raise ConfigError(f"{key} '{spec}' ({_where(fn)}) raised {type(e).__name__}: {e} when called on the "
+                          f"first prompt row with a sample response") from None
+
+
+def _check_number(key: str, spec: str, fn, value) -> None:
+    from numbers import Real
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise ConfigError(f"{key} '{spec}' ({_where(fn)}) must return a float, but returned "
+                          f"{type(value).__name__} ({str(value)[:80]}) on the first prompt row")
+    if not math.isfinite(float(value)):
+        raise ConfigError(f"{key} '{spec}' ({_where(fn)}) returned {value} on the first prompt row")
+
+
+def probe_rewards(recipe, prompt: dict) -> None:
+    """Before Ray starts: import every reward function of ``recipe`` and call it once on ``prompt`` (the
+    first prompt row) with a short sample response; each must return a finite float (a process
+    reward function: one float per step). Errors name the recipe key, the function and its file."""
+    cfg = recipe.roles.reward
+    for i, src in enumerate(cfg.sources):
+        if src.fn:
+            fn = import_reward_fn(src.fn)
+            key = f"roles.reward.sources[{i}].fn"
+            _check_number(key, src.fn, fn, _probe(key, src.fn, fn, prompt, response=PROBE_RESPONSE))
+    if cfg.process is not None and cfg.process.fn:
+        fn, key = import_reward_fn(cfg.process.fn), "roles.reward.process.fn"
+        steps = [PROBE_RESPONSE, PROBE_RESPONSE]
+        values = _probe(key, cfg.process.fn, fn, prompt, steps=steps)
+        if not isinstance(values, (list, tuple)) or len(values) != len(steps):
+            raise ConfigError(f"{key} '{cfg.process.fn}' ({_where(fn)}) must return one float per step, but "
+                              f"returned {str(values)[:80]} for {len(steps)} steps on the first prompt row")
+        for v in values:
+            _check_number(key, cfg.process.fn, fn, v)
+    nm = getattr(recipe.objective, "nelder_mead", None)
+    if nm is not None and nm.eval_fn:
+        fn, key = import_reward_fn(nm.eval_fn), "objective.nelder_mead.eval_fn"
+        _check_number(key, nm.eval_fn, fn, _probe(key, nm.eval_fn, fn, prompt, response=PROBE_RESPONSE))

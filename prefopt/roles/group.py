@@ -15,6 +15,7 @@ class LearnerGroup:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        from prefopt import console
         from prefopt.cluster import placement_group_for
         from prefopt.roles.learner import LearnerWorker
 
@@ -23,6 +24,8 @@ class LearnerGroup:
         for key, amount in (colocated or {}).items():
             if amount:
                 bundle[key] = bundle.get(key, 0) + amount
+        console.status(f"placing {cfg.num_actors} {model_kind} learner{'s' if cfg.num_actors > 1 else ''} "
+                       f"(DeepSpeed ZeRO-{cfg.zero_stage}, {cfg.num_cpus:g} CPU{'s' if cfg.num_cpus != 1 else ''} each)")
         self.pg = placement_group_for([bundle] * cfg.num_actors, cfg.placement, timeout_s=120)
         remote_cls = ray.remote(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus,
                                 resources=cfg.resources or None)(LearnerWorker)
@@ -49,7 +52,10 @@ class LearnerGroup:
         return remote_get(refs, self.timeout, what or f"{self.model_kind}.{method}")
 
     def setup(self, **kwargs) -> list[dict]:
+        from prefopt import console
         from prefopt.cluster import remote_get
+        if not self.cfg.num_gpus and not shm_op_built():
+            console.status("compiling DeepSpeed's CPU communication op (first run on this machine, about 50 s)")
         addr, port = remote_get(self.actors[0].address.remote(), self.timeout, f"{self.model_kind}.address")
         return self.call("setup", [(addr, port)] * len(self.actors), **kwargs)
 
@@ -103,3 +109,13 @@ def run_sharded(workers: list, method: str, items: list, micro: int | batching.B
     """Spread ``items`` over ``workers`` (equal micro-batch counts), call ``method``, flatten in order."""
     return collect_sharded(submit_sharded(workers, method, items, micro), timeout_s,
                            f"{method} on {len(items)} items")
+
+
+def shm_op_built() -> bool:
+    """Whether DeepSpeed's shared-memory all-reduce op (JIT-compiled on CPU) is in the build cache."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+        from pathlib import Path
+        return any(Path(_get_build_directory("deepspeed_shm_comm", verbose=False)).glob("*.so"))
+    except Exception:
+        return True

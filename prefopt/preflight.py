@@ -1,0 +1,116 @@
+"""Every check a run makes before Ray starts; ``prefopt train`` and ``prefopt validate`` share it.
+
+:func:`prepare` validates the recipe, resolves and checks every model path (weights as safetensors,
+a tokenizer, ``trust_remote_code``, the attention kernel), loads and tokenizes the data (or the
+prompts), imports each reward function and calls it once on the first prompt row, checks that the
+roles fit a local cluster, and plans the run folder (or finds the checkpoint to resume). It writes
+nothing but caches (builtin models, synthetic data): the run folder is created only after it
+passed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefopt.config_schema import Recipe
+
+
+@dataclass
+class Prepared:
+    """What the checks loaded, handed to the run."""
+    recipe: Recipe
+    objective_cls: type
+    tokenizer: object
+    data: object = None                     # offline: PreferenceData
+    steps: list | None = None               # offline: the examples of each optimizer step
+    prompts: list | None = None             # online: prompt rows
+    run_dir: Path | None = None             # the run to continue (resume), else None: a new folder
+    resume_from: Path | None = None         # the checkpoint to load
+
+
+def check_models(recipe: Recipe) -> None:
+    """Resolve every model path of the recipe in place (``builtin:`` names -> cached folders) and
+    check that each loads here: safetensors weights, a tokenizer, no unrequested remote code."""
+    from prefopt.models.check import check_model
+
+    from prefopt.cluster import is_local
+
+    m, roles = recipe.model, recipe.roles
+    trust = m.trust_remote_code
+    # whether an attention kernel runs is a question for the machines the learners land on: this one
+    # only when the cluster is local
+    attn = m.attn_implementation if is_local(recipe.ray) else "sdpa"
+    m.path = check_model(m.path, tokenizer=m.tokenizer, trust_remote_code=trust, attn_implementation=attn,
+                         what="model.path")
+    if roles.critic is not None and roles.critic.path:
+        roles.critic.path = check_model(roles.critic.path, trust_remote_code=trust, what="roles.critic.path",
+                                        attn_implementation=attn, head="token_classification")
+    if roles.reward is not None:
+        for i, src in enumerate(roles.reward.sources):
+            if src.model:
+                src.model = check_model(src.model, trust_remote_code=trust, what=f"roles.reward.sources[{i}].model",
+                                        head="sequence_classification")
+        process = roles.reward.process
+        if process is not None and process.model:
+            process.model = check_model(process.model, trust_remote_code=trust, what="roles.reward.process.model",
+                                        head="sequence_classification")
+
+
+def prepare(recipe: Recipe) -> Prepared:
+    """Run every pre-Ray check of ``recipe``; raise a :class:`prefopt.errors.PrefoptError` naming the
+    problem, or return what the run needs."""
+    from prefopt.cache import cache_dir
+    from prefopt.cluster import check_local_resources
+    from prefopt.config import validate_recipe
+    from prefopt.errors import ConfigError
+    from prefopt.models.load import load_tokenizer
+    from prefopt.objectives import get_objective
+
+    validate_recipe(recipe)
+    objective_cls = get_objective(recipe.objective.name)
+    check_models(recipe)
+    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path,
+                               trust_remote_code=recipe.model.trust_remote_code)
+    out = Prepared(recipe=recipe, objective_cls=objective_cls, tokenizer=tokenizer)
+    t = recipe.train
+    if objective_cls.batch_kind == "rollouts":
+        from prefopt.data.prompts import load_prompts
+        from prefopt.rewards.sources import check_sources, probe_rewards
+        out.prompts = load_prompts(recipe.data, tokenizer, cache_dir=cache_dir()).prompts
+        check_sources(recipe.roles.reward)
+        probe_rewards(recipe, out.prompts[0])
+    else:
+        from prefopt.data import load_preference_data
+        from prefopt.loops import batching
+        data = load_preference_data(recipe.data, tokenizer, seed=t.seed, cache_dir=cache_dir())
+        if data.kind != objective_cls.batch_kind:
+            raise ConfigError(f"objective '{recipe.objective.name}' trains on {objective_cls.batch_kind}, but "
+                              f"{data.source} holds {data.kind} rows")
+        out.data = data
+        out.steps = batching.step_batches(len(data.train), t.batch_size, seed=t.seed, epochs=t.epochs,
+                                          max_steps=t.max_steps)
+        if not out.steps:
+            raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {len(data.train)} "
+                              f"training examples")
+    check_local_resources(recipe)
+    if recipe.resume:
+        from prefopt.io.checkpoint import find_resume_point
+        out.run_dir, out.resume_from = find_resume_point(recipe.resume, recipe.output.root, recipe.name)
+    else:
+        from prefopt.io.run_dir import check_run_dir
+        check_run_dir(recipe)
+    return out
+
+
+def open_run_dir(pre: Prepared) -> tuple[Path, Path | None]:
+    """After :func:`prepare` passed: create the run folder (or cut a resumed run's metrics back to
+    its checkpoint) and write ``config.yaml``; returns ``(run_dir, checkpoint to resume or None)``."""
+    from prefopt.io.run_dir import create_run_dir, write_config
+    if pre.resume_from is not None:
+        from prefopt.io.checkpoint import read_state, truncate_metrics
+        run_dir = pre.run_dir
+        truncate_metrics(run_dir, read_state(pre.resume_from)["counter"])
+    else:
+        run_dir = create_run_dir(pre.recipe)
+    write_config(run_dir, pre.recipe)
+    return run_dir, pre.resume_from
