@@ -11,13 +11,16 @@ the objective needs) run here too: every recipe error surfaces before Ray starts
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from prefopt.config_checks import (is_index_map, check_shapes, check_values, first_non_finite,
+                                   format_key, origin_of, parse_key, schema_default)
 from prefopt.config_schema import Recipe
 from prefopt.errors import ConfigError, closest, did_you_mean
 
@@ -63,6 +66,8 @@ def _read_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dic
     data = _read_yaml(path)
     layers = []
     base = data.get("base")
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be the path or name of the recipe this one extends, got {base!r}")
     if base:
         # a base recipe's `expect:` ranges describe *its* run: a derived recipe states its own
         layers = [(origin, {k: v for k, v in layer.items() if k != "expect"})
@@ -71,47 +76,76 @@ def _read_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dic
     return layers + [(str(path), data)]
 
 
+def _env_text(text: str, value: Any) -> Any:
+    """An override ``ray.env.NAME=text`` sets the variable to ``text`` as typed (``=1`` is '1', not
+    an int; a quoted value is unquoted); lists, mappings and ``null`` stay as parsed (and are refused)."""
+    if isinstance(value, (bool, int, float)) or (value is None and not text.strip()):
+        return text.strip()
+    return value
+
+
 def _parse_overrides(overrides: list[str]) -> dict:
     """``a.b=1`` -> ``{"a": {"b": 1}}``; a numeric part indexes a list (``roles.reward.sources.0.weight=2``
-    -> ``{..., "sources": {0: {"weight": 2}}}``, merged into that element). Values use OmegaConf's
-    grammar (numbers incl. ``1e-2``, ``null``, ``[a, b]``, ``{k: v}``)."""
+    or ``roles.reward.sources[0].weight=2`` -> ``{..., "sources": {0: {"weight": 2}}}``, merged into
+    that element). Values use OmegaConf's grammar (numbers incl. ``1e-2``, ``null``, ``[a, b]``,
+    ``{k: v}``), except that ``ray.env.NAME=value`` keeps the value's text."""
     layer: dict = {}
     for item in overrides:
         key, sep, text = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         try:
+            parts = parse_key(key)
             value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]), resolve=False)["v"]
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"cannot parse override '{item}': {str(e).splitlines()[0]}") from None
-        parts = [int(part) if part.isdigit() else part for part in key.split(".")]
+        except ConfigError as e:
+            raise ConfigError(f"override '{item}': {e}") from None
+        except Exception as e:   # OmegaConf's grammar errors, and YAML's for some values
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"cannot parse override '{item}': {first}") from None
+        if len(parts) == 3 and parts[:2] == ("ray", "env"):
+            value = _env_text(text, value)
         node = layer
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' conflicts with another override of '{part}'")
+                raise ConfigError(f"override '{item}' conflicts with an earlier override of "
+                                  f"'{format_key(parts[:depth + 1])}'")
+        if isinstance(node.get(parts[-1]), dict):
+            raise ConfigError(f"override '{item}' conflicts with an earlier override of a key under '{key}' "
+                              f"(set '{key}' first, then its keys)")
         node[parts[-1]] = value
     return layer
 
 
-def _deep_merge(base: Any, new: Any, key: str = "") -> Any:
+def _deep_merge(base: Any, new: Any, path: tuple = (), default: Callable[[tuple], Any] | None = None,
+                origin: str = "recipe") -> Any:
     """Mappings merge key by key; a list is replaced, or updated per index by an int-keyed mapping
-    (from an override); anything else is replaced."""
-    if isinstance(base, dict) and isinstance(new, dict):
-        out = dict(base)
-        for k, v in new.items():
-            out[k] = _deep_merge(base[k], v, f"{key}{k}.") if k in base else v
-        return out
-    if isinstance(base, list) and isinstance(new, dict) and new and all(isinstance(k, int) for k in new):
+    (from an override); anything else is replaced. An index mapping for a key that no earlier layer
+    set updates ``default(path)``, the schema's default (``train.adam_betas.0=0.8``)."""
+    if is_index_map(new):
+        key = format_key(path)
+        if not isinstance(base, list):
+            i = next(iter(new))
+            held = "null (unset)" if base is None else f"{type(base).__name__} {base!r}"
+            raise ConfigError(f"{origin}: '{key}' is not a list, so '{key}.{i}' cannot index it (it is {held})")
         out = list(base)
         for i, v in new.items():
             if not 0 <= i < len(out):
-                raise ConfigError(f"override of '{key}{i}': '{key.rstrip('.')}' has {len(out)} entries "
-                                  f"(indices 0..{len(out) - 1})")
-            out[i] = _deep_merge(out[i], v, f"{key}{i}.")
+                valid = f"indices 0..{len(out) - 1}" if out else "no valid index: set the whole list instead"
+                raise ConfigError(f"{origin}: index {i} of '{key}' is out of range: '{key}' has {len(out)} "
+                                  f"entries ({valid})")
+            out[i] = _deep_merge(out[i], v, (*path, i), default, origin)
         return out
-    if isinstance(new, dict) and new and all(isinstance(k, int) for k in new):
-        raise ConfigError(f"override of '{key}{next(iter(new))}': '{key.rstrip('.')}' is not a list in the recipe")
+    if isinstance(new, dict):
+        out = dict(base) if isinstance(base, dict) else {}   # a mapping replaces a non-mapping
+        for k, v in new.items():
+            if k in out:
+                sub = out[k]
+            else:
+                sub = default((*path, k)) if default is not None and is_index_map(v) else None
+            out[k] = _deep_merge(sub, v, (*path, k), default, origin) if isinstance(v, dict) else v
+        return out
     return new
 
 
@@ -149,24 +183,38 @@ def check_keys(data: Any, schema: type, origin: str, prefix: str = "") -> None:
                     check_keys(item, item_type, origin, f"{dotted}[{i}].")
 
 
-def _merge(layers: list[tuple[str, dict]]) -> dict:
+def _merge(layers: list[tuple[str, dict]], default: Callable[[tuple], Any] | None = None) -> dict:
     merged: dict = {}
-    for _, data in layers:
-        merged = _deep_merge(merged, data)
+    for origin, data in layers:
+        merged = _deep_merge(merged, data, (), default, origin)
     return merged
 
 
-def _typed(schema: type, data: dict, what: str) -> Any:
-    """Validate types by merging into the structured schema; return the dataclass instance."""
+def _typed(schema: type, data: dict, what: str, prefix: str = "", where: Callable[[str], str] | None = None) -> Any:
+    """Validate types by merging into the structured schema; return the dataclass instance. An error
+    names the key (``prefix`` + OmegaConf's key) and ``where(key)``: the layer that set it."""
+    where = where or (lambda key: what)
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(data))
-        return OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or ""
-        msg = str(e).splitlines()[0]
+        # NaN/Inf first: 'nan' in an override is text until typed, and Params check ranges when built
+        bad = first_non_finite(OmegaConf.to_container(cfg, resolve=True))
+        typed = None if bad else OmegaConf.to_object(cfg)
+    except ConfigError as e:   # an objective's Params validate themselves when built
+        named = _KEY_IN_MESSAGE.search(str(e))
+        raise ConfigError(f"{where(named.group(0)) if named else what}: {e}") from None
+    except (OmegaConfBaseException, TypeError, ValueError, ArithmeticError) as e:
+        key = (prefix + (getattr(e, "full_key", None) or "")).rstrip(".") or "the recipe"
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "issing mandatory value" in msg:
-            raise ConfigError(f"{what}: required key '{key}' is not set") from None
-        raise ConfigError(f"{what}: invalid value for '{key}': {msg}") from None
+            raise ConfigError(f"{where(key)}: required key '{key}' is not set") from None
+        if "is not Optional" in msg or "Incompatible value 'None'" in msg:
+            empty = " (an override 'key=' with nothing after '=' sets null)" if where(key) == "override" else ""
+            raise ConfigError(f"{where(key)}: '{key}' must not be null{empty}") from None
+        raise ConfigError(f"{where(key)}: invalid value for '{key}': {msg}") from None
+    if bad:
+        key = prefix + format_key(bad[0])
+        raise ConfigError(f"{where(key)}: '{key}' must be a finite number, got {bad[1]}")
+    return typed
 
 
 # ----------------------------------------------------------------------------- public API
@@ -190,40 +238,49 @@ def recipe_from_dict(data: dict, origin: str = "<dict>") -> Recipe:
 def recipe_from_layers(layers: list[tuple[str, dict]], what: str) -> Recipe:
     from prefopt.objectives import OBJECTIVES
 
+    rest = []   # each layer without its objective section (merged apart, by the chosen objective's schema)
+    name, name_origin = "dpo", what
     for origin, data in layers:
         if "objective" in data and not isinstance(data["objective"], dict):
             raise ConfigError(f"{origin}: 'objective' must be a mapping with at least 'name'")
-        check_keys({k: v for k, v in data.items() if k != "objective"}, Recipe, origin)
-    merged = _merge(layers)
-    objective = merged.pop("objective", None) or {"name": "dpo"}
-    recipe = _typed(Recipe, merged, what)
-
-    name = objective.get("name", "dpo")
-    objective_cls = OBJECTIVES.get(name) if name in OBJECTIVES else None
-    if objective_cls is None:
-        raise ConfigError(f"{what}: unknown objective.name '{name}'{did_you_mean(str(name), OBJECTIVES.names())}; "
+        if data.get("base") is not None:   # files' `base:` is read (and dropped) by _read_layers
+            raise ConfigError(f"{origin}: 'base' names the recipe a recipe file extends; it can only be set "
+                              f"in a recipe file, not here")
+        rest.append((origin, {k: v for k, v in data.items() if k != "objective"}))
+        check_keys(rest[-1][1], Recipe, origin)
+        check_shapes(rest[-1][1], Recipe, origin)
+        if "name" in (data.get("objective") or {}):
+            name, name_origin = data["objective"]["name"], origin
+    if not isinstance(name, str):
+        raise ConfigError(f"{name_origin}: 'objective.name' must be a string naming an objective "
+                          f"({', '.join(OBJECTIVES.names())}), got {name!r}")
+    if name not in OBJECTIVES:
+        raise ConfigError(f"{name_origin}: unknown objective.name '{name}'{did_you_mean(name, OBJECTIVES.names())}; "
                           f"available: {', '.join(OBJECTIVES.names())}")
-    for origin, data in layers:
-        layer_obj = dict(data.get("objective") or {})
-        # a base recipe's objective parameters don't apply once a child switches objectives
-        if layer_obj.get("name", name) != name:
-            continue
-        check_keys(layer_obj, objective_cls.Params, origin, "objective.")
-    # keep only the parameters of the chosen objective from every layer (see comment above)
-    kept = {}
-    for _, data in layers:
+    objective_cls = OBJECTIVES.get(name)
+    # a base recipe's objective parameters don't apply once a child switches objectives
+    objective_layers, view = [], []   # view: each layer as it counts, to find where a key was set
+    for (origin, data), (_, kept_data) in zip(layers, rest):
         layer_obj = dict(data.get("objective") or {})
         if layer_obj.get("name", name) == name:
-            kept = _deep_merge(kept, layer_obj, "objective.")
+            check_keys(layer_obj, objective_cls.Params, origin, "objective.")
+            check_shapes(layer_obj, objective_cls.Params, origin, ("objective",))
+            objective_layers.append((origin, layer_obj))
+            kept_data = {**kept_data, "objective": layer_obj}
+        view.append((origin, kept_data))
+
+    def where(key: str) -> str:
+        return origin_of(view, key) or what
+
+    recipe = _typed(Recipe, _merge(rest, lambda path: schema_default(Recipe, path)), what, where=where)
+    kept: dict = {}
+    for origin, layer_obj in objective_layers:
+        kept = _deep_merge(kept, layer_obj, ("objective",),
+                           lambda path: schema_default(objective_cls.Params, path[1:]), origin)
     kept["name"] = name
-    recipe.objective = _typed(objective_cls.Params, kept, what)
-    validate_recipe(recipe, what)
+    recipe.objective = _typed(objective_cls.Params, kept, what, "objective.", where)
+    validate_recipe(recipe, what, where)
     return recipe
-
-
-def _positive(value: float, key: str, what: str, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{what}: '{key}' must be {'>= 0' if allow_zero else '> 0'}, got {value}")
 
 
 def _one_of(value: Any, choices: tuple, key: str, what: str) -> None:
@@ -232,65 +289,76 @@ def _one_of(value: Any, choices: tuple, key: str, what: str) -> None:
                           f"got '{value}'{did_you_mean(str(value), map(str, choices))}")
 
 
-def validate_recipe(recipe: Recipe, what: str = "recipe") -> None:
-    """Cross-field checks that typing alone cannot express."""
+_KEY_IN_MESSAGE = re.compile(r"\b(?:objective|roles|train|data|model|output|ray)\.[\w.\[\]]*\w\]?")
+
+
+def validate_recipe(recipe: Recipe, what: str = "recipe", where: Callable[[str], str] | None = None) -> None:
+    """Cross-field checks that typing alone cannot express, and a walk over every value (types,
+    finite floats, positive timeouts, ranges: :mod:`prefopt.config_checks`), so a Recipe built in
+    code is checked too. ``where(key)`` names the file or override that set a key (default: ``what``)."""
     from prefopt.objectives import OBJECTIVES
 
-    t, learner = recipe.train, recipe.roles.learner
-    _positive(t.batch_size, "train.batch_size", what)
-    _positive(t.micro_batch_size, "train.micro_batch_size", what)
-    for key in ("micro_batch_tokens", "inference_micro_batch_tokens"):
-        if getattr(t, key) is not None:
-            _positive(getattr(t, key), f"train.{key}", what)
-    _positive(t.lr, "train.lr", what)
-    _positive(t.epochs, "train.epochs", what)
-    _positive(learner.num_actors, "roles.learner.num_actors", what)
-    _positive(learner.num_cpus, "roles.learner.num_cpus", what, allow_zero=True)
-    _positive(learner.num_gpus, "roles.learner.num_gpus", what, allow_zero=True)
-    _positive(t.max_grad_norm, "train.max_grad_norm", what, allow_zero=True)
-    if not 0 <= t.warmup_ratio < 1:
-        raise ConfigError(f"{what}: 'train.warmup_ratio' must be in [0, 1), got {t.warmup_ratio}")
-    if len(t.adam_betas) != 2:
-        raise ConfigError(f"{what}: 'train.adam_betas' needs two values, got {list(t.adam_betas)}")
-    _one_of(t.lr_scheduler, ("constant", "linear", "cosine"), "train.lr_scheduler", what)
-    _one_of(t.precision, ("fp32", "bf16", "fp16"), "train.precision", what)
-    _one_of(learner.zero_stage, (0, 1, 2, 3), "roles.learner.zero_stage", what)
-    _one_of(learner.placement, ("pack", "spread"), "roles.learner.placement", what)
+    at = where or (lambda key: what)
+    if not isinstance(recipe, Recipe):
+        raise ConfigError(f"{what}: expected a Recipe, got {type(recipe).__name__}")
+    objective_cls = OBJECTIVES.get(recipe.objective.name) \
+        if isinstance(getattr(recipe.objective, "name", None), str) and recipe.objective.name in OBJECTIVES else None
+    if objective_cls is None or not isinstance(recipe.objective, objective_cls.Params):
+        raise ConfigError(f"{what}: 'objective' must be the Params dataclass of a registered objective "
+                          f"(e.g. OBJECTIVES.get('dpo').Params(beta=0.1)), got {recipe.objective!r}")
+    check_values(recipe, at)
+
+    t, learner, ro = recipe.train, recipe.roles.learner, recipe.roles.rollout
+    _one_of(t.lr_scheduler, ("constant", "linear", "cosine"), "train.lr_scheduler", at("train.lr_scheduler"))
+    _one_of(t.precision, ("fp32", "bf16", "fp16"), "train.precision", at("train.precision"))
+    _one_of(learner.zero_stage, (0, 1, 2, 3), "roles.learner.zero_stage", at("roles.learner.zero_stage"))
+    _one_of(learner.placement, ("pack", "spread"), "roles.learner.placement", at("roles.learner.placement"))
     per_step = t.micro_batch_size * learner.num_actors
     if t.batch_size % per_step:
         raise ConfigError(
-            f"{what}: 'train.batch_size' ({t.batch_size}) must be a multiple of "
+            f"{at('train.batch_size')}: 'train.batch_size' ({t.batch_size}) must be a multiple of "
             f"train.micro_batch_size x roles.learner.num_actors ({t.micro_batch_size} x {learner.num_actors})")
     for key, bounds in recipe.expect.items():
         if len(bounds) != 2 or bounds[0] > bounds[1]:
-            raise ConfigError(f"{what}: 'expect.{key}' must be [low, high] with low <= high, got {list(bounds)}")
+            raise ConfigError(f"{at(f'expect.{key}')}: 'expect.{key}' must be [low, high] with low <= high, "
+                              f"got {list(bounds)}")
     if recipe.roles.reference is not None:
-        _one_of(recipe.roles.reference.placement, ("learner", "actor"), "roles.reference.placement", what)
+        _one_of(recipe.roles.reference.placement, ("learner", "actor"), "roles.reference.placement",
+                at("roles.reference.placement"))
+    if ro is not None and ro.sampling.min_tokens > ro.sampling.max_tokens:
+        raise ConfigError(f"{at('roles.rollout.sampling.min_tokens')}: 'roles.rollout.sampling.min_tokens' "
+                          f"({ro.sampling.min_tokens}) must be <= roles.rollout.sampling.max_tokens "
+                          f"({ro.sampling.max_tokens})")
 
-    objective_cls = OBJECTIVES.get(recipe.objective.name)
     required = getattr(objective_cls, "required_roles", None)
     for role in sorted(required(recipe.objective) if required else objective_cls.needs):
         if getattr(recipe.roles, role, None) is None:
-            raise ConfigError(f"{what}: objective '{recipe.objective.name}' needs the '{role}' role, "
+            raise ConfigError(f"{at(f'roles.{role}')}: objective '{recipe.objective.name}' needs the '{role}' role, "
                               f"but roles.{role} is not set (add e.g. `roles: {{{role}: {{}}}}`)")
     if objective_cls.batch_kind == "rollouts":
-        per_iter = t.prompts_per_iteration * recipe.roles.rollout.sampling.n
+        per_iter = t.prompts_per_iteration * ro.sampling.n
         if per_iter % t.batch_size:
-            raise ConfigError(f"{what}: train.prompts_per_iteration x roles.rollout.sampling.n ({per_iter} samples) "
-                              f"must be a multiple of train.batch_size ({t.batch_size})")
-        _one_of(recipe.roles.rollout.weight_sync, ("object_store", "process_group"), "roles.rollout.weight_sync", what)
-        _one_of(recipe.roles.rollout.placement, (None, "pack", "spread"), "roles.rollout.placement", what)
-        ro = recipe.roles.rollout
+            raise ConfigError(f"{at('train.prompts_per_iteration')}: train.prompts_per_iteration x "
+                              f"roles.rollout.sampling.n ({per_iter} samples) must be a multiple of "
+                              f"train.batch_size ({t.batch_size})")
+        _one_of(ro.weight_sync, ("object_store", "process_group"), "roles.rollout.weight_sync",
+                at("roles.rollout.weight_sync"))
+        _one_of(ro.placement, (None, "pack", "spread"), "roles.rollout.placement", at("roles.rollout.placement"))
         if ro.colocate_with_learners and ro.engines > learner.num_actors:
-            raise ConfigError(f"{what}: roles.rollout.colocate_with_learners puts one engine in each learner's "
-                              f"bundle, so roles.rollout.engines ({ro.engines}) must be <= roles.learner.num_actors "
-                              f"({learner.num_actors})")
+            raise ConfigError(f"{at('roles.rollout.colocate_with_learners')}: roles.rollout.colocate_with_learners "
+                              f"puts one engine in each learner's bundle, so roles.rollout.engines ({ro.engines}) "
+                              f"must be <= roles.learner.num_actors ({learner.num_actors})")
         if t.async_rollouts and getattr(recipe.objective, "nelder_mead", None) is not None:
-            raise ConfigError(f"{what}: train.async_rollouts cannot be combined with objective.nelder_mead")
+            raise ConfigError(f"{at('train.async_rollouts')}: train.async_rollouts cannot be combined with "
+                              f"objective.nelder_mead")
         critic = recipe.roles.critic
         if critic is not None and t.batch_size % (t.micro_batch_size * critic.num_actors):
-            raise ConfigError(f"{what}: 'train.batch_size' ({t.batch_size}) must be a multiple of "
+            raise ConfigError(f"{at('train.batch_size')}: 'train.batch_size' ({t.batch_size}) must be a multiple of "
                               f"train.micro_batch_size x roles.critic.num_actors")
+    if isinstance(getattr(recipe.objective, "advantage", None), str):   # PPO's registry names the value only
+        from prefopt.rl.advantages import ADVANTAGES
+        _one_of(recipe.objective.advantage, tuple(ADVANTAGES.names()), "objective.advantage",
+                at("objective.advantage"))
     check = getattr(recipe.objective, "validate", None)
     cross_check = getattr(objective_cls, "check_recipe", None)   # checks across objective and roles
     try:
@@ -299,7 +367,8 @@ def validate_recipe(recipe: Recipe, what: str = "recipe") -> None:
         if callable(cross_check):
             cross_check(recipe)
     except ConfigError as e:
-        raise ConfigError(f"{what}: {e}") from None
+        named = _KEY_IN_MESSAGE.search(str(e))   # the objective's message names a key: say where it was set
+        raise ConfigError(f"{at(named.group(0)) if named else what}: {e}") from None
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

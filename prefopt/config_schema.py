@@ -228,7 +228,9 @@ class RayConfig:
     include_dashboard: bool = False
     check_resources: bool = True             # fail fast if the cluster cannot hold the roles (off for autoscalers)
     call_timeout_s: float = 1800.0           # bound on any remote call; a dead actor never hangs the run
-    env: dict[str, str] = field(default_factory=dict)  # extra environment variables for every actor
+    # extra environment variables for every actor; values are strings: quote numbers in YAML
+    # (OMP_NUM_THREADS: '1'); an override ray.env.NAME=1 keeps its text
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
