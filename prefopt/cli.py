@@ -59,7 +59,10 @@ def _load(path: str, overrides: list[str]):
             raise ConfigError(f"environment variable {path[4:]} holds no recipe")
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="prefopt-job-", delete=False) as f:
             f.write(text)
-        return load_recipe(f.name, overrides)
+        recipe = load_recipe(f.name, overrides)
+        from prefopt.jobs import job_secrets
+        recipe.ray.env.update(job_secrets())     # redacted in the recipe text; sent in a file
+        return recipe
     return load_recipe(path, overrides)
 
 
@@ -132,33 +135,34 @@ def cmd_reproduce(args) -> int:
 
 def cmd_submit(args) -> int:
     from prefopt import jobs
-    job_id = jobs.submit(args.recipe, args.overrides, address=args.address)
+    job_id = jobs.submit(args.recipe, args.overrides, address=args.address, token_file=args.token_file)
     print(f"submitted {job_id} to {jobs.job_address(args.address)}")
     if not args.follow:
         return 0
-    state = jobs.follow(job_id, args.address)
+    state = jobs.follow(job_id, args.address, token_file=args.token_file)
     print(f"{job_id}: {state}")
     return 0 if state == "SUCCEEDED" else 1
 
 
 def cmd_jobs(args) -> int:
     from prefopt import jobs
+    auth = {"token_file": args.token_file}
     if args.action == "list":
-        for job in jobs.list_jobs(args.address):
+        for job in jobs.list_jobs(args.address, **auth):
             print(f"{job['id']}  {job['status']}  {job['entrypoint']}")
         return 0
     if not args.job_id:
         from prefopt.errors import ConfigError
         raise ConfigError(f"prefopt jobs {args.action} needs a job id")
     if args.action == "status":
-        print(jobs.status(args.job_id, args.address))
+        print(jobs.status(args.job_id, args.address, **auth))
     elif args.action == "logs":
         if args.follow:
-            print(f"{args.job_id}: {jobs.follow(args.job_id, args.address)}")
+            print(f"{args.job_id}: {jobs.follow(args.job_id, args.address, **auth)}")
         else:
-            print(jobs.logs(args.job_id, args.address), end="")
+            print(jobs.logs(args.job_id, args.address, **auth), end="")
     else:
-        print(f"{args.job_id}: {jobs.stop(args.job_id, args.address)}")
+        print(f"{args.job_id}: {jobs.stop(args.job_id, args.address, **auth)}")
     return 0
 
 
@@ -190,17 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", metavar="RUN_DIR", help="check an existing run instead of training")
     p.add_argument("-v", "--verbose", action="store_true", help=verbose_help)
     p.set_defaults(fn=cmd_reproduce)
+    token_help = ("the cluster's Ray authentication token (default: $RAY_AUTH_TOKEN, the file in "
+                  "$RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token with RAY_AUTH_MODE=token)")
     address_help = "Ray job server, e.g. http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS or http://127.0.0.1:8265)"
     p = sub.add_parser("submit", help="submit a recipe as a Ray job to a cluster")
     p.add_argument("recipe"); p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--address", help=address_help)
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
+    p.add_argument("--token-file", help=token_help)
     p.set_defaults(fn=cmd_submit)
     p = sub.add_parser("jobs", help="status, logs, stop or list submitted Ray jobs")
     p.add_argument("action", choices=("status", "logs", "stop", "list"))
     p.add_argument("job_id", nargs="?")
     p.add_argument("--address", help=address_help)
     p.add_argument("--follow", action="store_true", help="(logs) stream until the job ends")
+    p.add_argument("--token-file", help=token_help)
     p.set_defaults(fn=cmd_jobs)
     p = sub.add_parser("sweep", help="run an ablation grid x seeds; results table (CSV, Markdown) and plot")
     try:

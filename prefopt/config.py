@@ -42,20 +42,25 @@ def _read_yaml(path: Path) -> dict:
 
 
 def resolve_recipe_path(path: str | Path, relative_to: Path | None = None) -> Path:
-    """A recipe path as given, relative to ``relative_to``'s folder, or a name in ``recipes/``."""
+    """A recipe path as given, relative to ``relative_to``'s folder, or a shipped recipe: a name in
+    ``recipes/`` (``tiny_dpo``, ``tiny_dpo.yaml``, ``papers/zephyr_dpo.yaml``, or ``recipes/tiny_dpo.yaml``
+    from any working directory). A missing recipe gets the closest shipped name."""
     p = Path(path).expanduser()
     candidates = [p]
     if relative_to is not None and not p.is_absolute():
         candidates.insert(0, relative_to.parent / p)
     if not p.is_absolute():
-        candidates.append(RECIPES_DIR / p)
-        if p.suffix == "":
-            candidates.append(RECIPES_DIR / f"{p}.yaml")
+        inside = Path(*p.parts[1:]) if p.parts[:1] == ("recipes",) and len(p.parts) > 1 else p
+        candidates += [RECIPES_DIR / inside] + ([RECIPES_DIR / f"{inside}.yaml"] if inside.suffix == "" else [])
     for c in candidates:
         if c.is_file():
             return c.resolve()
     where = f" (referenced from {relative_to})" if relative_to else ""
-    raise ConfigError(f"recipe file not found: {path}{where}")
+    shipped = sorted(str(f.relative_to(RECIPES_DIR)) for f in RECIPES_DIR.glob("**/*.yaml"))
+    guess = closest(p.name if p.suffix else f"{p.name}.yaml", [Path(n).name for n in shipped])
+    hint = f" (did you mean '{next(n for n in shipped if Path(n).name == guess)}'?)" if guess else ""
+    raise ConfigError(f"recipe file not found: {path}{where}{hint}; shipped recipes (usable by name from any "
+                      f"folder): {', '.join(n.removesuffix('.yaml') for n in shipped if '/' not in n)}")
 
 
 def _read_layers(path: Path, seen: tuple[Path, ...] = ()) -> list[tuple[str, dict]]:

@@ -28,10 +28,20 @@ class Prepared:
     resume_from: Path | None = None         # the checkpoint to load
 
 
-def check_models(recipe: Recipe) -> None:
+def here(path: str | None) -> bool:
+    """Whether ``path`` (a model or data path) can be read on this machine: a ``builtin:`` model,
+    ``synthetic:`` data, or an existing file or folder."""
+    return bool(path) and (path.startswith(("builtin:", "synthetic:")) or Path(path).expanduser().exists())
+
+
+def check_models(recipe: Recipe, *, remote: bool = False) -> None:
     """Resolve every model path of the recipe in place (``builtin:`` names -> cached folders) and
-    check that each loads here: safetensors weights, a tokenizer, no unrequested remote code."""
-    from prefopt.models.check import check_model
+    check that each loads here: safetensors weights, a tokenizer, no unrequested remote code.
+    ``remote``: the run happens on a cluster, so paths that exist only there are left alone."""
+    from prefopt.models.check import check_model as check
+
+    def check_model(path, **kwargs):
+        return check(path, **kwargs) if not remote or here(path) else path
 
     from prefopt.cluster import is_local
 
@@ -56,9 +66,13 @@ def check_models(recipe: Recipe) -> None:
                                         head="sequence_classification")
 
 
-def prepare(recipe: Recipe) -> Prepared:
+def prepare(recipe: Recipe, *, remote: bool = False) -> Prepared | None:
     """Run every pre-Ray check of ``recipe``; raise a :class:`prefopt.errors.PrefoptError` naming the
-    problem, or return what the run needs."""
+    problem, or return what the run needs.
+
+    ``remote=True`` (``prefopt submit``, a sweep with ``--address``): the run starts on a cluster, so
+    the checks of this machine's resources and run folder are skipped, and models and data that do
+    not exist here are left to the cluster (None is returned when the model is not here)."""
     from prefopt.cache import cache_dir
     from prefopt.cluster import check_local_resources
     from prefopt.config import validate_recipe
@@ -68,7 +82,9 @@ def prepare(recipe: Recipe) -> Prepared:
 
     validate_recipe(recipe)
     objective_cls = get_objective(recipe.objective.name)
-    check_models(recipe)
+    check_models(recipe, remote=remote)
+    if remote and not (here(recipe.model.tokenizer or recipe.model.path) and here(recipe.data.path)):
+        return None
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path,
                                trust_remote_code=recipe.model.trust_remote_code)
     out = Prepared(recipe=recipe, objective_cls=objective_cls, tokenizer=tokenizer)
@@ -92,6 +108,8 @@ def prepare(recipe: Recipe) -> Prepared:
         if not out.steps:
             raise ConfigError(f"train.batch_size={t.batch_size} is larger than the {len(data.train)} "
                               f"training examples")
+    if remote:
+        return out
     check_local_resources(recipe)
     if recipe.resume:
         from prefopt.io.checkpoint import find_resume_point

@@ -103,13 +103,28 @@ def expand_grid(grids: list[str], seeds: int) -> list[dict]:
     return points
 
 
-def validate_points(recipe_path: str | Path, points: list[dict], overrides=()) -> None:
-    """Load every point's recipe so a mistyped key or bad value fails before anything runs."""
-    from prefopt.config import load_recipe
+def validate_points(recipe_path: str | Path, points: list[dict], overrides=(), *, remote: bool = False) -> None:
+    """Check every point before anything runs: each point's recipe loads (a mistyped key or bad value
+    fails), and :func:`prefopt.preflight.prepare` (models, data, reward functions, resources) passes
+    once for each distinct model / data / roles / objective combination. ``remote``: the points run as
+    Ray jobs on a cluster (``prepare(remote=True)``)."""
+    import json
+
+    from prefopt.config import load_recipe, recipe_to_dict
+    from prefopt.errors import PrefoptError
+    from prefopt.preflight import prepare
+    seen = set()
     for p in points:
         try:
-            load_recipe(recipe_path, [*overrides, *p["overrides"]])
-        except ConfigError as e:
+            recipe = load_recipe(recipe_path, [*overrides, *p["overrides"]])
+            d = recipe_to_dict(recipe)
+            key = json.dumps([d["model"], d["data"], d["roles"], d["ray"], d["objective"]["name"]],
+                             sort_keys=True, default=str)
+            if key not in seen:
+                seen.add(key)
+                recipe.output.run_dir = None          # each point gets its own folder
+                prepare(recipe, remote=remote)
+        except PrefoptError as e:
             raise ConfigError(f"sweep point {p['id']}: {e}") from None
 
 
@@ -131,8 +146,10 @@ def ray_job_runner(address: str, *, working_dir: str = ".", poll_s: float = 5.0)
     (see the module docstring)."""
     import shlex
 
-    from ray.job_submission import JobStatus, JobSubmissionClient
-    client = JobSubmissionClient(address)
+    from ray.job_submission import JobStatus
+
+    from prefopt.jobs import client as job_client
+    client = job_client(address)
     runtime_env = {"working_dir": working_dir, "env_vars": {"OMP_NUM_THREADS": "1"},
                    "excludes": [".git", ".venv", ".cache", "runs"]}
 
@@ -278,7 +295,8 @@ def write_results(out_dir: Path, points: list[dict], metrics: list[str], title: 
 
 
 def run_sweep(recipe_path, grids, seeds, *, overrides=(), out_dir, concurrency=1, metrics=None,
-              runner: Runner | None = None, echo: Callable[[str], None] | None = None) -> SweepResult:
+              runner: Runner | None = None, echo: Callable[[str], None] | None = None,
+              remote: bool = False) -> SweepResult:
     """Validate, run (skipping points already done in ``out_dir``) and tabulate a sweep.
 
     ``runner(point, point_dir) -> returncode`` runs one point (default :func:`local_runner`); it gets
@@ -290,7 +308,7 @@ def run_sweep(recipe_path, grids, seeds, *, overrides=(), out_dir, concurrency=1
         raise ConfigError(f"sweep: --concurrency must be >= 1, got {concurrency}")
     out_dir = Path(out_dir).resolve()
     points = expand_grid(list(grids), seeds)
-    validate_points(recipe_path, points, overrides)
+    validate_points(recipe_path, points, overrides, remote=remote)
     spec = {"recipe": str(resolve_recipe_path(recipe_path)), "overrides": list(overrides)}
     old = json.loads((out_dir / "sweep.json").read_text()) if (out_dir / "sweep.json").is_file() else spec
     if (old["recipe"], old["overrides"]) != (spec["recipe"], spec["overrides"]):
@@ -363,7 +381,7 @@ def sweep_command(args) -> int:
     runner = ray_job_runner(args.address) if args.address else None
     result = run_sweep(args.recipe, args.grid, args.seeds, overrides=args.overrides, out_dir=out,
                        concurrency=args.concurrency, metrics=args.metrics, runner=runner,
-                       echo=lambda msg: print(msg, flush=True))
+                       echo=lambda msg: print(msg, flush=True), remote=bool(args.address))
     files = [result.md_path, result.csv_path] + ([result.png_path] if result.png_path else [])
     print("\n" + result.md_path.read_text() + "\nresults: " + "\n         ".join(map(str, files)))
     return 1 if result.failed else 0

@@ -237,8 +237,9 @@ def test_ray_job_runner_submits_polls_and_writes_logs(tmp_path, monkeypatch):
     submitted = []
 
     class FakeClient:
-        def __init__(self, address):
+        def __init__(self, address, headers=None):
             assert address == "http://head:8265"
+            assert headers == {"Authorization": "Bearer tok-123"}      # the cluster's token is sent
             self.polls = 0
 
         def submit_job(self, *, entrypoint, runtime_env, metadata):
@@ -255,6 +256,7 @@ def test_ray_job_runner_submits_polls_and_writes_logs(tmp_path, monkeypatch):
             return f"logs of {job_id}\n"
 
     monkeypatch.setattr(js, "JobSubmissionClient", FakeClient)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "tok-123")
     runner = ray_job_runner("http://head:8265", poll_s=0)
     point = {"id": "objective.beta=0.1,seed=0", "recipe": RECIPE,
              "command_overrides": ["objective.beta=0.1", "output.run_dir=/shared/s/run"]}
