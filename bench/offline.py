@@ -246,7 +246,6 @@ def run_row(row: dict, spec: dict, model_dir: str, data: tuple[Path, Path], out:
     env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(row["threads"] if row["kind"] == "trl" else 1)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    env.setdefault("RAY_AUTH_MODE", "disabled")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["TQDM_DISABLE"] = "1"
     env.update(row.get("env", {}))   # a row's own extra variables

@@ -179,8 +179,9 @@ class RayVLLMSession:
         return {"s": wall, "inner_s": inner, "cpu_s": cpu, "tokens": sum(map(len, ids)), "digest": _digest(ids)}
 
     def close(self) -> None:
+        from prefopt.cluster import shutdown_ray
         self.ray.kill(self.actor)
-        self.ray.shutdown()
+        shutdown_ray()
 
 
 class RayHFSession(RayVLLMSession):

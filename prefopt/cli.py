@@ -61,7 +61,9 @@ def _load(path: str, overrides: list[str]):
             f.write(text)
         recipe = load_recipe(f.name, overrides)
         from prefopt.jobs import job_secrets
-        recipe.ray.env.update(job_secrets())     # redacted in the recipe text; sent in a file
+        secrets = job_secrets()                  # redacted in the recipe text; sent as a package
+        recipe.ray.env.update(secrets)
+        os.environ.update(secrets)               # the job's driver runs the reward functions
         return recipe
     return load_recipe(path, overrides)
 

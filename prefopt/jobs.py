@@ -11,6 +11,8 @@ the recipe's ``ray.address: local`` joins the job's cluster (``RAY_ADDRESS``). R
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -61,9 +63,9 @@ def submit(recipe, overrides=(), *, address: str | None = None, working_dir: str
 
     The recipe passes every check of ``prefopt train`` that does not need the cluster
     (:func:`prefopt.preflight.prepare` with ``remote=True``) before anything is sent. Secrets in
-    ``ray.env`` never travel in the job's environment (Ray logs it): they go in a file (mode 0600)
-    inside the uploaded working directory, which the job reads and deletes when it starts; the
-    local copy is removed once the job is submitted.
+    ``ray.env`` never travel in the job's environment (Ray logs it): they go in a one-module package
+    (``py_modules``, a file of mode 0600) that the job reads and deletes when it starts; the local
+    copy is removed once the job is submitted.
     """
     import copy
     import json
@@ -87,14 +89,18 @@ def submit(recipe, overrides=(), *, address: str | None = None, working_dir: str
     (jobs_dir / f"{job_id}.yaml").write_text(text)   # what was submitted, for the user (secrets redacted)
     # the run's own ray.init adds the worker environment: let Ray merge it with the job's
     env_vars = {**WORKER_ENV, **(env or {}), RECIPE_ENV: text, "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
-    secrets_file = None
-    if secret_env(recipe.ray):
-        secrets_file = jobs_dir / f"{job_id}.secrets.json"
-        fd = os.open(secrets_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(secret_env(recipe.ray), f)
-        env_vars[SECRETS_ENV] = str(secrets_file.relative_to(working_dir))
     runtime_env = {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": env_vars}
+    secrets_dir = None
+    if secret_env(recipe.ray):
+        # a one-module package of its own (not the working directory, whose .gitignore may drop it)
+        secrets_dir = Path(tempfile.mkdtemp(prefix="prefopt-job-"))
+        module = f"prefopt_job_secrets_{uuid.uuid4().hex}"
+        (secrets_dir / module).mkdir(mode=0o700)
+        fd = os.open(secrets_dir / module / "__init__.py", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"SECRETS = {json.dumps(secret_env(recipe.ray))!r}\n")
+        runtime_env["py_modules"] = [str(secrets_dir / module)]
+        env_vars[SECRETS_ENV] = module
     c = client(address, token_file=token_file)
     deadline = time.monotonic() + 300.0
     try:
@@ -108,21 +114,22 @@ def submit(recipe, overrides=(), *, address: str | None = None, working_dir: str
                     raise
                 time.sleep(2.0)
     finally:
-        if secrets_file is not None:
-            secrets_file.unlink(missing_ok=True)
+        if secrets_dir is not None:
+            shutil.rmtree(secrets_dir, ignore_errors=True)
 
 
 def job_secrets() -> dict[str, str]:
-    """Inside a submitted job: the ``ray.env`` secrets :func:`submit` sent (the file is deleted)."""
+    """Inside a submitted job: the ``ray.env`` secrets :func:`submit` sent (its unpacked copy is
+    deleted once read)."""
+    import importlib
     import json
     name = os.environ.get(SECRETS_ENV)
-    if not name or not Path(name).is_file():
+    if not name:
         return {}
-    path = Path(name)
-    try:
-        return {str(k): str(v) for k, v in json.loads(path.read_text()).items()}
-    finally:
-        path.unlink(missing_ok=True)
+    module = importlib.import_module(name)
+    secrets = {str(k): str(v) for k, v in json.loads(module.SECRETS).items()}
+    shutil.rmtree(Path(module.__file__).parent, ignore_errors=True)
+    return secrets
 
 
 def _yaml(data: dict) -> str:

@@ -82,6 +82,8 @@ def prepare(recipe: Recipe, *, remote: bool = False) -> Prepared | None:
 
     validate_recipe(recipe)
     objective_cls = get_objective(recipe.objective.name)
+    if not remote:
+        check_local_resources(recipe)
     check_models(recipe, remote=remote)
     if remote and not (here(recipe.model.tokenizer or recipe.model.path) and here(recipe.data.path)):
         return None
@@ -110,7 +112,6 @@ def prepare(recipe: Recipe, *, remote: bool = False) -> Prepared | None:
                               f"training examples")
     if remote:
         return out
-    check_local_resources(recipe)
     if recipe.resume:
         from prefopt.io.checkpoint import find_resume_point
         out.run_dir, out.resume_from = find_resume_point(recipe.resume, recipe.output.root, recipe.name)

@@ -2,6 +2,7 @@
 a second node with a custom resource): placement across nodes, status/logs, stop."""
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -18,6 +19,8 @@ from prefopt.cli import main as cli_main  # noqa: E402
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).parent / "ray")
+TOKEN_FILE = f"/tmp/pj{os.getpid()}-token"
+JOB_SECRET = "job-s3cr3t-value-77"
 
 
 def _free_port() -> int:
@@ -37,10 +40,16 @@ def _agent_ports() -> list[str]:
 def two_nodes():
     """Head (node_a) + worker (node_b) on 127.0.0.1; yields the job server address."""
     # the job's entrypoint runs `python` from the nodes' PATH: this venv's, as on a real cluster image
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+    # token authentication, as on a real cluster: the nodes read the token file, the client sends it
+    temp = f"/tmp/pj{os.getpid()}"
+    os.makedirs(temp, mode=0o700, exist_ok=True)
+    fd = os.open(TOKEN_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": TOKEN_FILE, "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     port, dash = _free_port(), _free_port()
-    temp = f"/tmp/pj{os.getpid()}"
     head = [RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}", "--num-cpus=3", '--resources={"node_a": 1}', f"--temp-dir={temp}",
             "--disable-usage-stats", f"--ray-client-server-port={_free_port()}", *_agent_ports()]
@@ -54,7 +63,7 @@ def two_nodes():
         deadline = time.monotonic() + 60
         while True:   # the job server answers once the dashboard is up
             try:
-                jobs.list_jobs(address)
+                jobs.list_jobs(address, token_file=TOKEN_FILE)
                 break
             except Exception:
                 if time.monotonic() > deadline:
@@ -65,6 +74,7 @@ def two_nodes():
         _kill_nodes(temp)   # not `ray stop`: it would stop every Ray cluster on this machine
         for path in (temp, f"{temp}b"):
             shutil.rmtree(path, ignore_errors=True)
+        Path(TOKEN_FILE).unlink(missing_ok=True)
 
 
 def _kill_nodes(temp: str) -> None:
@@ -87,14 +97,25 @@ def _kill_nodes(temp: str) -> None:
 def test_submitted_ppo_job_places_engine_and_learner_on_different_nodes(two_nodes, tmp_path, capsys):
     job_id = jobs.submit("recipes/tiny_grpo.yaml", [
         "train.iterations=2", f"output.root={tmp_path}", "output.save_model=false", "output.progress_bar=false",
-        "roles.learner.resources.node_a=1", "roles.reference.num_cpus=1", "roles.rollout.resources.node_b=1"],
-        address=two_nodes)
-    state = jobs.wait(job_id, two_nodes, timeout_s=600)
-    log = jobs.logs(job_id, two_nodes)
+        "roles.learner.resources.node_a=1", "roles.reference.num_cpus=1", "roles.rollout.resources.node_b=1",
+        f"ray.env.PREFOPT_TEST_API_KEY={JOB_SECRET}"], address=two_nodes, token_file=TOKEN_FILE)
+    state = jobs.wait(job_id, two_nodes, timeout_s=600, token_file=TOKEN_FILE)
+    log = jobs.logs(job_id, two_nodes, token_file=TOKEN_FILE)
     assert state == "SUCCEEDED", log[-3000:]
     assert "mean reward" in log                      # the summary table printed by `prefopt train`
-    assert cli_main(["jobs", "status", job_id, "--address", two_nodes]) == 0
+    assert cli_main(["jobs", "status", job_id, "--address", two_nodes, "--token-file", TOKEN_FILE]) == 0
     assert capsys.readouterr().out.strip() == "SUCCEEDED"
+    with pytest.raises(Exception, match="(?i)auth|401|403"):      # without the token the server refuses
+        jobs.client(two_nodes, token_file=None).get_job_status(job_id)
+
+    # the secret reached the job (the run's config names it, redacted) but no log and no file holds it
+    record = Path(".prefopt/jobs") / f"{job_id}.yaml"
+    assert "PREFOPT_TEST_API_KEY: '***redacted***'" in record.read_text()
+    run_dir = next(tmp_path.glob("tiny-grpo-*"))
+    assert "PREFOPT_TEST_API_KEY: '***redacted***'" in (run_dir / "config.yaml").read_text()
+    leaks = [str(p) for root in (f"/tmp/pj{os.getpid()}", f"/tmp/pj{os.getpid()}b", str(tmp_path))
+             for p in Path(root).rglob("*") if p.is_file() and JOB_SECRET.encode() in p.read_bytes()]
+    assert JOB_SECRET not in log and not leaks, leaks
 
     run_dir = next(tmp_path.glob("tiny-grpo-*"))
     assert len([json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]) >= 2
@@ -107,14 +128,15 @@ def test_submitted_ppo_job_places_engine_and_learner_on_different_nodes(two_node
 def test_jobs_stop_stops_a_running_job(two_nodes, tmp_path):
     job_id = jobs.submit("recipes/tiny_grpo.yaml", ["train.iterations=100000", f"output.root={tmp_path}",
                                                     "output.save_model=false", "output.progress_bar=false"],
-                         address=two_nodes)
+                         address=two_nodes, token_file=TOKEN_FILE)
     deadline = time.monotonic() + 300
-    while jobs.status(job_id, two_nodes) != "RUNNING":
-        assert time.monotonic() < deadline and jobs.status(job_id, two_nodes) not in jobs.TERMINAL
+    while jobs.status(job_id, two_nodes, token_file=TOKEN_FILE) != "RUNNING":
+        assert time.monotonic() < deadline
+        assert jobs.status(job_id, two_nodes, token_file=TOKEN_FILE) not in jobs.TERMINAL
         time.sleep(1)
     time.sleep(5)
-    assert cli_main(["jobs", "stop", job_id, "--address", two_nodes]) == 0
-    assert jobs.status(job_id, two_nodes) == "STOPPED"
+    assert cli_main(["jobs", "stop", job_id, "--address", two_nodes, "--token-file", TOKEN_FILE]) == 0
+    assert jobs.status(job_id, two_nodes, token_file=TOKEN_FILE) == "STOPPED"
 
 
 def test_submit_rejects_a_bad_recipe_before_sending(two_nodes):

@@ -17,7 +17,6 @@ import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 # label -> (recipe, overrides). "integral only" is the paper's plain gradient step on the multiplier
 # (the PID gain switched off; multiplier lr 0.05, the best of the integral-only settings tried).

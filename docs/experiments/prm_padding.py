@@ -15,7 +15,6 @@ import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 RECIPES = {"plain": "recipes/tiny_prm.yaml", "clip": "recipes/tiny_prm_clip.yaml",
            "delta": "recipes/tiny_prm_delta.yaml"}
