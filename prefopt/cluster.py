@@ -63,7 +63,21 @@ def secret_env_hook(secrets: dict[str, str]):
     """
     def prefopt_secret_env():
         os.environ.update(secrets)
+        remove_job_secrets_package()
     return prefopt_secret_env
+
+
+def remove_job_secrets_package() -> None:
+    """Inside a job of ``prefopt submit``: delete this node's unpacked copy of the job's secrets
+    package (Ray unpacks a job's ``py_modules`` on every node that runs one of its workers)."""
+    import importlib.util
+    import shutil
+
+    from prefopt.jobs import SECRETS_ENV
+    name = os.environ.get(SECRETS_ENV)
+    spec = importlib.util.find_spec(name) if name else None
+    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def runtime_env_for(ray_cfg: RayConfig, *, cpu_only: bool = True, local: bool = False) -> dict:

@@ -120,15 +120,15 @@ def submit(recipe, overrides=(), *, address: str | None = None, working_dir: str
 
 def job_secrets() -> dict[str, str]:
     """Inside a submitted job: the ``ray.env`` secrets :func:`submit` sent (its unpacked copy is
-    deleted once read)."""
+    deleted once read; the job's workers delete their nodes' copies as they start)."""
     import importlib
     import json
     name = os.environ.get(SECRETS_ENV)
     if not name:
         return {}
-    module = importlib.import_module(name)
-    secrets = {str(k): str(v) for k, v in json.loads(module.SECRETS).items()}
-    shutil.rmtree(Path(module.__file__).parent, ignore_errors=True)
+    from prefopt.cluster import remove_job_secrets_package
+    secrets = {str(k): str(v) for k, v in json.loads(importlib.import_module(name).SECRETS).items()}
+    remove_job_secrets_package()       # the workers' setup hook does the same on their nodes
     return secrets
 
 

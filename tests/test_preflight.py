@@ -157,3 +157,21 @@ def test_validate_takes_overrides_like_train_and_set_as_an_alias(capsys):
     assert validate(capsys, "tiny_dpo", "--set", "train.lr=1e-3", "objective.beta=0.2")[0] == 0
     code, text = validate(capsys, "tiny_dpo", "train.lr=nan")
     assert code == 2 and "'train.lr' must be a finite number" in text
+
+
+TINY = sorted(p.name for p in (ROOT / "recipes").glob("tiny_*.yaml"))
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_every_tiny_recipe_passes_the_pre_flight(name):
+    pre = prepare(load_recipe(name))
+    assert (pre.prompts if pre.prompts is not None else pre.data.train)
+
+
+def test_the_python_api_example_works_from_any_folder(tmp_path, monkeypatch):
+    import prefopt
+    monkeypatch.chdir(tmp_path)
+    recipe = prefopt.load_recipe("recipes/tiny_dpo.yaml", ["objective.beta=0.05"])
+    assert recipe.objective.beta == 0.05 and recipe.name == "tiny-dpo"
+    with pytest.raises(ConfigError, match=r"did you mean 'tiny_dpo.yaml'\?"):
+        prefopt.load_recipe("tiny_dpp.yaml")
