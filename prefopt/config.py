@@ -318,6 +318,8 @@ def validate_recipe(recipe: Recipe, what: str = "recipe", where: Callable[[str],
     _one_of(t.precision, ("fp32", "bf16", "fp16"), "train.precision", at("train.precision"))
     _one_of(learner.zero_stage, (0, 1, 2, 3), "roles.learner.zero_stage", at("roles.learner.zero_stage"))
     _one_of(learner.placement, ("pack", "spread"), "roles.learner.placement", at("roles.learner.placement"))
+    from prefopt.console import LEVELS
+    _one_of(recipe.output.log_level, LEVELS, "output.log_level", at("output.log_level"))
     per_step = t.micro_batch_size * learner.num_actors
     if t.batch_size % per_step:
         raise ConfigError(

@@ -175,3 +175,12 @@ def test_the_python_api_example_works_from_any_folder(tmp_path, monkeypatch):
     assert recipe.objective.beta == 0.05 and recipe.name == "tiny-dpo"
     with pytest.raises(ConfigError, match=r"did you mean 'tiny_dpo.yaml'\?"):
         prefopt.load_recipe("tiny_dpp.yaml")
+
+
+@pytest.mark.parametrize("override,message", [
+    ("output.log_level=loud", r"'output.log_level' must be one of debug, info, warning"),
+    ("ray.oversubscribe=0", r"'ray.oversubscribe' must be > 0"),
+])
+def test_console_and_oversubscription_settings_are_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe("tiny_dpo", [override])
