@@ -78,7 +78,7 @@ def prefopt_tokens(spec: dict, model_dir: str, train_path: Path) -> tuple[list[i
     from prefopt.config import load_recipe
     from prefopt.data import load_preference_data
     from prefopt.data.collate import collate_examples
-    from prefopt.loops import batching
+    from prefopt.data import batching
     from prefopt.models.load import load_tokenizer
     from prefopt.models.packing import pack
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny_dpo.yaml", [

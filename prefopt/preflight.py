@@ -99,7 +99,7 @@ def prepare(recipe: Recipe, *, remote: bool = False) -> Prepared | None:
         probe_rewards(recipe, out.prompts[0])
     else:
         from prefopt.data import load_preference_data
-        from prefopt.loops import batching
+        from prefopt.data import batching
         data = load_preference_data(recipe.data, tokenizer, seed=t.seed, cache_dir=cache_dir())
         if data.kind != objective_cls.batch_kind:
             raise ConfigError(f"objective '{recipe.objective.name}' trains on {objective_cls.batch_kind}, but "

@@ -1,5 +1,5 @@
 """How global batches become learner shards and micro-batches (pure, no Ray)."""
-from prefopt.loops import batching
+from prefopt.data import batching
 
 
 def _pair(prompt_len: int, chosen_len: int, rejected_len: int, tag: int) -> dict:

@@ -7,8 +7,9 @@ import torch
 
 from prefopt.config import load_recipe
 from prefopt.errors import ConfigError
-from prefopt.loops.constrained import Constraints, search_thresholds, value_heads
-from prefopt.objectives.constrained import combined_advantage
+from prefopt.loops.constrained import Constraints, search_thresholds
+from prefopt.objectives.constrained_ppo import value_heads
+from prefopt.rl.lagrange import combined_advantage
 from prefopt.rl.signals import at_last_token, estimate_advantages, per_token, task_token_rewards
 
 XI = "recipes/tiny_constrained_xi.yaml"

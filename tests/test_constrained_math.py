@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from prefopt.objectives.constrained import (LagrangeMultipliers, combined_advantage,
+from prefopt.rl.lagrange import (LagrangeMultipliers, combined_advantage,
                                             multiplier_objective, squash)
 
 D = torch.float64

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from prefopt.config import load_recipe
-from prefopt.loops.batching import Budget
+from prefopt.data.batching import Budget
 from prefopt.roles.reference import ReferenceWorker
 
 

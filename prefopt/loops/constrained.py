@@ -5,7 +5,7 @@ the KL penalty, as in plain PPO); channel i >= 1 is constrained component i, its
 response's last token. Each channel gets its own advantage (its own critic head with GAE, or its
 own group baseline with grpo / rloo), whitened separately as in the public code; the policy
 learns from the combined advantage ``A = (N - sum lambda_i) A_task + sum lambda_i A_i``
-(:func:`prefopt.objectives.constrained.combined_advantage`). After the advantages are set, each
+(:func:`prefopt.rl.lagrange.combined_advantage`). After the advantages are set, each
 multiplier takes one SGD step on ``sum_i lambda_i (J_i - theta_i)`` with J_i the batch mean of
 component i's score (the episodic return: the score is the component's only reward).
 """
@@ -14,27 +14,14 @@ from __future__ import annotations
 import torch
 
 from prefopt.config_schema import Recipe
-
-
-def constrained_sources(recipe: Recipe) -> list[tuple[str, object]]:
-    """``(metric name, source config)`` of every reward source that carries a constraint."""
-    from prefopt.rewards.sources import source_name
-    sources = recipe.roles.reward.sources if recipe.roles.reward else []
-    return [(source_name(i, s), s) for i, s in enumerate(sources) if s.constraint]
-
-
-def value_heads(recipe: Recipe) -> int:
-    """Critic outputs: one per reward channel under constrained PPO, else one."""
-    if recipe.objective.name != "constrained_ppo":
-        return 1
-    return 1 + len(constrained_sources(recipe))
+from prefopt.objectives.constrained_ppo import constrained_sources
 
 
 class Constraints:
     """Names, kinds, thresholds and Lagrange multipliers of a run's constrained components."""
 
     def __init__(self, recipe: Recipe):
-        from prefopt.objectives.constrained import LagrangeMultipliers
+        from prefopt.rl.lagrange import LagrangeMultipliers
 
         p = recipe.objective
         sources = constrained_sources(recipe)
@@ -50,7 +37,7 @@ class Constraints:
 
     def compute_advantages(self, samples: list[dict], params, group_size: int) -> dict[str, float]:
         """Per-channel advantages -> the combined advantage (and per-head returns), into the samples."""
-        from prefopt.objectives.constrained import combined_advantage
+        from prefopt.rl.lagrange import combined_advantage
         from prefopt.rl.ppo import explained_variance
         from prefopt.rl.signals import (at_last_token, estimate_advantages, per_token, task_token_rewards,
                                         write_signals)

@@ -23,8 +23,8 @@ from prefopt.cluster import release
 from prefopt.config_schema import Recipe
 from prefopt.io.plots import write_curves
 from prefopt.io.run_dir import MetricsLogger
-from prefopt.loops import batching
-from prefopt.loops.metrics import means, merge_summaries
+from prefopt.data import batching
+from prefopt.metrics import means, merge_summaries
 
 
 @dataclass

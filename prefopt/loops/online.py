@@ -27,8 +27,8 @@ from prefopt.cluster import release
 from prefopt.config_schema import Recipe
 from prefopt.io.plots import write_curves
 from prefopt.io.run_dir import MetricsLogger
-from prefopt.loops import batching
-from prefopt.loops.metrics import means, merge_summaries
+from prefopt.data import batching
+from prefopt.metrics import means, merge_summaries
 from prefopt.loops.offline import RunResult
 from prefopt.rl.signals import RewardNormalizer, compute_advantages, shape_sequence_rewards
 
@@ -126,9 +126,9 @@ def annotate(samples: list[dict], roles, micro: int | batching.Budget, timings: 
         for s in samples:
             s["old_logps"] = list(s["rollout_logps"])
     else:
-        pending["old_logps"] = (roles.policy.submit("compute_token_values", samples, micro), "policy log-probs")
+        pending["old_logps"] = (roles.policy.submit("compute_token_logps", samples, micro), "policy log-probs")
     if roles.critic is not None:
-        pending["values"] = (roles.critic.submit("compute_token_values", samples, micro), "critic values")
+        pending["values"] = (roles.critic.submit("compute_values", samples, micro), "critic values")
     stats = {}
     if roles.references:
         ref = _collect_pipelined_reference(samples, pending_ref, roles.timeout)
@@ -278,7 +278,7 @@ def train(recipe: Recipe, *, quiet: bool = False) -> RunResult:
     from tqdm.auto import tqdm
 
     from prefopt.cluster import init_ray_for
-    from prefopt.loops.online_roles import OnlineRoles, verify_sync
+    from prefopt.roles.online import OnlineRoles, verify_sync
     from prefopt.preflight import open_run_dir, prepare
     from prefopt.rewards.sources import SequenceRewards
 

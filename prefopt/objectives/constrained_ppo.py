@@ -1,7 +1,7 @@
 """Constrained PPO (mu-PPO / xi-PPO / NM-PPO; Moskovitz et al. 2023, arXiv 2310.04373).
 
 Reward sources that carry ``constraint: ge|eq`` and a ``threshold`` are *components*: instead of a
-fixed weight, each gets a Lagrange multiplier (``prefopt.objectives.constrained``) that is updated
+fixed weight, each gets a Lagrange multiplier (``prefopt.rl.lagrange``) that is updated
 every iteration from its batch-mean return, and its own critic head / advantage. The remaining
 sources (weighted sum) plus the KL penalty form the task term. The policy step is the PPO step of
 :class:`~prefopt.objectives.ppo.PPO` on the combined advantage
@@ -16,6 +16,20 @@ from typing import Optional
 from prefopt.errors import ConfigError
 from prefopt.objectives.base import register_objective
 from prefopt.objectives.ppo import PPO, PPOParams
+
+
+def constrained_sources(recipe) -> list[tuple[str, object]]:
+    """``(metric name, source config)`` of every reward source that carries a constraint."""
+    from prefopt.rewards.sources import source_name
+    sources = recipe.roles.reward.sources if recipe.roles.reward else []
+    return [(source_name(i, s), s) for i, s in enumerate(sources) if s.constraint]
+
+
+def value_heads(recipe) -> int:
+    """Critic outputs: one per reward channel under constrained PPO, else one."""
+    if recipe.objective.name != "constrained_ppo":
+        return 1
+    return 1 + len(constrained_sources(recipe))
 
 
 @dataclass

@@ -27,7 +27,7 @@ def collate_to(examples: list[dict], pad_id: int, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def token_logps(model, micro_batches: list[list[dict]], pad_id: int, device,
+def sample_token_logps(model, micro_batches: list[list[dict]], pad_id: int, device,
                 temperature: float = 1.0, packing: str | None = None) -> list[list[list[float]]]:
     """No-grad per-token log-probs of each rollout sample's response tokens."""
     import torch
@@ -49,7 +49,7 @@ def response_logps(model, micro_batches: list[list[dict]], pad_id: int, device,
     """No-grad summed response log-probs: per micro-batch, per example, per response."""
     import torch
 
-    from prefopt.loops.batching import split_rows
+    from prefopt.data.batching import split_rows
     from prefopt.models.logprobs import forward_logps
 
     out = []

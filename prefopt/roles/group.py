@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from prefopt.config_schema import LearnerRoleConfig, Recipe
-from prefopt.loops import batching
+from prefopt.data import batching
 
 
 class LearnerGroup:

@@ -2,7 +2,7 @@
 
 The driver creates ``num_actors`` of these; they join one torch.distributed group and split each
 global batch. Every public method that touches the model is *collective*: the driver calls it on
-all learners at once, with the same number of micro-batches on each (see ``loops/batching.py``).
+all learners at once, with the same number of micro-batches on each (see ``data/batching.py``).
 
 A learner trains either the policy (``model_kind="policy"``: causal LM, log-prob forward) or the
 critic (``model_kind="critic"``: the same backbone with a one-output token head, value forward).
@@ -103,8 +103,18 @@ class LearnerWorker:
         finally:
             self.engine.train()
 
-    def compute_token_values(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
-        """Per response token of each rollout sample: log-probs (policy) or values (critic)."""
+    def compute_token_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
+        """The policy's log-prob of each response token of each rollout sample (PPO's old log-probs)."""
+        assert self.model_kind == "policy", self.model_kind
+        return self._per_token(micro_batches)
+
+    def compute_values(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
+        """The critic's value at each response token of each rollout sample."""
+        assert self.model_kind == "critic", self.model_kind
+        return self._per_token(micro_batches)
+
+    def _per_token(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
+        """No-grad per response token: log-probs (policy) or values (critic)."""
         import torch
 
         from prefopt.data.rollouts import response_values
@@ -124,7 +134,7 @@ class LearnerWorker:
         """Objective loss and metrics on held-out micro-batches (no update)."""
         import torch
 
-        from prefopt.loops.metrics import summarize_loss
+        from prefopt.metrics import summarize_loss
         self.engine.eval()
         out = []
         with torch.no_grad():
@@ -141,7 +151,7 @@ class LearnerWorker:
         is 1 in the returned stats. ``inject_nan`` (``train.debug_nan_steps``) makes the loss NaN,
         to exercise that guard.
         """
-        from prefopt.loops.metrics import merge_summaries, summarize_loss
+        from prefopt.metrics import merge_summaries, summarize_loss
 
         start = time.perf_counter()
         lr = self.engine.get_lr()[0]

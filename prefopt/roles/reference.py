@@ -35,8 +35,8 @@ class ReferenceWorker:
 
     def compute_token_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
         """Per-token log-probs of rollout samples' responses (the KL penalty's reference)."""
-        from prefopt.roles.common import token_logps
-        return token_logps(self.model, micro_batches, self.pad_id, self.device, self.temperature,
+        from prefopt.roles.common import sample_token_logps
+        return sample_token_logps(self.model, micro_batches, self.pad_id, self.device, self.temperature,
                            packing=self.packing)
 
     def compute_generation_logps(self, prompt_ids: list[list[int]], generations: list[list[dict]],
@@ -45,5 +45,5 @@ class ReferenceWorker:
         prompt by prompt; Ray passes ``generations`` in once that engine is done (pipelined reference)."""
         samples = [{"kind": "rollouts", "prompt_ids": p, "response_ids": g["response_ids"] or [eos_id]}
                    for p, gens in zip(prompt_ids, generations) for g in gens]
-        from prefopt.loops.batching import chunk
+        from prefopt.data.batching import chunk
         return [x for part in self.compute_token_logps(chunk(samples, micro)) for x in part]

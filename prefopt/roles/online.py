@@ -24,7 +24,7 @@ class OnlineRoles:
         self.policy = LearnerGroup(r, roles.learner, colocated=colocated)
         self.critic = None
         if r.objective.advantage == "gae":
-            from prefopt.loops.constrained import value_heads
+            from prefopt.objectives.constrained_ppo import value_heads
             self.critic = LearnerGroup(r, roles.critic, model_kind="critic", objective=ValueObjective(r.objective),
                                        value_heads=value_heads(r))
         from prefopt import console
@@ -174,7 +174,7 @@ def verify_sync(roles: OnlineRoles, prompt_ids: list[list[int]], sampling) -> di
     matches = [e["response_ids"] == l for e, l in zip(engine_out, learner_out)]
     samples = [{"kind": "rollouts", "prompt_ids": p, "response_ids": e["response_ids"]}
                for p, e in zip(prompt_ids, engine_out) if e["response_ids"]]
-    learner_logps = [x for m in roles.policy.infer("compute_token_values", samples, 8) for x in m]
+    learner_logps = [x for m in roles.policy.infer("compute_token_logps", samples, 8) for x in m]
     engine_logps = [e["logprobs"] for e in engine_out if e["response_ids"]]
     diff = max(abs(a - b) for le, ee in zip(learner_logps, engine_logps) for a, b in zip(le, ee))
     return {"greedy_match": sum(matches) / len(matches), "logp_max_abs_diff": diff}
