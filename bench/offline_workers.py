@@ -137,7 +137,7 @@ class _LearnerRSS(threading.Thread):
 
 def prefopt_worker(cfg: dict) -> dict:
     from prefopt.config import load_recipe
-    from prefopt.loops.offline import train
+    from prefopt.train import train
 
     spec, t = cfg["spec"], cfg["threads"]
     overrides = [

@@ -31,7 +31,7 @@ Three parts; every configuration (one table row) runs in its own subprocess
    every call and the medians. EOS: (a) and (b) stop at EOS like the loop does (the worker has no
    ignore_eos); random-weight models rarely sample it (a few % of the tokens are cut on the tiny model, none
    on llama-100m); (c) never stops early. tokens/s counts the tokens actually generated.
-2. **loop** — ``prefopt.loops.online.train`` on ``recipes/tiny_grpo.yaml`` (and llama-100m with
+2. **loop** — ``prefopt.train`` on ``recipes/tiny_grpo.yaml`` (and llama-100m with
    smaller settings). The loop's per-iteration ``time/*`` metrics give the split; iteration wall
    time is measured between successive metric logs (the bench wraps the loop's MetricsLogger), so
    "other" = wall - sum(time/*). Iteration 1 (first-call warm-up) is excluded. samples/s =

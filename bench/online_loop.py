@@ -1,4 +1,4 @@
-"""Part 2 of ``bench/online.py``: ``prefopt.loops.online.train`` on ``recipes/tiny_grpo.yaml`` (worker
+"""Part 2 of ``bench/online.py``: ``prefopt.train (online PPO)`` on ``recipes/tiny_grpo.yaml`` (worker
 ``online.py --worker loop``) and the per-iteration time-split table.
 """
 from __future__ import annotations
@@ -24,26 +24,27 @@ LOOP_QUICK = {"tiny": dict(iterations=6)}
 
 
 def loop_worker(cfg: dict) -> dict:
-    """Part 2: prefopt.loops.online.train; iteration wall time from metric-log timestamps."""
-    import prefopt.loops.online as online
+    """Part 2: prefopt.train (online PPO); iteration wall time from metric-log timestamps."""
+    import prefopt.io.run_dir as run_dir
     from prefopt.config import load_recipe
+    from prefopt.train import train
 
     stamps = []
 
-    class StampedLogger(online.MetricsLogger):
+    class StampedLogger(run_dir.MetricsLogger):
         def log(self, step, metrics, prefix="train"):
             if prefix == "train":
                 stamps.append(time.perf_counter())
             return super().log(step, metrics, prefix)
 
-    online.MetricsLogger = StampedLogger
+    run_dir.MetricsLogger = StampedLogger      # the lifecycle (prefopt.run) looks it up at run time
     spec = cfg["spec"]
     overrides = list(spec["overrides"]) + [
         f"name=bench-{cfg['id']}", f"train.iterations={spec['iterations']}", f"output.root={cfg['tmp']}",
         "output.save_model=false", "output.tensorboard=false", "output.progress_bar=false"]
     recipe = load_recipe(REPO / "recipes" / "tiny_grpo.yaml", overrides)
     t0 = time.perf_counter()
-    result = online.train(recipe, quiet=True)
+    result = train(recipe, quiet=True)
     total = time.perf_counter() - t0
     hist = result.train_history
     keys = sorted({k for h in hist for k in h if k.startswith("time/")})

@@ -17,7 +17,17 @@ def _setup_env() -> None:
 def _summary_table(result) -> str:
     import json
     summary = json.loads((result.run_dir / "summary.json").read_text())
-    if "accuracy_metric" in summary:   # offline objectives
+    if summary["algorithm"] == "sft":
+        rows = [
+            ("algorithm", "sft"),
+            ("steps", summary["steps"]),
+            ("train / held-out examples", f"{summary['train_examples']} / {summary['eval_examples']}"),
+            ("final train loss", f"{summary['final_train_loss']:.4f}"),
+            ("held-out loss (start -> end)", f"{summary['eval_loss_start']:.3f} -> {summary['eval_loss_final']:.3f}"),
+            ("held-out perplexity (start -> end)",
+             f"{summary['eval_perplexity_start']:.1f} -> {summary['eval_perplexity_final']:.2f}"),
+        ]
+    elif "accuracy_metric" in summary:   # offline preference objectives
         acc = summary["accuracy_metric"]
         rows = [
             ("objective", summary["objective"]),
@@ -225,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from prefopt.errors import PrefoptError, RunInterrupted
     _setup_env()
+    from prefopt import console
+    console.configure("info")     # a run sets its own output.log_level
     # modules beside the user (a reward function in ./my_rewards.py) import, as with `python -m`
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())

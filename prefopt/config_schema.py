@@ -42,7 +42,7 @@ class SyntheticDataConfig:
 @dataclass
 class DataConfig:
     # A local .jsonl/.json/.parquet file (or a directory of them), a `datasets` name, or
-    # "synthetic:pairs" / "synthetic:lists" (generated offline into the cache).
+    # "synthetic:pairs" / "synthetic:lists" / "synthetic:sft" (generated offline into the cache).
     path: str = MISSING
     split: str = "train"
     eval_path: Optional[str] = None          # held-out data; default: a split of `path`
@@ -56,6 +56,8 @@ class DataConfig:
     rejected_field: str = "rejected"
     responses_field: str = "responses"       # listwise rows: {prompt, responses: [...], scores: [...]}
     scores_field: str = "scores"
+    response_field: str = "response"         # SFT rows: {prompt, response}, or
+    messages_field: str = "messages"         # {messages: [...]} (a conversation; the last message is the response)
     on_error: str = "raise"                  # "raise" | "skip" (drop and count malformed rows)
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 

@@ -8,6 +8,7 @@ everything, actors' output included.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -27,8 +28,15 @@ def configure(level: str) -> None:
         log.propagate = False
     log.setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     if level != "debug":
-        for name in ("ray", "deepspeed", "vllm", "transformers", "datasets", "torch"):
+        for name in ("ray", "deepspeed", "DeepSpeed", "vllm", "transformers", "datasets", "torch"):
             logging.getLogger(name).setLevel(logging.ERROR)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        try:   # e.g. "Writing model shards" while a builtin model is built on first use
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
+            hf_logging.set_verbosity_error()
+        except ImportError:
+            pass
 
 
 def verbose() -> bool:

@@ -12,7 +12,7 @@ pytest.importorskip("vllm", reason="the online loop needs the vllm (GPU) or vllm
 
 from prefopt.config import load_recipe  # noqa: E402
 from prefopt.io.checkpoint import list_checkpoints, read_state  # noqa: E402
-from prefopt.loops.online import train  # noqa: E402
+from prefopt.train import train  # noqa: E402
 
 pytestmark = pytest.mark.slow
 COMMON = ["output.progress_bar=false", "output.save_model=false", "output.tensorboard=false"]

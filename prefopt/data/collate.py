@@ -5,7 +5,8 @@ micro-batch. Row order (what the objectives expect, see :mod:`prefopt.objectives
 
 * pairs: ``[chosen_0 .. chosen_{B-1}, rejected_0 .. rejected_{B-1}]`` (one concatenated forward);
 * lists: the responses of each example in order, example after example (row-major over the
-  valid slots of ``slot_mask``).
+  valid slots of ``slot_mask``);
+* sft: one response per example, in order.
 
 ``loss_mask[i, t]`` is True when token ``t`` of row ``i`` is a response token (the learner scores
 token ``t`` with the logits at ``t - 1``, so position 0 is never True).
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-KINDS = ("pairs", "lists")
+KINDS = ("pairs", "lists", "sft")
 
 
 def collate_examples(examples: list[dict], *, pad_id: int, kind: str) -> dict[str, torch.Tensor]:

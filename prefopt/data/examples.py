@@ -1,7 +1,8 @@
 """Validate and tokenize preference rows into examples (one per row).
 
-Rows are pairs ``{prompt, chosen, rejected}`` or lists ``{prompt, responses: [...], scores: [...]}``
-(field names from ``DataConfig.*_field``); the kind is detected from the first row. Prompts and
+Rows are pairs ``{prompt, chosen, rejected}``, lists ``{prompt, responses: [...], scores: [...]}`` or
+SFT rows ``{prompt, response}`` / ``{messages: [...]}`` (field names from ``DataConfig.*_field``); the
+kind is detected from the first row. Prompts and
 responses are strings or chat messages (lists of ``{"role", "content"}``).
 
 Tokenization:
@@ -38,7 +39,7 @@ MAX_SKIP_MESSAGES = 5
 
 
 def detect_kind(row, cfg: DataConfig, *, source: str, row_index: int) -> str:
-    """``"pairs"`` or ``"lists"`` from the (non-null) fields of ``row``."""
+    """``"pairs"``, ``"lists"`` or ``"sft"`` from the (non-null) fields of ``row``."""
     if not isinstance(row, dict):
         raise DataError(f"expected an object with fields, got {type(row).__name__}",
                         source=source, row=row_index)
@@ -47,10 +48,13 @@ def detect_kind(row, cfg: DataConfig, *, source: str, row_index: int) -> str:
         return "pairs"
     if cfg.responses_field in present or cfg.scores_field in present:
         return "lists"
+    if cfg.response_field in present or cfg.messages_field in present:
+        return "sft"
     raise DataError(
         f"cannot tell the row kind: expected fields '{cfg.prompt_field}', '{cfg.chosen_field}', "
-        f"'{cfg.rejected_field}' (pairs) or '{cfg.prompt_field}', '{cfg.responses_field}', "
-        f"'{cfg.scores_field}' (lists); found {present}", source=source, row=row_index)
+        f"'{cfg.rejected_field}' (pairs), '{cfg.prompt_field}', '{cfg.responses_field}', "
+        f"'{cfg.scores_field}' (lists), or '{cfg.prompt_field}', '{cfg.response_field}' / "
+        f"'{cfg.messages_field}' (sft); found {present}", source=source, row=row_index)
 
 
 @dataclass
@@ -117,6 +121,8 @@ def _render_row(row, i: int, kind: str, tokenizer, cfg: DataConfig, source: str)
                             source=source, row=i, field=name)
         return value
 
+    if kind == "sft":
+        return _render_sft_row(row, i, get, tokenizer, cfg, source)
     prompt = _parse_text(get(cfg.prompt_field), source, i, cfg.prompt_field)
     if kind == "pairs":
         fields = [cfg.chosen_field, cfg.rejected_field]
@@ -151,6 +157,25 @@ def _render_row(row, i: int, kind: str, tokenizer, cfg: DataConfig, source: str)
         fields = [f"{rf}[{j}]" for j in range(len(raw))]
         responses = [_parse_text(r, source, i, f) for r, f in zip(raw, fields)]
     return _render(prompt, responses, fields, scores, tokenizer, cfg, source, i)
+
+
+def _render_sft_row(row: dict, i: int, get, tokenizer, cfg: DataConfig, source: str) -> _Rendered:
+    """``{prompt, response}``, or ``{messages}``: the conversation up to its last message is the
+    prompt, the last message (an assistant's) the response."""
+    if row.get(cfg.messages_field) is not None and row.get(cfg.response_field) is None:
+        name = cfg.messages_field
+        messages = _parse_text(get(name), source, i, name)
+        if not isinstance(messages, list) or len(messages) < 2:
+            raise DataError("expected a conversation of at least 2 chat messages (the last one is the response)",
+                            source=source, row=i, field=name)
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"the last message is the response and must be the assistant's, got role "
+                            f"'{messages[-1]['role']}'", source=source, row=i, field=name)
+        prompt, response, field = messages[:-1], [messages[-1]], f"{name}[{len(messages) - 1}]"
+    else:
+        prompt = _parse_text(get(cfg.prompt_field), source, i, cfg.prompt_field)
+        response, field = _parse_text(get(cfg.response_field), source, i, cfg.response_field), cfg.response_field
+    return _render(prompt, [response], [field], [1.0], tokenizer, cfg, source, i)
 
 
 def _parse_text(value, source: str, row: int, name: str):

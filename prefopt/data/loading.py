@@ -43,7 +43,7 @@ from prefopt.errors import ConfigError, DataError, did_you_mean
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SYNTHETIC_PREFIX = "synthetic:"
-SYNTHETIC_KINDS = ("pairs", "lists")
+SYNTHETIC_KINDS = ("pairs", "lists", "sft")
 # files in a data directory that are not data and are left out without a word
 DOC_SUFFIXES = {".md", ".txt", ".rst", ".html", ".pdf", ".png", ".jpg", ".jpeg", ".svg", ".yaml",
                 ".yml", ".toml", ".cfg", ".ini", ".py", ".sh", ".lock", ".log"}
@@ -97,7 +97,7 @@ def _load_synthetic(path: str, split: str, cache: Path, syn: SyntheticDataConfig
     kind = path[len(SYNTHETIC_PREFIX):]
     if kind not in SYNTHETIC_KINDS:
         raise ConfigError(f"unknown synthetic data set '{path}'{did_you_mean(kind, SYNTHETIC_KINDS)}; "
-                          f"expected 'synthetic:pairs' or 'synthetic:lists'")
+                          f"expected one of {', '.join(SYNTHETIC_PREFIX + k for k in SYNTHETIC_KINDS)}")
     if kind == "lists" and syn.list_size < 2:
         raise ConfigError(f"data.synthetic.list_size must be >= 2 (got {syn.list_size})")
     if syn.num_rows < 1:

@@ -21,7 +21,7 @@ ON_ERROR = ("raise", "skip")
 
 @dataclass
 class PreferenceData:
-    kind: str                                  # "pairs" | "lists"
+    kind: str                                  # "pairs" | "lists" | "sft"
     train: list[dict]
     eval: list[dict]
     num_skipped: int = 0                       # malformed rows dropped (on_error: skip)

@@ -9,6 +9,7 @@ truncation and length normalisation are exercised.
 * pairs: ``{"prompt", "chosen", "rejected"}``: chosen is mostly good words, rejected mostly bad.
 * lists: ``{"prompt", "responses", "scores"}``: K responses at K distinct quality levels; level
   ``l`` draws each word from the good set with probability ``l / (K - 1)``; the score is ``l``.
+* sft: ``{"prompt", "response"}``: responses like the pairs' chosen ones (mostly good words).
 
 ``corpus()`` lists sentences covering every word, used to train the tiny offline tokenizer.
 """
@@ -46,6 +47,13 @@ def make_pairs(num_rows: int, seed: int = 0) -> list[dict]:
             for _ in range(num_rows)]
 
 
+def make_sft(num_rows: int, seed: int = 0) -> list[dict]:
+    """``{"prompt", "response"}`` rows whose responses are mostly good words (what a preference
+    stage later prefers): SFT moves the model from uniform babble toward them."""
+    rng = random.Random(seed)
+    return [{"prompt": _prompt(rng), "response": _response(rng, 0.9)} for _ in range(num_rows)]
+
+
 def make_lists(num_rows: int, list_size: int = 4, seed: int = 0) -> list[dict]:
     if list_size < 2:
         raise ValueError("list_size must be >= 2")
@@ -70,13 +78,14 @@ def corpus() -> list[str]:
 
 def materialize(kind: str, num_rows: int, seed: int, list_size: int, cache_dir: str | Path) -> Path:
     """Write the synthetic data set as JSONL under ``cache_dir`` (once) and return its path."""
-    if kind not in ("pairs", "lists"):
-        raise ValueError(f"unknown synthetic data kind '{kind}' (expected 'pairs' or 'lists')")
+    if kind not in ("pairs", "lists", "sft"):
+        raise ValueError(f"unknown synthetic data kind '{kind}' (expected 'pairs', 'lists' or 'sft')")
     name = f"synthetic-{kind}-n{num_rows}-s{seed}" + (f"-k{list_size}" if kind == "lists" else "")
     path = Path(cache_dir) / "data" / f"{name}.jsonl"
     if path.exists():
         return path
-    rows = make_pairs(num_rows, seed) if kind == "pairs" else make_lists(num_rows, list_size, seed)
+    rows = {"pairs": lambda: make_pairs(num_rows, seed), "sft": lambda: make_sft(num_rows, seed),
+            "lists": lambda: make_lists(num_rows, list_size, seed)}[kind]()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     with open(tmp, "w") as f:

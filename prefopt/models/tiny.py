@@ -99,6 +99,11 @@ def builtin_model_path(name: str, seed: int = 0) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=path.parent))
+    from prefopt import console
+    console.status(f"building the builtin model {name} (first use on this machine)")
+    # saving imports DeepSpeed (transformers' integration), which warns that it found no GPU; this
+    # process never runs DeepSpeed, so its accelerator is CPU without asking
+    saved = os.environ.setdefault("DS_ACCELERATOR", "cpu") if "DS_ACCELERATOR" not in os.environ else None
     try:
         build_model(name, tmp, seed)
         try:
@@ -108,6 +113,8 @@ def builtin_model_path(name: str, seed: int = 0) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if saved is not None:
+            os.environ.pop("DS_ACCELERATOR", None)
     return path
 
 

@@ -4,7 +4,7 @@ Importing this package registers every built-in objective.
 """
 from prefopt.objectives.base import (OBJECTIVES, LossOut, Objective, ObjectiveParams,
                                      PolicyOutput, register_objective)
-from prefopt.objectives import constrained_ppo, dpo, lipo, listmle, ppo, simpo  # noqa: F401  (registration)
+from prefopt.objectives import constrained_ppo, dpo, lipo, listmle, ppo, sft, simpo  # noqa: F401  (registration)
 
 __all__ = ["OBJECTIVES", "LossOut", "Objective", "ObjectiveParams", "PolicyOutput",
            "register_objective", "get_objective"]

@@ -55,7 +55,8 @@ class Objective:
     name: ClassVar[str]
     Params: ClassVar[type[ObjectiveParams]] = ObjectiveParams
     needs: ClassVar[frozenset[str]] = frozenset()        # roles beyond the learner: {"reference"}, ...
-    batch_kind: ClassVar[str] = "pairs"                  # "pairs" | "lists" | "rollouts"
+    batch_kind: ClassVar[str] = "pairs"                  # "pairs" | "lists" | "sft" | "rollouts"
+    algorithm: ClassVar[str] = "preference"              # the algorithm that trains it (prefopt.algorithms)
     # Name of the metric reported as held-out accuracy by evaluations.
     accuracy_metric: ClassVar[str] = "rewards/accuracy"
 

@@ -71,6 +71,7 @@ class ConstrainedPPOParams(PPOParams):
 @register_objective
 class ConstrainedPPO(PPO):
     name = "constrained_ppo"
+    algorithm = "constrained_ppo"
     Params = ConstrainedPPOParams
 
     @staticmethod

@@ -65,6 +65,7 @@ class PPO(Objective):
     Params = PPOParams
     needs = frozenset({"rollout", "reward"})
     batch_kind = "rollouts"
+    algorithm = "ppo"
     accuracy_metric = "reward/mean"
 
     @property

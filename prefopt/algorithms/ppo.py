@@ -1,0 +1,141 @@
+"""Online RL: PPO with GAE, GRPO or RLOO advantages, vLLM rollouts and a KL penalty.
+
+The algorithm box, one iteration (:meth:`PPO.step`; the stages live in :mod:`prefopt.loops.online`):
+
+1. generate: ``train.prompts_per_iteration`` prompts, ``sampling.n`` responses each (vLLM engines);
+2. score: the reward sources (weighted sum; clip / normalise) and process rewards per step;
+3. annotate: reference log-probs (KL), the policy's old log-probs, the critic's values (GAE);
+4. advantages: token rewards = sequence reward at the last token + process rewards − kl_coef·KL,
+   then the registered estimator (gae | grpo | rloo), whitened;
+5. learn: ``ppo_epochs`` passes of optimizer steps over mini-batches (policy and critic);
+6. sync: the new policy weights stream to every engine.
+
+With ``train.async_rollouts`` the next iteration's generation starts before step 5 (one-step
+off-policy). Constrained PPO (:mod:`prefopt.algorithms.constrained`) overrides the advantage and
+after-update hooks.
+"""
+from __future__ import annotations
+
+import math
+
+from prefopt.algorithms import register_algorithm
+from prefopt.data import batching
+from prefopt.run import Algorithm, trends
+
+
+@register_algorithm
+class PPO(Algorithm):
+    name = "ppo"
+    unit = "iteration"
+
+    def __init__(self, run):
+        super().__init__(run)
+        from prefopt.loops.online import PromptSampler
+        from prefopt.rl.signals import RewardNormalizer
+        t, prompts = self.recipe.train, run.pre.prompts
+        self.held_out = self.held_out_prompts(prompts)
+        self.sampler = PromptSampler(prompts[:len(prompts) - len(self.held_out)], t.seed)
+        self.normalizer = RewardNormalizer()
+        self.prefetch = None
+
+    def held_out_prompts(self, prompts: list[dict]) -> list[dict]:
+        """Prompts kept out of training (NM-PPO's evaluation set)."""
+        return []
+
+    def build_roles(self):
+        from prefopt.rewards.sources import SequenceRewards
+        from prefopt.roles.online import OnlineRoles
+        r, tokenizer = self.recipe, self.run.tokenizer
+        roles = OnlineRoles(r, tokenizer.pad_token_id)
+        self.rewards = SequenceRewards(r.roles.reward, roles.reward_models, timeout_s=roles.timeout)
+        self.process_rewards = None
+        if r.roles.reward.process is not None:
+            from prefopt.rewards.process_source import ProcessRewards
+            self.process_rewards = ProcessRewards(r.roles.reward.process, tokenizer, roles.process_model,
+                                                  timeout_s=roles.timeout)
+        if r.train.async_rollouts:
+            from prefopt.loops.prefetch import Prefetch
+            self.prefetch = Prefetch(roles)
+        return roles
+
+    def setup(self) -> list[dict]:
+        r, t = self.recipe, self.recipe.train
+        per_iteration = t.prompts_per_iteration * r.roles.rollout.sampling.n // t.batch_size * r.objective.ppo_epochs
+        return self.roles.setup(r, total_steps=t.iterations * per_iteration, pad_id=self.run.tokenizer.pad_token_id)
+
+    def driver_state(self) -> dict:
+        return {"sampler": self.sampler, "normalizer": self.normalizer, "prefetch": self.prefetch}
+
+    def resumed(self, resumed: bool) -> None:
+        if resumed:   # the engines get the restored policy
+            self.roles.sync_weights(version=len(self.run.result.train_history))
+
+    def total_units(self) -> int:
+        return self.recipe.train.iterations
+
+    def step(self, it: int, *, next_follows: bool) -> tuple[dict[str, float], int]:
+        from prefopt.loops.online import Timer, annotate, learn, rollout, score, start_next_generation
+        from prefopt.rewards.sources import NonFiniteReward
+        r, t, tokenizer = self.recipe, self.recipe.train, self.run.tokenizer
+        params, sampling, micro = r.objective, r.roles.rollout.sampling, batching.inference_micro(r)
+        timings, stats = {}, {}
+        with Timer(timings, "generate"):                                            # 1. generate
+            ready = self.prefetch.pop(it) if self.prefetch is not None else None
+            prompts = ready["prompts"] if ready else self.sampler.take(t.prompts_per_iteration)
+            samples = rollout(self.roles, prompts, sampling, t.seed * 100003 + it, tokenizer.eos_token_id,
+                              ready and ready["pending"], ready and ready["generations"])
+        if self.prefetch is not None and it < t.iterations:   # async: the engines sample the next batch now
+            start_next_generation(self.roles, self.prefetch, self.sampler, r, it + 1, tokenizer.eos_token_id)
+        try:
+            with Timer(timings, "reward"):                                            # 2. score
+                stats.update(score(samples, tokenizer, self.rewards, self.process_rewards, params, self.normalizer))
+        except NonFiniteReward as e:   # no update from this batch (counted like a skipped optimizer step)
+            self.guard.check({"loss": math.nan, "skipped": 1}, f"{it} ({e})", e.samples)
+            return {"reward/mean": math.nan, "skipped_steps": 1, "reward/non_finite": len(e.samples),
+                    "rollout/engine_restarts": self.roles.engines.restarts,
+                    **{f"time/{k}": v for k, v in timings.items()}}, 0
+        stats.update(annotate(samples, self.roles, micro, timings, params.old_logprobs,   # 3. annotate
+                              ready and ready["pending_ref"]))
+        with Timer(timings, "learn"):
+            stats.update(self.advantages(samples))                                    # 4. advantages
+            learn_stats, steps = learn(samples, self.roles, r, it, self.guard)        # 5. learn
+        stats.update(learn_stats)
+        stats.update(self.after_update(samples))
+        # 6. sync; async rollouts: submitted, not awaited (checked by the next engine or sync call)
+        timings["sync"] = self.roles.sync_weights(version=it, wait=self.prefetch is None)
+        stats["rollout/engine_restarts"] = self.roles.engines.restarts
+        lengths = [len(s["response_ids"]) for s in samples]
+        stats.update({"response_length": sum(lengths) / len(lengths),
+                      "tokens_per_s": sum(lengths) / max(timings["generate"], 1e-9),
+                      **{f"time/{k}": v for k, v in timings.items()}})
+        return stats, steps
+
+    def advantages(self, samples: list[dict]) -> dict[str, float]:
+        """Token rewards, advantages and returns of every sample (in place); returns metrics."""
+        from prefopt.rl.signals import compute_advantages
+        return compute_advantages(samples, self.recipe.objective, self.recipe.roles.rollout.sampling.n)
+
+    def after_update(self, samples: list[dict]) -> dict[str, float]:
+        """After the policy update of an iteration (e.g. Lagrange multipliers); returns metrics."""
+        return {}
+
+    def postfix(self, stats: dict) -> dict[str, str]:
+        return {"reward": f"{stats['reward/mean']:.3f}"}
+
+    def finish(self) -> None:
+        ro, result = self.recipe.roles.rollout, self.run.result
+        if ro.verify_sync_prompts > 0:
+            from prefopt.roles.online import verify_sync
+            prompts = self.run.pre.prompts[:ro.verify_sync_prompts]
+            check = verify_sync(self.roles, [p["prompt_ids"] for p in prompts], ro.sampling)
+            result.final_train.update(check)
+            self.run.logger.log(self.recipe.train.iterations, check, prefix="sync_check")
+
+    def summary(self) -> dict:
+        result, t = self.run.result, self.recipe.train
+        out = {"advantage": self.recipe.objective.advantage, "iterations": t.iterations, "steps": result.steps,
+               "reward_first": result.train_history[0]["reward/mean"],
+               "reward_final": result.final_train["reward/mean"]}
+        out.update(trends(result.train_history, {"kl": "kl", "entropy": "policy/entropy",
+                                                 "response_length": "response_length"}))
+        return out
