@@ -75,8 +75,8 @@ def remove_job_secrets_package() -> None:
 
     from prefopt.jobs import SECRETS_ENV
     name = os.environ.get(SECRETS_ENV)
-    spec = importlib.util.find_spec(name) if name else None
-    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
+    found = importlib.util.find_spec(name) if name else None
+    for folder in (found.submodule_search_locations or []) if found is not None else []:
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -132,47 +132,15 @@ def shutdown_ray() -> None:
     local_ray.cleanup()
 
 
-def init_ray_for(recipe) -> bool:
-    """:func:`init_ray` for a run of ``recipe``: the CPUs its actors need, malloc settings unless a
-    role uses a GPU."""
+def init_ray_for(recipe, spec) -> bool:
+    """:func:`init_ray` for a run of ``recipe`` whose actors ``spec`` (a ``roles.spec.RoleSpec``)
+    lists: the CPUs they need, malloc settings unless one uses a GPU."""
     from prefopt import console
-    return init_ray(recipe.ray, num_cpus_needed=cpus_needed(recipe), cpu_only=not uses_gpus(recipe),
+    return init_ray(recipe.ray, num_cpus_needed=spec.cpus(), cpu_only=not spec.uses_gpus(),
                     log_to_driver=console.verbose())
 
 
-def resource_demand(recipe) -> list[tuple[str, int, dict[str, float]]]:
-    """``(recipe key, actor count, resources per actor)`` of every role the run will start."""
-    r = recipe.roles
-
-    def need(cfg, extra=None):
-        out = {"CPU": float(cfg.num_cpus), "GPU": float(cfg.num_gpus), **{k: float(v) for k, v in (extra or {}).items()}}
-        return {k: v for k, v in out.items() if v}
-
-    rows = [("roles.learner", r.learner.num_actors, need(r.learner, r.learner.resources))]
-    online = recipe.objective.name in ("ppo", "constrained_ppo")
-    if r.critic is not None and getattr(recipe.objective, "advantage", None) == "gae":
-        rows.append(("roles.critic", r.critic.num_actors, need(r.critic, r.critic.resources)))
-    if r.reference is not None and (r.reference.placement == "actor" or online) \
-            and getattr(recipe.objective, "kl_coef", 1) > 0:
-        rows.append(("roles.reference", r.reference.num_actors, need(r.reference)))
-    if online and r.rollout is not None:
-        rows.append(("roles.rollout", r.rollout.engines, need(r.rollout, r.rollout.resources)))
-    if r.reward is not None:
-        rows += [(f"roles.reward.sources[{i}]", 1, need(src)) for i, src in enumerate(r.reward.sources) if src.model]
-    return rows
-
-
-def cpus_needed(recipe) -> float:
-    """Logical CPUs of all the run's actors (what an embedded local cluster must offer)."""
-    return sum(count * per_actor.get("CPU", 0.0) for _, count, per_actor in resource_demand(recipe))
-
-
-def uses_gpus(recipe) -> bool:
-    """Whether any of the run's actors asks for a GPU."""
-    return any(per_actor.get("GPU", 0.0) for _, _, per_actor in resource_demand(recipe))
-
-
-def check_local_resources(recipe) -> None:
+def check_local_resources(recipe, spec) -> None:
     """Before an embedded local cluster starts: the run's actors must fit this machine.
 
     A local cluster may offer up to ``ray.oversubscribe`` logical CPUs per core (actors that wait
@@ -185,8 +153,8 @@ def check_local_resources(recipe) -> None:
         return
     cores = os.cpu_count() or 1
     limit = cores * recipe.ray.oversubscribe
-    rows = resource_demand(recipe)
-    cpus = sum(count * per_actor.get("CPU", 0.0) for _, count, per_actor in rows)
+    rows = spec.demand()
+    cpus = spec.cpus()
     offered = recipe.ray.num_cpus or max(int(cpus + 0.999), cores)
     roles = ", ".join(f"{k} {c} x {a.get('CPU', 0):g}" for k, c, a in rows if a.get("CPU"))
     if offered > limit + 1e-9:
@@ -210,7 +178,7 @@ def check_local_resources(recipe) -> None:
                               f"that defines them has (the local cluster has none); set ray.address to it")
 
 
-def check_cluster_resources(recipe) -> None:
+def check_cluster_resources(recipe, spec) -> None:
     """Fail fast (ConfigError naming the role) when the connected cluster cannot hold the run's
     actors: more of a resource in total than the cluster has, or more per actor than any node has.
     Skipped with ``ray.check_resources: false`` (autoscaling clusters grow on demand)."""
@@ -221,7 +189,7 @@ def check_cluster_resources(recipe) -> None:
         return
     total = ray.cluster_resources()
     nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    rows = resource_demand(recipe)
+    rows = spec.demand()
     demand: dict[str, float] = {}
     for key, count, per_actor in rows:
         for name, amount in per_actor.items():

@@ -21,6 +21,7 @@ class Prepared:
     recipe: Recipe
     objective_cls: type
     tokenizer: object
+    spec: object = None                     # roles.spec.RoleSpec: the actors the run starts
     data: object = None                     # offline: PreferenceData
     steps: list | None = None               # offline: the examples of each optimizer step
     prompts: list | None = None             # online: prompt rows
@@ -80,16 +81,19 @@ def prepare(recipe: Recipe, *, remote: bool = False) -> Prepared | None:
     from prefopt.models.load import load_tokenizer
     from prefopt.objectives import get_objective
 
+    from prefopt.algorithms import algorithm_for
+
     validate_recipe(recipe)
     objective_cls = get_objective(recipe.objective.name)
+    spec = algorithm_for(recipe).role_spec(recipe)
     if not remote:
-        check_local_resources(recipe)
+        check_local_resources(recipe, spec)
     check_models(recipe, remote=remote)
     if remote and not (here(recipe.model.tokenizer or recipe.model.path) and here(recipe.data.path)):
         return None
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.path,
                                trust_remote_code=recipe.model.trust_remote_code)
-    out = Prepared(recipe=recipe, objective_cls=objective_cls, tokenizer=tokenizer)
+    out = Prepared(recipe=recipe, objective_cls=objective_cls, tokenizer=tokenizer, spec=spec)
     t = recipe.train
     if objective_cls.batch_kind == "rollouts":
         from prefopt.data.prompts import load_prompts

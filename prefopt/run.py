@@ -45,6 +45,7 @@ class Run:
     run_dir: Path
     logger: object                  # io.run_dir.MetricsLogger
     result: RunResult
+    spec: object = None             # roles.spec.RoleSpec: the actors the run starts
     quiet: bool = False
 
     @property
@@ -65,6 +66,12 @@ class Algorithm:
         self.guard = None            # loops.guards.SkipGuard, set by the lifecycle before the units
 
     # roles ---------------------------------------------------------------------------------
+    @classmethod
+    def role_spec(cls, recipe):
+        """The actors a run of ``recipe`` starts (``roles.spec.RoleSpec``): the one place that decides
+        it, read by the resource checks, the embedded cluster's size and :meth:`build_roles`."""
+        raise NotImplementedError
+
     def build_roles(self):
         """Create the run's actors; the object has ``policy`` (a LearnerGroup), ``critic`` (or None)
         and ``shutdown()``."""
@@ -127,17 +134,16 @@ def run(recipe: Recipe, *, quiet: bool = False) -> RunResult:
     from prefopt.loops.guards import SkipGuard
     from prefopt.preflight import open_run_dir, prepare
 
-    algorithm_cls = algorithm_for(recipe)
     pre = prepare(recipe)
     run_dir, resume_from = open_run_dir(pre)
     logger = MetricsLogger(run_dir, tensorboard=recipe.output.tensorboard)
-    ctx = Run(recipe=recipe, pre=pre, run_dir=run_dir, logger=logger, quiet=quiet,
+    ctx = Run(recipe=recipe, pre=pre, run_dir=run_dir, logger=logger, quiet=quiet, spec=pre.spec,
               result=RunResult(run_dir=run_dir, steps=0, final_train={}))
-    algorithm, started_ray = algorithm_cls(ctx), False
+    algorithm, started_ray = algorithm_for(recipe)(ctx), False
     stack = contextlib.ExitStack()
     try:
-        started_ray = init_ray_for(recipe)
-        check_cluster_resources(recipe)
+        started_ray = init_ray_for(recipe, pre.spec)
+        check_cluster_resources(recipe, pre.spec)
         algorithm.roles = algorithm.build_roles()
         (run_dir / "placement.json").write_text(json.dumps(algorithm.setup(), indent=1))
         algorithm.start()

@@ -23,8 +23,10 @@ def test_logged_config_redacts_secrets(tmp_path):
     ("roles.learner.resources.node_x=1", r"roles.learner asks for node_x=1 per actor"),
 ])
 def test_impossible_resource_requests_fail_before_any_actor_starts(ray_cluster, override, message):
+    from prefopt.algorithms import role_spec
     from prefopt.cluster import check_cluster_resources
     recipe = load_recipe("recipes/tiny_dpo.yaml", [override])
     with pytest.raises(ConfigError, match=message):
-        check_cluster_resources(recipe)
-    check_cluster_resources(load_recipe("recipes/tiny_dpo.yaml"))     # the shipped recipe fits
+        check_cluster_resources(recipe, role_spec(recipe))
+    fits = load_recipe("recipes/tiny_dpo.yaml")
+    check_cluster_resources(fits, role_spec(fits))     # the shipped recipe fits

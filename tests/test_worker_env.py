@@ -37,7 +37,10 @@ def test_a_real_ray_worker_sees_the_worker_env(ray_cluster):
 
 
 def test_malloc_settings_only_for_runs_without_gpus(monkeypatch):
-    from prefopt.cluster import uses_gpus
+    from prefopt.algorithms import role_spec
+
+    def uses_gpus(recipe):
+        return role_spec(recipe).uses_gpus()
     from prefopt.config import load_recipe
 
     for key in MALLOC_ENV:

@@ -21,3 +21,8 @@ def algorithm_for(recipe):
     from prefopt.algorithms import constrained, ppo, preference, sft  # noqa: F401  (registration)
     from prefopt.objectives import get_objective
     return ALGORITHMS.get(get_objective(recipe.objective.name).algorithm)
+
+
+def role_spec(recipe):
+    """The actors a run of ``recipe`` starts (its algorithm's :meth:`~prefopt.run.Algorithm.role_spec`)."""
+    return algorithm_for(recipe).role_spec(recipe)

@@ -20,6 +20,7 @@ import math
 
 from prefopt.algorithms import register_algorithm
 from prefopt.data import batching
+from prefopt.roles.spec import RoleSpec
 from prefopt.run import Algorithm, trends
 
 
@@ -42,11 +43,23 @@ class PPO(Algorithm):
         """Prompts kept out of training (NM-PPO's evaluation set)."""
         return []
 
+    @classmethod
+    def role_spec(cls, recipe) -> RoleSpec:
+        """Policy learners, vLLM engines, reference actors when the KL coefficient is positive, a critic
+        group with GAE, and an actor per reward model (sequence sources and a process reward model)."""
+        r, params = recipe.roles, recipe.objective
+        models = [(f"roles.reward.sources[{i}]", s) for i, s in enumerate(r.reward.sources) if s.model]
+        if r.reward.process is not None and r.reward.process.model:
+            models.append(("roles.reward.process", r.reward.process))
+        return RoleSpec(policy=r.learner, rollout=r.rollout, reward_models=models,
+                        reference=r.reference if params.kl_coef > 0 else None,
+                        critic=r.critic if params.advantage == "gae" else None)
+
     def build_roles(self):
         from prefopt.rewards.sources import SequenceRewards
         from prefopt.roles.online import OnlineRoles
         r, tokenizer = self.recipe, self.run.tokenizer
-        roles = OnlineRoles(r, tokenizer.pad_token_id)
+        roles = OnlineRoles(r, tokenizer.pad_token_id, self.run.spec)
         self.rewards = SequenceRewards(r.roles.reward, roles.reward_models, timeout_s=roles.timeout)
         self.process_rewards = None
         if r.roles.reward.process is not None:

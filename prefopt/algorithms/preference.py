@@ -19,6 +19,7 @@ import time
 from prefopt.algorithms import register_algorithm
 from prefopt.data import batching
 from prefopt.metrics import means, merge_summaries
+from prefopt.roles.spec import RoleSpec
 from prefopt.run import Algorithm
 
 
@@ -26,16 +27,16 @@ class OfflineRoles:
     """The actors of an offline run: the policy learner group and optional reference actors."""
     critic = None
 
-    def __init__(self, recipe, pad_id: int):
+    def __init__(self, recipe, pad_id: int, spec):
         import ray
 
         from prefopt.roles.group import LearnerGroup
 
         self.timeout = recipe.ray.call_timeout_s
-        self.policy = LearnerGroup(recipe, recipe.roles.learner)
+        self.policy = LearnerGroup(recipe, spec.policy)
         self.references = []
-        ref = recipe.roles.reference
-        if ref is not None and ref.placement == "actor":
+        ref = spec.reference
+        if ref is not None:
             from prefopt.roles.reference import ReferenceWorker
             rcls = ray.remote(num_cpus=ref.num_cpus, num_gpus=ref.num_gpus)(ReferenceWorker)
             self.references = [rcls.remote(recipe, pad_id) for _ in range(ref.num_actors)]
@@ -79,8 +80,18 @@ class PreferenceOptimization(Algorithm):
         self.last_done = None
         run.result.steps = len(self.batches)
 
+    @classmethod
+    def role_spec(cls, recipe) -> RoleSpec:
+        """The policy learners; reference actors when the objective needs a reference and the recipe
+        places it on actors (``roles.reference.placement: actor``; else the learners compute it)."""
+        from prefopt.objectives import get_objective
+        ref = recipe.roles.reference
+        needs_ref = "reference" in get_objective(recipe.objective.name).needs
+        return RoleSpec(policy=recipe.roles.learner,
+                        reference=ref if needs_ref and ref is not None and ref.placement == "actor" else None)
+
     def build_roles(self):
-        return OfflineRoles(self.recipe, self.run.tokenizer.pad_token_id)
+        return OfflineRoles(self.recipe, self.run.tokenizer.pad_token_id, self.run.spec)
 
     def setup(self) -> list[dict]:
         return self.roles.policy.setup(total_steps=len(self.batches), grad_accum=self.grad_accum,

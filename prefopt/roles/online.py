@@ -8,8 +8,9 @@ from prefopt.config_schema import Recipe
 
 
 class OnlineRoles:
-    def __init__(self, recipe: Recipe, pad_id: int):
-        """Create every actor the recipe asks for (learners join their groups in ``setup``)."""
+    def __init__(self, recipe: Recipe, pad_id: int, spec):
+        """Create every actor of ``spec`` (a ``roles.spec.RoleSpec``; learners join their groups in
+        ``setup``)."""
         import ray
 
         from prefopt.objectives.ppo import ValueObjective
@@ -23,14 +24,14 @@ class OnlineRoles:
         colocated = {"CPU": ro.num_cpus, "GPU": ro.num_gpus, **ro.resources} if ro.colocate_with_learners else None
         self.policy = LearnerGroup(r, roles.learner, colocated=colocated)
         self.critic = None
-        if r.objective.advantage == "gae":
+        if spec.critic is not None:
             from prefopt.objectives.constrained_ppo import value_heads
-            self.critic = LearnerGroup(r, roles.critic, model_kind="critic", objective=ValueObjective(r.objective),
+            self.critic = LearnerGroup(r, spec.critic, model_kind="critic", objective=ValueObjective(r.objective),
                                        value_heads=value_heads(r))
         from prefopt import console
         self.references = []
-        if r.objective.kl_coef > 0:
-            ref = roles.reference
+        if spec.reference is not None:
+            ref = spec.reference
             console.status(f"starting {ref.num_actors} reference actor{'s' if ref.num_actors > 1 else ''}")
             rcls = ray.remote(num_cpus=ref.num_cpus, num_gpus=ref.num_gpus)(ReferenceWorker)
             self.references = [rcls.remote(r, pad_id) for _ in range(ref.num_actors)]
