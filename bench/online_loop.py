@@ -71,12 +71,13 @@ def loop_worker(cfg: dict) -> dict:
     }
 
 
-SPLIT_KEYS = ("generate", "reward", "reference", "learn", "sync")
+SPLIT_KEYS = ("generate", "reward", "reference", "old_logps", "values", "learn", "sync")
 
 
 def loop_table(results: dict) -> str:
     lines = ["| model / settings | samples / iteration | timed iterations | " + " | ".join(f"{k} s" for k in SPLIT_KEYS)
-             + " | other s | iteration s | samples/s | gen tokens/s | start-up s | other load |", "|" + "---|" * 14]
+             + " | other s | iteration s | samples/s | gen tokens/s | start-up s | other load |",
+             "|" + "---|" * (9 + len(SPLIT_KEYS))]
     for key, r in results.items():
         sp = r["split_s"]
         tot = r["iteration_s"]

@@ -337,8 +337,7 @@ def validate_recipe(recipe: Recipe, what: str = "recipe", where: Callable[[str],
                           f"({ro.sampling.min_tokens}) must be <= roles.rollout.sampling.max_tokens "
                           f"({ro.sampling.max_tokens})")
 
-    required = getattr(objective_cls, "required_roles", None)
-    for role in sorted(required(recipe.objective) if required else objective_cls.needs):
+    for role in sorted(objective_cls.required_roles(recipe.objective)):
         if getattr(recipe.roles, role, None) is None:
             raise ConfigError(f"{at(f'roles.{role}')}: objective '{recipe.objective.name}' needs the '{role}' role, "
                               f"but roles.{role} is not set (add e.g. `roles: {{{role}: {{}}}}`)")
@@ -366,13 +365,9 @@ def validate_recipe(recipe: Recipe, what: str = "recipe", where: Callable[[str],
         from prefopt.rl.advantages import ADVANTAGES
         _one_of(recipe.objective.advantage, tuple(ADVANTAGES.names()), "objective.advantage",
                 at("objective.advantage"))
-    check = getattr(recipe.objective, "validate", None)
-    cross_check = getattr(objective_cls, "check_recipe", None)   # checks across objective and roles
     try:
-        if callable(check):
-            check()
-        if callable(cross_check):
-            cross_check(recipe)
+        recipe.objective.validate()
+        objective_cls.check_recipe(recipe)      # checks across the objective and the roles
     except ConfigError as e:
         named = _KEY_IN_MESSAGE.search(str(e))   # the objective's message names a key: say where it was set
         raise ConfigError(f"{at(named.group(0)) if named else what}: {e}") from None

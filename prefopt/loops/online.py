@@ -101,8 +101,9 @@ def annotate(samples: list[dict], roles, micro: int | batching.Budget, timings: 
              pending_ref=None) -> dict[str, float]:
     """Reference / old log-probs and values per token (then advantages, in ``compute_advantages``).
 
-    The reference, policy and critic passes run on different actors, so they run concurrently:
-    ``time/reference`` is the wait for the reference, ``time/learn`` gets the remaining wait.
+    The reference, policy and critic passes run on different actors, so they run concurrently: the
+    timings are the driver's waits in turn, ``reference`` (from the start), then ``old_logps`` and
+    ``values`` (what is left of each after the one before).
     ``old_logprobs="rollout"`` takes the engines' log-probs as PPO's old ones (no policy pass);
     ``pending_ref`` (async rollouts) is a reference pass already started on these samples.
     """
@@ -127,8 +128,8 @@ def annotate(samples: list[dict], roles, micro: int | batching.Budget, timings: 
                                   roles.timeout, "reference log-probs")
         _attach(samples, "ref_logps", ref)
     timings["reference"] = timings.get("reference", 0.0) + time.perf_counter() - start
-    with Timer(timings, "learn"):
-        for key, (future, what) in pending.items():
+    for key, (future, what) in pending.items():
+        with Timer(timings, key):
             _attach(samples, key, collect_sharded(future, roles.timeout, what))
     if use_rollout:
         return stats

@@ -32,6 +32,9 @@ class ObjectiveParams:
     """Parameters common to every objective; each objective subclasses this with its own."""
     name: str = "dpo"
 
+    def validate(self) -> None:
+        """Raise ConfigError for an invalid value (run when the recipe is validated)."""
+
 
 @dataclass
 class PolicyOutput:
@@ -63,17 +66,29 @@ class Objective:
     def __init__(self, params: ObjectiveParams):
         self.params = params
 
+    # --- what the recipe must provide (checked before Ray starts) ---------------------------------
+    @classmethod
+    def required_roles(cls, params: ObjectiveParams) -> set[str]:
+        """The ``roles.*`` sections the recipe must set for these parameters (default: ``needs``)."""
+        return set(cls.needs)
+
+    @staticmethod
+    def check_recipe(recipe) -> None:
+        """Checks across the objective and the rest of the recipe; raise ConfigError."""
+
+    # --- what the learner's forward computes for it ---------------------------------------------
+    @property
+    def temperature(self) -> float:
+        """Logits are divided by this before log-probs are taken (online RL's sampling temperature)."""
+        return 1.0
+
+    @property
+    def wants_entropy(self) -> bool:
+        """Whether the forward also computes the per-token entropy (an extra softmax pass)."""
+        return False
+
     def loss(self, policy: PolicyOutput, batch: dict[str, torch.Tensor]) -> LossOut:
         raise NotImplementedError
-
-    def after_step(self, stats: dict) -> None:
-        """Hook run on the driver after each optimizer step (e.g. Lagrange multiplier updates)."""
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
 
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objective")

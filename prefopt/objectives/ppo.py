@@ -76,8 +76,8 @@ class PPO(Objective):
     def wants_entropy(self) -> bool:
         return self.params.entropy_coef > 0 or self.params.log_entropy
 
-    @staticmethod
-    def required_roles(params: PPOParams) -> set[str]:
+    @classmethod
+    def required_roles(cls, params: PPOParams) -> set[str]:
         roles = {"rollout", "reward"}
         if params.advantage == "gae":
             roles.add("critic")

@@ -88,8 +88,8 @@ class LearnerWorker:
         from prefopt.models.logprobs import forward_logps, forward_values
         if self.model_kind == "critic":
             return forward_values(self.engine, batch, packing=self.packing)
-        return forward_logps(self.engine, batch, getattr(self.objective, "temperature", 1.0),
-                             with_entropy=getattr(self.objective, "wants_entropy", False),
+        return forward_logps(self.engine, batch, self.objective.temperature,
+                             with_entropy=self.objective.wants_entropy,
                              packing=self.packing)
 
     # ------------------------------------------------------------------ collective calls

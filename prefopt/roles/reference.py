@@ -26,7 +26,8 @@ class ReferenceWorker:
         self.pad_id = pad_id
         from prefopt.models.packing import packing_mode
         self.packing = packing_mode(recipe.model)
-        self.temperature = getattr(recipe.objective, "temperature", 1.0)
+        from prefopt.objectives import get_objective
+        self.temperature = get_objective(recipe.objective.name)(recipe.objective).temperature
 
     def compute_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
         from prefopt.roles.common import response_logps
