@@ -1,9 +1,10 @@
 """How global batches become learner shards and micro-batches (pure, no Ray)."""
 from prefopt.data import batching
+from prefopt.data.rollouts import RolloutSample
 
 
 def _pair(prompt_len: int, chosen_len: int, rejected_len: int, tag: int) -> dict:
-    return {"kind": "pairs", "prompt_ids": [1] * prompt_len,
+    return {"prompt_ids": [1] * prompt_len,
             "response_ids": [[2] * chosen_len, [3] * rejected_len], "tag": tag}
 
 
@@ -38,7 +39,7 @@ def test_unsorted_split_is_contiguous():
 
 
 def test_rollout_sample_length():
-    sample = {"kind": "rollouts", "prompt_ids": [1, 2], "response_ids": [5, 6, 7]}
+    sample = RolloutSample(prompt_ids=[1, 2], response_ids=[5, 6, 7])
     assert batching.example_length(sample) == 5
 
 
@@ -46,7 +47,7 @@ def test_budget_counts_the_packed_row():
     pair = _pair(5, 3, 4, 0)
     assert batching.Budget(100, share_prompts=True).cost(pair) == 5 + 3 + 4
     assert batching.Budget(100, share_prompts=False).cost(pair) == 2 * 5 + 3 + 4
-    sample = {"kind": "rollouts", "prompt_ids": [1, 2], "response_ids": [5, 6, 7]}
+    sample = RolloutSample(prompt_ids=[1, 2], response_ids=[5, 6, 7])
     assert batching.Budget(100).cost(sample) == 5
 
 

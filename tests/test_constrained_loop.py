@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from prefopt.config import load_recipe
+from prefopt.data.rollouts import RolloutSample
 from prefopt.errors import ConfigError
 from prefopt.loops.constrained import Constraints, search_thresholds
 from prefopt.objectives.constrained_ppo import value_heads
@@ -15,17 +16,17 @@ from prefopt.rl.signals import at_last_token, estimate_advantages, per_token, ta
 XI = "recipes/tiny_constrained_xi.yaml"
 
 
-def _samples(n: int, heads: int | None = None, seed: int = 0) -> list[dict]:
+def _samples(n: int, heads: int | None = None, seed: int = 0) -> list[RolloutSample]:
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         length = rng.randint(1, 6)
-        s = {"prompt_ids": [1, 2], "response_ids": [5] * length, "reward": rng.gauss(0, 1),
-             "old_logps": [rng.gauss(-2, 0.3) for _ in range(length)],
-             "ref_logps": [rng.gauss(-2, 0.3) for _ in range(length)],
-             "reward_components": {"length": float(length), "good": rng.random()}}
+        s = RolloutSample(prompt_ids=[1, 2], response_ids=[5] * length, reward=rng.gauss(0, 1),
+                          old_logps=[rng.gauss(-2, 0.3) for _ in range(length)],
+                          ref_logps=[rng.gauss(-2, 0.3) for _ in range(length)],
+                          reward_components={"length": float(length), "good": rng.random()})
         if heads:
-            s["values"] = [[rng.gauss(0, 1) for _ in range(heads)] for _ in range(length)]
+            s.values = [[rng.gauss(0, 1) for _ in range(heads)] for _ in range(length)]
         out.append(s)
     return out
 
@@ -39,7 +40,7 @@ def test_grpo_channels_combine_with_the_multipliers():
 
     p = recipe.objective
     task, mask, _ = task_token_rewards(samples, p)
-    length = at_last_token([s["reward_components"]["length"] for s in samples], mask)
+    length = at_last_token([s.reward_components["length"] for s in samples], mask)
     a_task, _ = estimate_advantages(task, None, mask, p, 4)
     a_len, _ = estimate_advantages(length, None, mask, p, 4)
     expected = combined_advantage(a_task, a_len[None], [0.3])
@@ -59,7 +60,7 @@ def test_gae_uses_one_critic_head_per_channel():
     assert returns.shape == values.shape == (6, mask.shape[1], 2)
     # head 1 is the length channel: with gamma = lam = 1 and no KL in it, returns = the score
     p = recipe.objective
-    length = at_last_token([s["reward_components"]["length"] for s in samples], mask)
+    length = at_last_token([s.reward_components["length"] for s in samples], mask)
     _, ret_len = estimate_advantages(length, values[..., 1], mask, p, 2)
     assert torch.allclose(returns[..., 1], ret_len * mask, atol=1e-9)
 
@@ -69,12 +70,12 @@ def test_multiplier_update_follows_the_batch_return():
     c = Constraints(recipe)
     long = _samples(8)
     for s in long:
-        s["reward_components"]["length"] = 9.0            # J = 9 > threshold 6
+        s.reward_components["length"] = 9.0            # J = 9 > threshold 6
     stats = c.update(long)
     assert stats["constraint/length/return"] == 9.0 and stats["constraint/length/threshold"] == 6.0
     assert stats["constraint/length/multiplier"] == 0.0 and stats["constraint/length/multiplier_next"] < 0
     for s in long:
-        s["reward_components"]["length"] = 1.0            # J < threshold: the multiplier climbs back
+        s.reward_components["length"] = 1.0            # J < threshold: the multiplier climbs back
     values = [c.update(long)["constraint/length/multiplier_next"] for _ in range(10)]
     assert values[-1] > values[0] and values[-1] > 0
 

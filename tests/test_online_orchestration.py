@@ -28,7 +28,7 @@ class StandInLearners:
         return Future("policy", method, samples), None
 
     def train_step(self, batch, micro, what, inject_nan=False):
-        assert all("advantages" in s and "old_logps" in s for s in batch)
+        assert all(s.advantages is not None and s.old_logps is not None for s in batch)
         EVENTS.append("learn")
         self.steps += 1
         return [{"loss": (0.5 * len(batch), float(len(batch))), "grad_norm": 1.0, "lr": 1e-3, "skipped": 0,
@@ -94,7 +94,7 @@ def stand_ins(monkeypatch):
         future, _ = pending
         EVENTS.append(f"collect {future.who}.{future.method}")
         value = -1.0 if future.who == "policy" else -1.2
-        return [[[value] * len(s["response_ids"]) for s in future.samples]]
+        return [[[value] * len(s.response_ids) for s in future.samples]]
 
     monkeypatch.setattr(group, "submit_sharded", submit_sharded)
     monkeypatch.setattr(group, "collect_sharded", collect_sharded)

@@ -4,6 +4,7 @@ import torch
 
 from prefopt.config import load_recipe
 from prefopt.data.batching import Budget
+from prefopt.data.rollouts import RolloutSample
 from prefopt.roles.reference import ReferenceWorker
 
 
@@ -19,7 +20,7 @@ def test_generation_logps_equal_token_logps(cache, micro):
                     for m in lens] for lens in ((4, 11), (1, 6), (8, 3))]
     generations[1][0]["response_ids"] = []          # an empty response is scored as [eos], as the loop does
     got = worker.compute_generation_logps(prompts, generations, micro=micro, eos_id=2)
-    samples = [{"kind": "rollouts", "prompt_ids": p, "response_ids": x["response_ids"] or [2]}
+    samples = [RolloutSample(prompt_ids=p, response_ids=x["response_ids"] or [2])
                for p, gens in zip(prompts, generations) for x in gens]
     want = [x for part in worker.compute_token_logps([samples[:3], samples[3:]]) for x in part]
     assert [len(x) for x in got] == [4, 11, 1, 6, 8, 3]

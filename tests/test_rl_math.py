@@ -361,24 +361,26 @@ def test_compute_advantages_from_samples():
     from prefopt.objectives.ppo import PPOParams
     from prefopt.rl.signals import compute_advantages
 
+    from prefopt.data.rollouts import RolloutSample
+
     def samples():
-        return [{"response_ids": [1, 2, 3], "old_logps": [-1.0] * 3, "reward": 1.0},
-                {"response_ids": [1, 2], "old_logps": [-1.0] * 2, "reward": 0.0,
-                 "process_rewards": [0.5, 0.0]}]
+        return [RolloutSample(prompt_ids=[7], response_ids=[1, 2, 3], old_logps=[-1.0] * 3, reward=1.0),
+                RolloutSample(prompt_ids=[7], response_ids=[1, 2], old_logps=[-1.0] * 2, reward=0.0,
+                              process_rewards=[0.5, 0.0])]
 
     grpo = samples()
     compute_advantages(grpo, PPOParams(advantage="grpo", kl_coef=0.0, whiten_advantages=False), group_size=2)
     # scores 1.0 and 0.5 -> (r - mean) / (unbiased std + eps), broadcast over each response
     std = math.sqrt(((1.0 - 0.75) ** 2 + (0.5 - 0.75) ** 2) / 1)
-    assert grpo[0]["advantages"] == pytest.approx([0.25 / std] * 3, rel=1e-5)
-    assert grpo[1]["advantages"] == pytest.approx([-0.25 / std] * 2, rel=1e-5)
+    assert grpo[0].advantages == pytest.approx([0.25 / std] * 3, rel=1e-5)
+    assert grpo[1].advantages == pytest.approx([-0.25 / std] * 2, rel=1e-5)
 
     gae_samples = samples()
     for s in gae_samples:
-        s["values"] = [0.0] * len(s["response_ids"])
+        s.values = [0.0] * len(s.response_ids)
     stats = compute_advantages(gae_samples, PPOParams(advantage="gae", gamma=1.0, lam=1.0, kl_coef=0.0,
                                                       whiten_advantages=False), group_size=2)
-    assert gae_samples[0]["returns"] == pytest.approx([1.0, 1.0, 1.0])   # reward-to-go
-    assert gae_samples[1]["returns"] == pytest.approx([0.5, 0.0])
-    assert gae_samples[1]["advantages"] == pytest.approx([0.5, 0.0])
+    assert gae_samples[0].returns == pytest.approx([1.0, 1.0, 1.0])   # reward-to-go
+    assert gae_samples[1].returns == pytest.approx([0.5, 0.0])
+    assert gae_samples[1].advantages == pytest.approx([0.5, 0.0])
     assert "critic/explained_variance" in stats

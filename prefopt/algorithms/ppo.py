@@ -117,18 +117,18 @@ class PPO(Algorithm):
         # 6. sync; async rollouts: submitted, not awaited (checked by the next engine or sync call)
         timings["sync"] = self.roles.sync_weights(version=it, wait=self.prefetch is None)
         stats["rollout/engine_restarts"] = self.roles.engines.restarts
-        lengths = [len(s["response_ids"]) for s in samples]
+        lengths = [len(s.response_ids) for s in samples]
         stats.update({"response_length": sum(lengths) / len(lengths),
                       "tokens_per_s": sum(lengths) / max(timings["generate"], 1e-9),
                       **{f"time/{k}": v for k, v in timings.items()}})
         return stats, steps
 
-    def advantages(self, samples: list[dict]) -> dict[str, float]:
+    def advantages(self, samples: list) -> dict[str, float]:
         """Token rewards, advantages and returns of every sample (in place); returns metrics."""
         from prefopt.rl.signals import compute_advantages
         return compute_advantages(samples, self.recipe.objective, self.recipe.roles.rollout.sampling.n)
 
-    def after_update(self, samples: list[dict]) -> dict[str, float]:
+    def after_update(self, samples: list) -> dict[str, float]:
         """After the policy update of an iteration (e.g. Lagrange multipliers); returns metrics."""
         return {}
 

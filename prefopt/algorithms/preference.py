@@ -72,8 +72,6 @@ class PreferenceOptimization(Algorithm):
         super().__init__(run)
         pre, t = run.pre, self.recipe.train
         self.objective_cls, self.data, self.batches = pre.objective_cls, pre.data, pre.steps
-        for ex in self.data.train + self.data.eval:
-            ex["kind"] = self.data.kind
         self.train_micro, self.infer_micro = batching.train_micro(self.recipe), batching.inference_micro(self.recipe)
         self.grad_accum = t.batch_size // (t.micro_batch_size * self.recipe.roles.learner.num_actors)
         self.queued: dict[int, list] = {}   # step -> learner calls submitted while the step before ran

@@ -14,6 +14,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from prefopt.data.rollouts import RolloutSample
+
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
     order = list(range(num_examples))
@@ -34,15 +36,20 @@ def step_batches(num_examples: int, batch_size: int, *, seed: int, epochs: int,
     return steps
 
 
-def _responses(example: dict) -> list:
-    """An example's responses (a rollout sample holds one, as a flat list of token ids)."""
-    responses = example.get("response_ids") or [[]]
-    return [responses] if isinstance(responses[0], int) else responses
+def _prompt(example) -> list[int]:
+    return example.prompt_ids if isinstance(example, RolloutSample) else example["prompt_ids"]
 
 
-def example_length(example: dict) -> int:
+def _responses(example) -> list:
+    """An example's responses (a rollout sample holds one)."""
+    if isinstance(example, RolloutSample):
+        return [example.response_ids]
+    return example.get("response_ids") or [[]]
+
+
+def example_length(example) -> int:
     """Padded row length an example needs: prompt plus its longest response."""
-    return len(example["prompt_ids"]) + max(len(r) for r in _responses(example))
+    return len(_prompt(example)) + max(len(r) for r in _responses(example))
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,7 @@ class Budget:
     def cost(self, example: dict) -> int:
         responses = _responses(example)
         copies = 1 if self.share_prompts else len(responses)
-        return copies * len(example["prompt_ids"]) + sum(len(r) for r in responses)
+        return copies * len(_prompt(example)) + sum(len(r) for r in responses)
 
 
 
@@ -146,14 +153,13 @@ def shard_for_inference(items: list, num_learners: int, micro: int | Budget):
     return plan, keep
 
 
-def split_rows(values, examples: list[dict]) -> list[list[float]]:
-    """Per-row values of a collated micro-batch -> per example, its responses' values in order.
-
-    Rows are ordered as ``collate_examples`` builds them: pairs as a chosen block then a rejected
-    block; lists row-major.
+def split_rows(values, examples: list[dict], kind: str) -> list[list[float]]:
+    """Per-row values of a collated micro-batch of ``kind`` -> per example, its responses' values in
+    order. Rows are ordered as ``collate_examples`` builds them: pairs as a chosen block then a
+    rejected block; lists (and SFT's single responses) row-major.
     """
     values = [float(v) for v in values]
-    if examples and examples[0].get("kind", "pairs") == "pairs":
+    if kind == "pairs":
         b = len(examples)
         return [[values[i], values[b + i]] for i in range(b)]
     out, pos = [], 0

@@ -43,7 +43,7 @@ class Constraints:
                                         write_signals)
 
         task_rewards, mask, stats = task_token_rewards(samples, params)
-        channels = [task_rewards] + [at_last_token([s["reward_components"][name] for s in samples], mask)
+        channels = [task_rewards] + [at_last_token([s.reward_components[name] for s in samples], mask)
                                      for name in self.names]
         values = per_token(samples, "values")[0] if params.advantage == "gae" else None
         advantages, returns = [], []
@@ -67,7 +67,7 @@ class Constraints:
         """One multiplier step from this batch's mean component returns; metrics of the iteration
         (the multipliers that weighed its advantages, and the updated ones)."""
         used = self.multipliers.values()
-        returns = [sum(s["reward_components"][name] for s in samples) / len(samples) for name in self.names]
+        returns = [sum(s.reward_components[name] for s in samples) / len(samples) for name in self.names]
         updated = self.multipliers.update(returns, self.thresholds)
         stats = {}
         for name, j, theta, lam, new in zip(self.names, returns, self.thresholds, used, updated):

@@ -18,6 +18,7 @@ import time
 
 from prefopt.config_schema import Recipe
 from prefopt.data import batching
+from prefopt.data.rollouts import RolloutSample
 from prefopt.metrics import means, merge_summaries
 from prefopt.rl.signals import shape_sequence_rewards
 
@@ -60,44 +61,44 @@ class Timer:
 
 
 def rollout(roles, prompts: list[dict], sampling, seed: int, eos_id: int, pending=None,
-            generations=None) -> list[dict]:
+            generations=None) -> list[RolloutSample]:
     """Sample ``sampling.n`` responses per prompt (or collect ``pending``, started earlier, or take
     ``generations`` already collected) -> samples."""
     if generations is None and pending is not None:
         generations = roles.collect_generate(pending)
     elif generations is None:
         generations = roles.generate([p["prompt_ids"] for p in prompts], sampling, seed=seed)
-    return [{"kind": "rollouts", "prompt_ids": p["prompt_ids"], "response_ids": g["response_ids"] or [eos_id],
-             "rollout_logps": g["logprobs"], "prompt_text": p["prompt_text"], "row": p["row"]}
+    return [RolloutSample(prompt_ids=p["prompt_ids"], response_ids=g["response_ids"] or [eos_id],
+                          rollout_logps=g["logprobs"], prompt_text=p["prompt_text"], row=p["row"])
             for p, gens in zip(prompts, generations) for g in gens]
 
 
-def score(samples: list[dict], tokenizer, rewards, process_rewards, params, normalizer) -> dict[str, float]:
+def score(samples: list[RolloutSample], tokenizer, rewards, process_rewards, params, normalizer) -> dict[str, float]:
     """Set each sample's sequence ``reward`` (and ``process_rewards``); return reward metrics."""
-    prompts, rows = [s["prompt_text"] for s in samples], [s["row"] for s in samples]
-    texts = tokenizer.batch_decode([s["response_ids"] for s in samples], skip_special_tokens=True)
+    prompts, rows = [s.prompt_text for s in samples], [s.row for s in samples]
+    texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
     raw, components = rewards(prompts, texts, rows)
     for i, (s, v) in enumerate(zip(samples, shape_sequence_rewards(raw, params, normalizer))):
-        s["reward"] = v
-        s["reward_components"] = {name: values[i] for name, values in components.items()}
+        s.reward = v
+        s.reward_components = {name: values[i] for name, values in components.items()}
     mean = sum(raw) / len(raw)
     stats = {"reward/mean": mean,
              "reward/std": math.sqrt(sum((v - mean) ** 2 for v in raw) / max(1, len(raw) - 1))}
     stats.update({f"reward/{name}": sum(v) / len(v) for name, v in components.items()})
     if process_rewards is not None:
-        per_token, process_stats = process_rewards(prompts, [s["response_ids"] for s in samples], rows)
+        per_token, process_stats = process_rewards(prompts, [s.response_ids for s in samples], rows)
         for s, v in zip(samples, per_token):
-            s["process_rewards"] = v
+            s.process_rewards = v
         stats.update(process_stats)
     return stats
 
 
-def _attach(samples: list[dict], key: str, per_micro: list) -> None:
+def _attach(samples: list[RolloutSample], key: str, per_micro: list) -> None:
     for s, v in zip(samples, [x for micro in per_micro for x in micro]):
-        s[key] = v
+        setattr(s, key, v)
 
 
-def annotate(samples: list[dict], roles, micro: int | batching.Budget, timings: dict, old_logprobs: str = "learner",
+def annotate(samples: list[RolloutSample], roles, micro: int | batching.Budget, timings: dict, old_logprobs: str = "learner",
              pending_ref=None) -> dict[str, float]:
     """Reference / old log-probs and values per token (then advantages, in ``compute_advantages``).
 
@@ -111,10 +112,10 @@ def annotate(samples: list[dict], roles, micro: int | batching.Budget, timings: 
     start = time.perf_counter()
     pending = {}
     use_rollout = old_logprobs == "rollout" and all(
-        s["rollout_logps"] is not None and len(s["rollout_logps"]) == len(s["response_ids"]) for s in samples)
+        s.rollout_logps is not None and len(s.rollout_logps) == len(s.response_ids) for s in samples)
     if use_rollout:
         for s in samples:
-            s["old_logps"] = list(s["rollout_logps"])
+            s.old_logps = list(s.rollout_logps)
     else:
         pending["old_logps"] = (roles.policy.submit("compute_token_logps", samples, micro), "policy log-probs")
     if roles.critic is not None:
@@ -134,7 +135,7 @@ def annotate(samples: list[dict], roles, micro: int | batching.Budget, timings: 
     if use_rollout:
         return stats
     # engine vs learner log-probs of the sampled tokens: ~0 when the weights are in sync
-    diffs = [abs(a - b) for s in samples if s["rollout_logps"] for a, b in zip(s["rollout_logps"], s["old_logps"])]
+    diffs = [abs(a - b) for s in samples if s.rollout_logps for a, b in zip(s.rollout_logps, s.old_logps)]
     return {**stats, "rollout/logp_abs_diff": max(diffs)} if diffs else stats
 
 
@@ -150,7 +151,7 @@ def submit_pipelined_reference(roles, prompts: list[dict], generation_refs: list
             for i, (part, ref) in enumerate(zip(parts, generation_refs))]
 
 
-def _collect_pipelined_reference(samples: list[dict], refs, timeout_s: float):
+def _collect_pipelined_reference(samples: list[RolloutSample], refs, timeout_s: float):
     """Per-sample reference log-probs of a pipelined pass, as ``[[...]]`` (one "micro-batch"), or None
     when there is none or it failed (an engine died: the caller recomputes)."""
     if refs is None:
@@ -164,12 +165,12 @@ def _collect_pipelined_reference(samples: list[dict], refs, timeout_s: float):
         import logging
         logging.getLogger("prefopt").warning("pipelined reference pass failed (%s); computing it again", e)
         return None
-    if len(out) != len(samples) or any(len(o) != len(s["response_ids"]) for o, s in zip(out, samples)):
+    if len(out) != len(samples) or any(len(o) != len(s.response_ids) for o, s in zip(out, samples)):
         return None
     return [out]
 
 
-def learn(samples: list[dict], roles, recipe: Recipe, iteration: int, guard=None) -> tuple[dict[str, float], int]:
+def learn(samples: list[RolloutSample], roles, recipe: Recipe, iteration: int, guard=None) -> tuple[dict[str, float], int]:
     """PPO epochs of policy (and critic) optimizer steps; returns their metrics and the step count.
     ``guard`` (``loops.guards.SkipGuard``) counts policy steps skipped for non-finite values."""
     t, params = recipe.train, recipe.objective

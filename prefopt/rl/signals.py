@@ -1,8 +1,8 @@
 """From scored rollout samples to per-token training signals (pure torch; no actors).
 
-Samples are dicts with ``response_ids`` and per-token lists (``old_logps``, ``ref_logps``,
-``values``, ``process_rewards``) plus the sequence ``reward``; :func:`compute_advantages` writes
-``advantages`` (and ``returns`` with a critic) back into them.
+Samples are :class:`prefopt.data.rollouts.RolloutSample` with per-token lists (``old_logps``,
+``ref_logps``, ``values``, ``process_rewards``) and the sequence ``reward``; :func:`compute_advantages`
+fills in ``advantages`` (and ``returns`` with a critic).
 """
 from __future__ import annotations
 
@@ -11,31 +11,31 @@ import math
 import torch
 
 
-def per_token(samples: list[dict], key: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack each sample's per-token list under ``key`` into ``[N, T]`` (``[N, T, H]`` when each
-    token holds H values, e.g. a multi-head critic) plus the ``[N, T]`` response mask."""
-    width = max(len(s["response_ids"]) for s in samples)
-    first = next((s[key] for s in samples if s.get(key)), None)
+def per_token(samples: list, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack each sample's per-token field ``key`` into ``[N, T]`` (``[N, T, H]`` when each token
+    holds H values, e.g. a multi-head critic) plus the ``[N, T]`` response mask."""
+    width = max(len(s.response_ids) for s in samples)
+    first = next((getattr(s, key) for s in samples if getattr(s, key)), None)
     heads = (len(first[0]),) if first and isinstance(first[0], list) else ()
     values = torch.zeros((len(samples), width) + heads, dtype=torch.float64)
     mask = torch.zeros(len(samples), width, dtype=torch.bool)
     for i, s in enumerate(samples):
-        n = len(s["response_ids"])
+        n = len(s.response_ids)
         mask[i, :n] = True
-        if key in s:
-            values[i, :n] = torch.tensor(s[key], dtype=torch.float64)
+        if getattr(s, key) is not None:
+            values[i, :n] = torch.tensor(getattr(s, key), dtype=torch.float64)
     return values, mask
 
 
-def task_token_rewards(samples: list[dict], params) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+def task_token_rewards(samples: list, params) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """Token rewards: sequence ``reward`` at the last token + process rewards at step ends
     - kl_coef * KL (if ``kl_in_reward``). Returns ``(token_rewards [N, T], mask, stats)``."""
     from prefopt.rl.advantages import masked_mean
     from prefopt.rl.ppo import kl_penalty
 
     old, mask = per_token(samples, "old_logps")
-    token_rewards = at_last_token([s["reward"] for s in samples], mask)
-    if any("process_rewards" in s for s in samples):
+    token_rewards = at_last_token([s.reward for s in samples], mask)
+    if any(s.process_rewards is not None for s in samples):
         token_rewards = token_rewards + per_token(samples, "process_rewards")[0]   # at step ends
     stats = {}
     if params.kl_coef > 0:
@@ -67,16 +67,16 @@ def estimate_advantages(token_rewards: torch.Tensor, values: torch.Tensor | None
     return adv, returns
 
 
-def write_signals(samples: list[dict], advantages: torch.Tensor, returns: torch.Tensor | None) -> None:
+def write_signals(samples: list, advantages: torch.Tensor, returns: torch.Tensor | None) -> None:
     """Per-sample ``advantages`` (and ``returns``, ``[T]`` or ``[T, H]``) lists for the learners."""
     for i, s in enumerate(samples):
-        n = len(s["response_ids"])
-        s["advantages"] = advantages[i, :n].tolist()
+        n = len(s.response_ids)
+        s.advantages = advantages[i, :n].tolist()
         if returns is not None:
-            s["returns"] = returns[i, :n].tolist()
+            s.returns = returns[i, :n].tolist()
 
 
-def compute_advantages(samples: list[dict], params, group_size: int) -> dict[str, float]:
+def compute_advantages(samples: list, params, group_size: int) -> dict[str, float]:
     """Token rewards -> advantages (whitened if asked) and, with a critic, returns; written into
     the samples. Returns KL / critic metrics."""
     from prefopt.rl.ppo import explained_variance

@@ -15,9 +15,9 @@ def use_actor_cpus(num_cpus: float, ray_env: dict) -> int:
     return threads
 
 
-def collate_to(examples: list[dict], pad_id: int, device):
-    """Collate pairs, lists or rollout samples (by their ``kind``) and move them to ``device``."""
-    kind = examples[0].get("kind", "pairs")
+def collate_to(examples: list, pad_id: int, device, kind: str):
+    """Collate a micro-batch of the objective's batch ``kind`` (pairs, lists, sft examples or rollout
+    samples) and move it to ``device``."""
     if kind == "rollouts":
         from prefopt.data.rollouts import collate_rollouts
         batch = collate_rollouts(examples, pad_id=pad_id)
@@ -38,13 +38,13 @@ def sample_token_logps(model, micro_batches: list[list[dict]], pad_id: int, devi
     out = []
     with torch.no_grad():
         for samples in micro_batches:
-            policy = forward_logps(model, collate_to(samples, pad_id, device), temperature,
+            policy = forward_logps(model, collate_to(samples, pad_id, device, "rollouts"), temperature,
                                    packing=packing)
             out.append(response_values(policy.token_logps.double().cpu(), samples))
     return out
 
 
-def response_logps(model, micro_batches: list[list[dict]], pad_id: int, device,
+def response_logps(model, micro_batches: list[list[dict]], pad_id: int, device, kind: str,
                    packing: str | None = None) -> list[list[list[float]]]:
     """No-grad summed response log-probs: per micro-batch, per example, per response."""
     import torch
@@ -55,6 +55,6 @@ def response_logps(model, micro_batches: list[list[dict]], pad_id: int, device,
     out = []
     with torch.no_grad():
         for examples in micro_batches:
-            policy = forward_logps(model, collate_to(examples, pad_id, device), packing=packing)
-            out.append(split_rows(policy.logps.double().cpu(), examples))
+            policy = forward_logps(model, collate_to(examples, pad_id, device, kind), packing=packing)
+            out.append(split_rows(policy.logps.double().cpu(), examples, kind))
     return out

@@ -80,9 +80,9 @@ class LearnerWorker:
                                       for p in self.engine.module.parameters())}
 
     # ------------------------------------------------------------------ helpers
-    def _collate(self, examples: list[dict]):
+    def _collate(self, examples: list):
         from prefopt.roles.common import collate_to
-        return collate_to(examples, self.pad_id, self.device)
+        return collate_to(examples, self.pad_id, self.device, self.objective.batch_kind)
 
     def _forward(self, batch):
         from prefopt.models.logprobs import forward_logps, forward_values
@@ -98,7 +98,7 @@ class LearnerWorker:
         from prefopt.roles.common import response_logps
         self.engine.eval()
         try:
-            return response_logps(self.engine, micro_batches, self.pad_id, self.device,
+            return response_logps(self.engine, micro_batches, self.pad_id, self.device, self.objective.batch_kind,
                                   packing=self.packing)
         finally:
             self.engine.train()

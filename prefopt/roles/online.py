@@ -173,7 +173,8 @@ def verify_sync(roles: OnlineRoles, prompt_ids: list[list[int]], sampling) -> di
     learner_out = roles.policy.call("greedy_generate", [(prompt_ids, sampling.max_tokens)] * len(roles.policy),
                                     what="learner greedy generate")[0]
     matches = [e["response_ids"] == l for e, l in zip(engine_out, learner_out)]
-    samples = [{"kind": "rollouts", "prompt_ids": p, "response_ids": e["response_ids"]}
+    from prefopt.data.rollouts import RolloutSample
+    samples = [RolloutSample(prompt_ids=p, response_ids=e["response_ids"])
                for p, e in zip(prompt_ids, engine_out) if e["response_ids"]]
     learner_logps = [x for m in roles.policy.infer("compute_token_logps", samples, 8) for x in m]
     engine_logps = [e["logprobs"] for e in engine_out if e["response_ids"]]

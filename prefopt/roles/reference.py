@@ -27,11 +27,12 @@ class ReferenceWorker:
         from prefopt.models.packing import packing_mode
         self.packing = packing_mode(recipe.model)
         from prefopt.objectives import get_objective
-        self.temperature = get_objective(recipe.objective.name)(recipe.objective).temperature
+        objective = get_objective(recipe.objective.name)(recipe.objective)
+        self.temperature, self.batch_kind = objective.temperature, objective.batch_kind
 
     def compute_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
         from prefopt.roles.common import response_logps
-        return response_logps(self.model, micro_batches, self.pad_id, self.device,
+        return response_logps(self.model, micro_batches, self.pad_id, self.device, self.batch_kind,
                               packing=self.packing)
 
     def compute_token_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
@@ -44,7 +45,8 @@ class ReferenceWorker:
                                  micro, eos_id: int) -> list[list[float]]:
         """Per-token log-probs of a rollout engine's output (``RolloutWorker.generate``), flattened
         prompt by prompt; Ray passes ``generations`` in once that engine is done (pipelined reference)."""
-        samples = [{"kind": "rollouts", "prompt_ids": p, "response_ids": g["response_ids"] or [eos_id]}
+        from prefopt.data.rollouts import RolloutSample
+        samples = [RolloutSample(prompt_ids=p, response_ids=g["response_ids"] or [eos_id])
                    for p, gens in zip(prompt_ids, generations) for g in gens]
         from prefopt.data.batching import chunk
         return [x for part in self.compute_token_logps(chunk(samples, micro)) for x in part]
