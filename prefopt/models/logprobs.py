@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from prefopt.objectives.base import PolicyOutput
+from prefopt.objectives.base import PolicyOutput, ValueOutput
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -64,7 +64,7 @@ def _packed_forward_logps(model, batch, temperature: float, with_entropy: bool, 
     return out
 
 
-def forward_values(model, batch: dict[str, torch.Tensor], packing: str | None = None) -> PolicyOutput:
+def forward_values(model, batch: dict[str, torch.Tensor], packing: str | None = None) -> ValueOutput:
     """Critic forward: a token-classification head gives V at every position: ``[N, L-1]`` values
     for a one-output head, ``[N, L-1, H]`` for an H-head critic (constrained PPO).
 
@@ -78,13 +78,9 @@ def forward_values(model, batch: dict[str, torch.Tensor], packing: str | None = 
         values = packed.unpack(packed_forward(model, packed).logits[0, packed.keep])
         if values.shape[-1] == 1:
             values = values[..., 0]
-        zero = values.new_zeros(values.shape[0])
-        return PolicyOutput(logps=zero, num_tokens=packed.mask.sum(-1).to(values.dtype), token_mask=packed.mask,
-                            values=values.float())
+        return ValueOutput(values=values.float(), token_mask=packed.mask)
     values = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if values.shape[-1] == 1:
         values = values[..., 0]
     mask = batch["loss_mask"][:, 1:].to(torch.bool)
-    zero = values.new_zeros(values.shape[0])
-    return PolicyOutput(logps=zero, num_tokens=mask.sum(-1).to(values.dtype), token_mask=mask,
-                        values=values[:, :-1].float())
+    return ValueOutput(values=values[:, :-1].float(), token_mask=mask)

@@ -43,8 +43,14 @@ class PolicyOutput:
     # Per-token view, aligned with next-token prediction: index t-1 is the token at position t.
     token_logps: torch.Tensor | None = None   # [N, L-1] log-probs (0 outside token_mask)
     token_mask: torch.Tensor | None = None    # [N, L-1] True on response tokens
-    values: torch.Tensor | None = None        # [N, L-1] critic values V(prefix before token t)
     entropy: torch.Tensor | None = None       # [N, L-1] policy entropy (only if the objective asks)
+
+
+@dataclass
+class ValueOutput:
+    """A critic's forward, aligned as ``PolicyOutput``'s per-token view."""
+    values: torch.Tensor                      # [N, L-1] V(prefix before token t); [N, L-1, H] for H heads
+    token_mask: torch.Tensor                  # [N, L-1] True on response tokens
 
 
 @dataclass

@@ -13,7 +13,8 @@ from typing import Optional
 import torch
 
 from prefopt.errors import ConfigError
-from prefopt.objectives.base import LossOut, Objective, ObjectiveParams, PolicyOutput, register_objective
+from prefopt.objectives.base import (LossOut, Objective, ObjectiveParams, PolicyOutput, ValueOutput,
+                                     register_objective)
 
 
 @dataclass
@@ -126,10 +127,10 @@ class ValueObjective(Objective):
     name = "value"
     batch_kind = "rollouts"
 
-    def loss(self, policy: PolicyOutput, batch: dict[str, torch.Tensor]) -> LossOut:
+    def loss(self, critic: ValueOutput, batch: dict[str, torch.Tensor]) -> LossOut:
         from prefopt.rl.ppo import value_loss
 
-        values, mask = policy.values, policy.token_mask
+        values, mask = critic.values, critic.token_mask
         if values.ndim == 3:
             mask = mask.unsqueeze(-1).expand_as(values)
         loss, metrics = value_loss(values, batch["values"].to(values.dtype), batch["returns"].to(values.dtype),
