@@ -1,17 +1,18 @@
 """How global batches become learner shards and micro-batches (pure, no Ray)."""
 from prefopt.data import batching
+from prefopt.data.examples import Example
 from prefopt.data.rollouts import RolloutSample
 
 
-def _pair(prompt_len: int, chosen_len: int, rejected_len: int, tag: int) -> dict:
-    return {"prompt_ids": [1] * prompt_len,
-            "response_ids": [[2] * chosen_len, [3] * rejected_len], "tag": tag}
+def _pair(prompt_len: int, chosen_len: int, rejected_len: int, tag: int) -> Example:
+    return Example(prompt_ids=[1] * prompt_len, response_ids=[[2] * chosen_len, [3] * rejected_len],
+                   scores=[1.0, 0.0], row=tag)
 
 
 def test_sorted_split_keeps_every_example_once_and_balances_learners():
     batch = [_pair(3, n % 7 + 1, n % 5 + 1, n) for n in range(16)]
     shards = batching.split_for_learners(batch, 2, 4, sort_by_length=True)
-    tags = sorted(ex["tag"] for shard in shards for micro in shard for ex in micro)
+    tags = sorted(ex.row for shard in shards for micro in shard for ex in micro)
     assert tags == list(range(16))
     assert [len(micro) for shard in shards for micro in shard] == [4] * 4
     for shard in shards:   # longest first within each learner's shard
@@ -54,7 +55,7 @@ def test_budget_counts_the_packed_row():
 def test_token_budget_chunks_greedily_in_order():
     items = [_pair(2, n, n, n) for n in (4, 4, 4, 1, 1, 20)]       # costs 10, 10, 10, 4, 4, 42
     chunks = batching.chunk(items, batching.Budget(24))
-    assert [[ex["tag"] for ex in c] for c in chunks] == [[4, 4], [4, 1, 1], [20]]
+    assert [[ex.row for ex in c] for c in chunks] == [[4, 4], [4, 1, 1], [20]]
     assert all(sum(batching.Budget(24).cost(ex) for ex in c) <= 24 for c in chunks[:2])
     assert batching.chunk(items, 4) == [items[:4], items[4:]]      # a count: fixed-size chunks
 
@@ -64,7 +65,7 @@ def test_token_budget_gives_every_learner_the_same_number_of_micro_batches():
     shards = batching.split_for_learners(batch, 2, batching.Budget(70), sort_by_length=True)
     counts = [len(shard) for shard in shards]
     assert counts[0] == counts[1] >= 2
-    tags = sorted(ex["tag"] for shard in shards for micro in shard for ex in micro)
+    tags = sorted(ex.row for shard in shards for micro in shard for ex in micro)
     assert tags == list(range(8))
     assert all(micro for shard in shards for micro in shard)
 
@@ -73,5 +74,5 @@ def test_inference_plan_with_a_budget_restores_order():
     items = [_pair(2, n % 5 + 1, 1, n) for n in range(11)]
     plan, keep = batching.shard_for_inference(items, 2, batching.Budget(12))
     assert len(plan[0]) == len(plan[1])
-    flat = [ex["tag"] for r in range(2) for micro, k in zip(plan[r], keep[r]) if k for ex in micro]
+    flat = [ex.row for r in range(2) for micro, k in zip(plan[r], keep[r]) if k for ex in micro]
     assert flat == list(range(11))

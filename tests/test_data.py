@@ -1,4 +1,5 @@
 """prefopt.data: file formats, chat rendering, truncation, collation, held-out split, synthetic."""
+import dataclasses
 import json
 
 import pyarrow as pa
@@ -18,6 +19,7 @@ from prefopt.data import (
     make_micro_batches,
     truncate,
 )
+from prefopt.data.examples import Example
 from prefopt.errors import DataError
 from prefopt.models.tiny import resolve_model_path
 
@@ -52,16 +54,16 @@ def test_jsonl_json_parquet_load_identically(tmp_path, tok, cache):
     assert reference.source == str(jsonl)
     for name, data in loaded.items():
         assert data.kind == "pairs"
-        assert sorted(data.train, key=lambda e: e["row"]) == reference.train, name
+        assert sorted(data.train, key=lambda e: e.row) == reference.train, name
 
     eos = tok.eos_token_id
     for i, (row, ex) in enumerate(zip(PAIRS, reference.train)):
-        assert ex["row"] == i
-        assert ex["prompt_ids"] == tok(row["prompt"])["input_ids"]
-        assert ex["prompt_ids"][0] == tok.bos_token_id
-        assert ex["response_ids"] == [plain_ids(tok, row["chosen"]) + [eos],
+        assert ex.row == i
+        assert ex.prompt_ids == tok(row["prompt"])["input_ids"]
+        assert ex.prompt_ids[0] == tok.bos_token_id
+        assert ex.response_ids == [plain_ids(tok, row["chosen"]) + [eos],
                                       plain_ids(tok, row["rejected"]) + [eos]]
-        assert ex["scores"] == [1.0, 0.0]
+        assert ex.scores == [1.0, 0.0]
 
 
 def test_load_rows_returns_plain_rows(tmp_path, cache):
@@ -84,11 +86,11 @@ def test_chat_rows_render_with_template_and_mask_only_the_assistant_part(tmp_pat
 
     prompt_text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     assert prompt_text == "<s><|system|>\nbe kind</s>\n<|user|>\nDescribe the river.</s>\n<|assistant|>\n"
-    assert ex["prompt_ids"] == plain_ids(tok, prompt_text)
-    assert ex["prompt_ids"][0] == tok.bos_token_id and ex["prompt_ids"].count(tok.bos_token_id) == 1
+    assert ex.prompt_ids == plain_ids(tok, prompt_text)
+    assert ex.prompt_ids[0] == tok.bos_token_id and ex.prompt_ids.count(tok.bos_token_id) == 1
     # the response is the conversation's rendering beyond the prompt's: content + eos + "\n"
-    assert ex["response_ids"][0] == plain_ids(tok, "kind clear honest.</s>\n")
-    assert ex["response_ids"][1] == plain_ids(tok, "rude vague.</s>\n")
+    assert ex.response_ids[0] == plain_ids(tok, "kind clear honest.</s>\n")
+    assert ex.response_ids[1] == plain_ids(tok, "rude vague.</s>\n")
 
     batch = collate_examples(data.train, pad_id=tok.pad_token_id, kind="pairs")
     full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": "kind clear honest."}],
@@ -98,7 +100,7 @@ def test_chat_rows_render_with_template_and_mask_only_the_assistant_part(tmp_pat
     mask = batch["loss_mask"][0]
     assert tok.decode(batch["input_ids"][0][mask]) == "kind clear honest.</s>\n"
     assert tok.decode(batch["input_ids"][0][~mask & batch["attention_mask"][0].bool()]) == prompt_text
-    assert int(mask.sum()) == len(ex["response_ids"][0])
+    assert int(mask.sum()) == len(ex.response_ids[0])
 
 
 def test_truncation_keeps_prompt_end_with_bos_and_response_start(tmp_path, tok, cache):
@@ -111,18 +113,18 @@ def test_truncation_keeps_prompt_end_with_bos_and_response_start(tmp_path, tok, 
     ex = load(write_jsonl(tmp_path / "long.jsonl", [row]), tok, cache,
               max_prompt_length=8, max_length=14).train[0]
 
-    assert len(ex["prompt_ids"]) == 8
-    assert ex["prompt_ids"] == [tok.bos_token_id] + full_prompt[-7:]          # bos re-added, end kept
-    assert tok.decode(ex["prompt_ids"]).endswith("Describe the river.")
-    assert ex["response_ids"][0] == full_response[:6]                         # 14 - 8 tokens, start kept
-    assert ex["response_ids"][1] == plain_ids(tok, "rude.") + [tok.eos_token_id]   # short: untouched
+    assert len(ex.prompt_ids) == 8
+    assert ex.prompt_ids == [tok.bos_token_id] + full_prompt[-7:]          # bos re-added, end kept
+    assert tok.decode(ex.prompt_ids).endswith("Describe the river.")
+    assert ex.response_ids[0] == full_response[:6]                         # 14 - 8 tokens, start kept
+    assert ex.response_ids[1] == plain_ids(tok, "rude.") + [tok.eos_token_id]   # short: untouched
 
     # a short prompt is left alone; the response gets the rest of max_length
     short = {"prompt": "Describe the river.", "chosen": response, "rejected": "rude."}
     ex = load(write_jsonl(tmp_path / "short.jsonl", [short]), tok, cache,
               max_prompt_length=8, max_length=12).train[0]
-    assert ex["prompt_ids"] == tok("Describe the river.")["input_ids"]
-    assert len(ex["response_ids"][0]) == 12 - len(ex["prompt_ids"])
+    assert ex.prompt_ids == tok("Describe the river.")["input_ids"]
+    assert len(ex.response_ids[0]) == 12 - len(ex.prompt_ids)
 
 
 def test_truncate_function():
@@ -134,10 +136,8 @@ def test_truncate_function():
 
 
 EXAMPLES = [
-    {"prompt_ids": [5, 6], "response_ids": [[7], [8, 9]], "scores": [1.0, 0.0], "row": 0,
-     "ref_logps": [-1.0, -2.0]},
-    {"prompt_ids": [10], "response_ids": [[11, 12, 13], [14]], "scores": [1.0, 0.0], "row": 1,
-     "ref_logps": [-3.0, -4.0]},
+    Example(prompt_ids=[5, 6], response_ids=[[7], [8, 9]], scores=[1.0, 0.0], row=0, ref_logps=[-1.0, -2.0]),
+    Example(prompt_ids=[10], response_ids=[[11, 12, 13], [14]], scores=[1.0, 0.0], row=1, ref_logps=[-3.0, -4.0]),
 ]
 
 
@@ -154,13 +154,13 @@ def test_collate_pairs_row_order_padding_and_masks():
     assert batch["ref_logps"].dtype == torch.float64
     assert batch["ref_logps"].tolist() == [-1.0, -3.0, -2.0, -4.0]       # chosen_0, chosen_1, rejected_0, ...
     assert count_tokens(EXAMPLES) == int(batch["attention_mask"].sum()) == 13
-    no_ref = [{k: v for k, v in ex.items() if k != "ref_logps"} for ex in EXAMPLES]
+    no_ref = [dataclasses.replace(ex, ref_logps=None) for ex in EXAMPLES]
     assert "ref_logps" not in collate_examples(no_ref, pad_id=0, kind="pairs")
 
 
 def test_collate_lists_row_major_with_slot_mask():
-    examples = [{"prompt_ids": [1], "response_ids": [[2], [3, 4], [5]], "scores": [0.0, 2.0, 1.0], "row": 0},
-                {"prompt_ids": [6, 7], "response_ids": [[8, 9], [10]], "scores": [1.0, 3.0], "row": 1}]
+    examples = [Example(prompt_ids=[1], response_ids=[[2], [3, 4], [5]], scores=[0.0, 2.0, 1.0], row=0),
+                Example(prompt_ids=[6, 7], response_ids=[[8, 9], [10]], scores=[1.0, 3.0], row=1)]
     batch = collate_examples(examples, pad_id=99, kind="lists")
     assert batch["input_ids"].tolist() == [[1, 2, 99, 99], [1, 3, 4, 99], [1, 5, 99, 99],
                                            [6, 7, 8, 9], [6, 7, 10, 99]]
@@ -185,7 +185,7 @@ def test_held_out_split_is_seeded_disjoint_and_capped(tok, cache):
     a = load("synthetic:pairs", tok, cache, seed=7, eval_fraction=0.2, **kw)
     b = load("synthetic:pairs", tok, cache, seed=7, eval_fraction=0.2, **kw)
     c = load("synthetic:pairs", tok, cache, seed=8, eval_fraction=0.2, **kw)
-    rows = lambda exs: [e["row"] for e in exs]   # noqa: E731
+    rows = lambda exs: [e.row for e in exs]   # noqa: E731
     assert len(a.eval) == 10 and len(a.train) == 40
     assert a.train == b.train and a.eval == b.eval
     assert rows(c.eval) != rows(a.eval)
@@ -217,11 +217,11 @@ def test_synthetic_data_load(tok, cache, kind):
     assert data.source.endswith(".jsonl")
     k = 2 if kind == "pairs" else 3
     for ex in data.train + data.eval:
-        assert len(ex["response_ids"]) == len(ex["scores"]) == k
-        assert ex["prompt_ids"][0] == tok.bos_token_id
-        assert all(r[-1] == tok.eos_token_id for r in ex["response_ids"])
+        assert len(ex.response_ids) == len(ex.scores) == k
+        assert ex.prompt_ids[0] == tok.bos_token_id
+        assert all(r[-1] == tok.eos_token_id for r in ex.response_ids)
     if kind == "lists":
-        assert sorted(data.train[0]["scores"]) == [0.0, 1.0, 2.0]
+        assert sorted(data.train[0].scores) == [0.0, 1.0, 2.0]
     batch = collate_examples(data.train[:4], pad_id=tok.pad_token_id, kind=kind)
     assert batch["input_ids"].shape[0] == 4 * k and batch["scores"].shape == (4, k)
 
@@ -234,7 +234,7 @@ def test_on_error_skip_counts_dropped_rows(tmp_path, tok, cache):
         load(path, tok, cache)
     data = load(path, tok, cache, on_error="skip")
     assert data.num_skipped == 2
-    assert [e["row"] for e in data.train] == [0, 2, 4]
+    assert [e.row for e in data.train] == [0, 2, 4]
     assert "row 1" in data.skip_messages[0] and "row 3" in data.skip_messages[1]
 
     all_bad = write_jsonl(tmp_path / "all_bad.jsonl", [rows[1], rows[3]])

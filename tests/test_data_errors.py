@@ -244,7 +244,7 @@ def test_fuzz_rows_load_or_raise_data_error(tmp_path_factory, tok, cache, rows, 
     assert data.kind in ("pairs", "lists") and data.train
     assert data.num_skipped == 0 or on_error == "skip"
     for ex in data.train:
-        assert 1 <= len(ex["prompt_ids"]) <= max_length // 2
-        assert len(ex["response_ids"]) == len(ex["scores"]) >= 2
-        assert all(1 <= len(r) and len(ex["prompt_ids"]) + len(r) <= max_length for r in ex["response_ids"])
-        assert all(type(s) is float and math.isfinite(s) for s in ex["scores"]) and len(set(ex["scores"])) > 1
+        assert 1 <= len(ex.prompt_ids) <= max_length // 2
+        assert len(ex.response_ids) == len(ex.scores) >= 2
+        assert all(1 <= len(r) and len(ex.prompt_ids) + len(r) <= max_length for r in ex.response_ids)
+        assert all(type(s) is float and math.isfinite(s) for s in ex.scores) and len(set(ex.scores)) > 1

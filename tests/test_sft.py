@@ -31,13 +31,13 @@ def test_sft_rows_plain_and_chat(tok):
             {"prompt": [{"role": "user", "content": "Describe the city."}],
              "response": [{"role": "assistant", "content": "calm warm."}]}]
     kind, examples, skipped, _ = build_examples(rows, tok, cfg, source="sft.jsonl")
-    assert kind == "sft" and skipped == 0 and [len(e["response_ids"]) for e in examples] == [1, 1]
-    assert tok.decode(examples[0]["response_ids"][0], skip_special_tokens=True) == "kind clear."
+    assert kind == "sft" and skipped == 0 and [len(e.response_ids) for e in examples] == [1, 1]
+    assert tok.decode(examples[0].response_ids[0], skip_special_tokens=True) == "kind clear."
     chat = [{"messages": [{"role": "user", "content": "Describe the city."},
                           {"role": "assistant", "content": "calm warm."}]}]
     _, from_messages, _, _ = build_examples(chat, tok, cfg, source="chat.jsonl")
-    assert from_messages[0]["prompt_ids"] == examples[1]["prompt_ids"]
-    assert from_messages[0]["response_ids"] == examples[1]["response_ids"]
+    assert from_messages[0].prompt_ids == examples[1].prompt_ids
+    assert from_messages[0].response_ids == examples[1].response_ids
 
 
 @pytest.mark.parametrize("row,field,message", [

@@ -56,7 +56,7 @@ def cache_reference_logps(roles: OfflineRoles, examples: list[dict], micro: int 
     flat = [logps for micro_out in per_micro for logps in micro_out]
     assert len(flat) == len(examples), (len(flat), len(examples))
     for ex, logps in zip(examples, flat):
-        ex["ref_logps"] = logps
+        ex.ref_logps = logps
 
 
 def evaluate(roles: OfflineRoles, examples: list[dict], micro) -> dict[str, float]:

@@ -36,20 +36,14 @@ def step_batches(num_examples: int, batch_size: int, *, seed: int, epochs: int,
     return steps
 
 
-def _prompt(example) -> list[int]:
-    return example.prompt_ids if isinstance(example, RolloutSample) else example["prompt_ids"]
-
-
 def _responses(example) -> list:
-    """An example's responses (a rollout sample holds one)."""
-    if isinstance(example, RolloutSample):
-        return [example.response_ids]
-    return example.get("response_ids") or [[]]
+    """The responses of an ``Example``, or of a ``RolloutSample`` (which holds one)."""
+    return [example.response_ids] if isinstance(example, RolloutSample) else example.response_ids
 
 
 def example_length(example) -> int:
     """Padded row length an example needs: prompt plus its longest response."""
-    return len(_prompt(example)) + max(len(r) for r in _responses(example))
+    return len(example.prompt_ids) + max(len(r) for r in _responses(example))
 
 
 @dataclass(frozen=True)
@@ -60,10 +54,10 @@ class Budget:
     tokens: int
     share_prompts: bool = True
 
-    def cost(self, example: dict) -> int:
+    def cost(self, example) -> int:
         responses = _responses(example)
         copies = 1 if self.share_prompts else len(responses)
-        return copies * len(_prompt(example)) + sum(len(r) for r in responses)
+        return copies * len(example.prompt_ids) + sum(len(r) for r in responses)
 
 
 
@@ -153,7 +147,7 @@ def shard_for_inference(items: list, num_learners: int, micro: int | Budget):
     return plan, keep
 
 
-def split_rows(values, examples: list[dict], kind: str) -> list[list[float]]:
+def split_rows(values, examples: list, kind: str) -> list[list[float]]:
     """Per-row values of a collated micro-batch of ``kind`` -> per example, its responses' values in
     order. Rows are ordered as ``collate_examples`` builds them: pairs as a chosen block then a
     rejected block; lists (and SFT's single responses) row-major.
@@ -164,7 +158,7 @@ def split_rows(values, examples: list[dict], kind: str) -> list[list[float]]:
         return [[values[i], values[b + i]] for i in range(b)]
     out, pos = [], 0
     for ex in examples:
-        k = len(ex["response_ids"])
+        k = len(ex.response_ids)
         out.append(values[pos:pos + k])
         pos += k
     return out

@@ -18,12 +18,12 @@ import torch
 KINDS = ("pairs", "lists", "sft")
 
 
-def collate_examples(examples: list[dict], *, pad_id: int, kind: str) -> dict[str, torch.Tensor]:
+def collate_examples(examples: list, *, pad_id: int, kind: str) -> dict[str, torch.Tensor]:
     """Tensors of a micro-batch of ``B`` examples with ``N`` response rows in total.
 
     ``input_ids`` / ``attention_mask`` ``[N, L]`` long, ``loss_mask`` ``[N, L]`` bool,
     ``scores`` ``[B, K]`` float (0 on padded slots), ``slot_mask`` ``[B, K]`` bool, and
-    ``ref_logps`` ``[N]`` float64 when every example carries ``"ref_logps"``.
+    ``ref_logps`` ``[N]`` float64 when every example carries its ``ref_logps``.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown batch kind '{kind}' (expected one of {KINDS})")
@@ -33,49 +33,47 @@ def collate_examples(examples: list[dict], *, pad_id: int, kind: str) -> dict[st
         raise ValueError("pad_id is None (set the tokenizer's pad token)")
     if kind == "pairs":
         for ex in examples:
-            if len(ex["response_ids"]) != 2:
-                raise ValueError(f"a pairs example has 2 responses, row {ex.get('row')} has "
-                                 f"{len(ex['response_ids'])}")
+            if len(ex.response_ids) != 2:
+                raise ValueError(f"a pairs example has 2 responses, row {ex.row} has {len(ex.response_ids)}")
         slots = [(b, k) for k in range(2) for b in range(len(examples))]
     else:
-        slots = [(b, k) for b, ex in enumerate(examples) for k in range(len(ex["response_ids"]))]
+        slots = [(b, k) for b, ex in enumerate(examples) for k in range(len(ex.response_ids))]
 
-    rows = [list(examples[b]["prompt_ids"]) + list(examples[b]["response_ids"][k]) for b, k in slots]
+    rows = [list(examples[b].prompt_ids) + list(examples[b].response_ids[k]) for b, k in slots]
     width = max(len(row) for row in rows)
     input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], dtype=torch.long)
     attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], dtype=torch.long)
-    prompt_lengths = [len(examples[b]["prompt_ids"]) for b, _ in slots]
+    prompt_lengths = [len(examples[b].prompt_ids) for b, _ in slots]
     loss_mask = torch.tensor([[False] * p + [True] * (len(row) - p) + [False] * (width - len(row))
                               for p, row in zip(prompt_lengths, rows)], dtype=torch.bool)
 
-    num_slots = max(len(ex["response_ids"]) for ex in examples)
+    num_slots = max(len(ex.response_ids) for ex in examples)
     for ex in examples:
-        if len(ex["scores"]) != len(ex["response_ids"]):
-            raise ValueError(f"row {ex.get('row')}: {len(ex['scores'])} scores for {len(ex['response_ids'])} responses")
-    scores = torch.tensor([list(ex["scores"]) + [0.0] * (num_slots - len(ex["scores"])) for ex in examples],
+        if len(ex.scores) != len(ex.response_ids):
+            raise ValueError(f"row {ex.row}: {len(ex.scores)} scores for {len(ex.response_ids)} responses")
+    scores = torch.tensor([list(ex.scores) + [0.0] * (num_slots - len(ex.scores)) for ex in examples],
                           dtype=torch.float32)
-    slot_mask = torch.tensor([[True] * len(ex["response_ids"]) + [False] * (num_slots - len(ex["response_ids"]))
+    slot_mask = torch.tensor([[True] * len(ex.response_ids) + [False] * (num_slots - len(ex.response_ids))
                               for ex in examples], dtype=torch.bool)
 
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
              "scores": scores, "slot_mask": slot_mask}
-    if all("ref_logps" in ex for ex in examples):
+    if all(ex.ref_logps is not None for ex in examples):
         for ex in examples:
-            if len(ex["ref_logps"]) != len(ex["response_ids"]):
-                raise ValueError(f"row {ex.get('row')}: {len(ex['ref_logps'])} ref_logps for "
-                                 f"{len(ex['response_ids'])} responses")
-        batch["ref_logps"] = torch.tensor([float(examples[b]["ref_logps"][k]) for b, k in slots],
+            if len(ex.ref_logps) != len(ex.response_ids):
+                raise ValueError(f"row {ex.row}: {len(ex.ref_logps)} ref_logps for {len(ex.response_ids)} responses")
+        batch["ref_logps"] = torch.tensor([float(examples[b].ref_logps[k]) for b, k in slots],
                                           dtype=torch.float64)
     return batch
 
 
-def count_tokens(examples: list[dict]) -> int:
+def count_tokens(examples: list) -> int:
     """Non-pad tokens of the collated micro-batch (the prompt counts once per response row)."""
-    return sum(len(ex["prompt_ids"]) * len(ex["response_ids"]) + sum(len(r) for r in ex["response_ids"])
+    return sum(len(ex.prompt_ids) * len(ex.response_ids) + sum(len(r) for r in ex.response_ids)
                for ex in examples)
 
 
-def make_micro_batches(examples: list[dict], micro_batch_size: int) -> list[list[dict]]:
+def make_micro_batches(examples: list, micro_batch_size: int) -> list[list]:
     """Consecutive chunks of ``micro_batch_size`` examples (the last one may be smaller)."""
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1 (got {micro_batch_size})")

@@ -22,9 +22,9 @@ plus its last ``max_prompt_length - 1`` tokens. Each response then keeps its *fi
 ``max_length - len(prompt)`` tokens (>= 1, since ``max_prompt_length < max_length``); a truncated
 response loses its eos.
 
-An example is ``{"prompt_ids": [int], "response_ids": [[int]], "scores": [float], "row": int}``;
-pairs have two responses, chosen first, scores ``[1.0, 0.0]``. ``row`` is the 0-based index of the
-row in its source, as in error messages ("row 12").
+An example is an :class:`Example`: pairs have two responses, chosen first, scores ``[1.0, 0.0]``;
+an SFT example one response. ``row`` is the 0-based index of the row in its source, as in error
+messages ("row 12").
 """
 from __future__ import annotations
 
@@ -36,6 +36,17 @@ from prefopt.config_schema import DataConfig
 from prefopt.errors import DataError
 
 MAX_SKIP_MESSAGES = 5
+
+
+@dataclass
+class Example:
+    """One tokenized row: a prompt and its K responses (pairs: chosen then rejected, K = 2; lists: K
+    graded responses; SFT: K = 1)."""
+    prompt_ids: list[int]                     # [P]
+    response_ids: list[list[int]]             # K x [T_k]
+    scores: list[float]                       # [K] (pairs: [1.0, 0.0])
+    row: int = -1                             # 0-based index of the row in its source
+    ref_logps: list[float] | None = None      # [K] summed reference log-probs, cached before training
 
 
 def detect_kind(row, cfg: DataConfig, *, source: str, row_index: int) -> str:
@@ -69,7 +80,7 @@ class _Rendered:
 
 
 def build_examples(rows: list, tokenizer, cfg: DataConfig, *, source: str
-                   ) -> tuple[str, list[dict], int, list[str]]:
+                   ) -> tuple[str, list[Example], int, list[str]]:
     """Validate and tokenize ``rows``: ``(kind, examples, num_skipped, first_skip_messages)``.
 
     With ``cfg.on_error == "skip"`` malformed rows are dropped and counted; if none is left, the
@@ -272,7 +283,7 @@ def _tokenize(texts: list[str], tokenizer, add_special_tokens: bool) -> list:
         return out
 
 
-def _make_example(r: _Rendered, prompt_ids, response_ids, tokenizer, cfg, source) -> dict:
+def _make_example(r: _Rendered, prompt_ids, response_ids, tokenizer, cfg, source) -> Example:
     for ids, name in [(prompt_ids, cfg.prompt_field)] + list(zip(response_ids, r.response_fields)):
         if isinstance(ids, Exception):
             raise DataError(f"tokenization failed: {type(ids).__name__}: {ids}", source=source,
@@ -287,7 +298,7 @@ def _make_example(r: _Rendered, prompt_ids, response_ids, tokenizer, cfg, source
             raise DataError("the response has no tokens", source=source, row=r.row, field=name)
     prompt_ids, response_ids = truncate(prompt_ids, response_ids, max_prompt_length=cfg.max_prompt_length,
                                         max_length=cfg.max_length, bos_id=tokenizer.bos_token_id)
-    return {"prompt_ids": prompt_ids, "response_ids": response_ids, "scores": list(r.scores), "row": r.row}
+    return Example(prompt_ids=prompt_ids, response_ids=response_ids, scores=list(r.scores), row=r.row)
 
 
 def truncate(prompt_ids: list[int], response_ids: list[list[int]], *, max_prompt_length: int,
