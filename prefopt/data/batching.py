@@ -17,13 +17,13 @@ from dataclasses import dataclass
 from prefopt.data.rollouts import RolloutSample
 
 
-def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+def epoch_order(num_examples: int, seed: int | str, epoch: int) -> list[int]:
     order = list(range(num_examples))
     random.Random(f"{seed}-{epoch}").shuffle(order)
     return order
 
 
-def step_batches(num_examples: int, batch_size: int, *, seed: int, epochs: int,
+def step_batches(num_examples: int, batch_size: int, *, seed: int | str, epochs: int,
                  max_steps: int = -1) -> list[list[int]]:
     """Indices of each optimizer step's global batch (the incomplete last batch is dropped)."""
     steps = []

@@ -175,22 +175,22 @@ def learn(samples: list[RolloutSample], roles, recipe: Recipe, iteration: int, g
     ``guard`` (``loops.guards.SkipGuard``) counts policy steps skipped for non-finite values."""
     t, params = recipe.train, recipe.objective
     policy_stats, critic_stats, skipped = [], [], 0
-    for epoch in range(params.ppo_epochs):
-        order = list(range(len(samples)))
-        random.Random(f"{t.seed}-{iteration}-{epoch}").shuffle(order)
-        for b in range(0, len(order) - t.batch_size + 1, t.batch_size):
-            batch = [samples[i] for i in order[b:b + t.batch_size]]
-            step = roles.policy.train_step(batch, batching.train_micro(recipe),
-                                           what=f"policy step (iteration {iteration})",
-                                           inject_nan=iteration in t.debug_nan_steps)
-            policy_stats += step
-            if guard is not None:
-                check = {"loss": means(merge_summaries(step))["loss"], "skipped": step[0]["skipped"]}
-                skipped += guard.check(check, f"{iteration} (PPO epoch {epoch}, batch {b // t.batch_size})",
-                                       order[b:b + t.batch_size]) > 0
-            if roles.critic is not None:
-                critic_stats += roles.critic.train_step(batch, batching.train_micro(recipe),
-                                                        what=f"critic step (iteration {iteration})")
+    per_epoch = len(samples) // t.batch_size
+    # mini-batches: a seeded shuffle per PPO epoch (the offline loop's step_batches, seeded per iteration)
+    for n, indices in enumerate(batching.step_batches(len(samples), t.batch_size, seed=f"{t.seed}-{iteration}",
+                                                      epochs=params.ppo_epochs)):
+        batch = [samples[i] for i in indices]
+        step = roles.policy.train_step(batch, batching.train_micro(recipe),
+                                       what=f"policy step (iteration {iteration})",
+                                       inject_nan=iteration in t.debug_nan_steps)
+        policy_stats += step
+        if guard is not None:
+            check = {"loss": means(merge_summaries(step))["loss"], "skipped": step[0]["skipped"]}
+            skipped += guard.check(check, f"{iteration} (PPO epoch {n // per_epoch}, batch {n % per_epoch})",
+                                   indices) > 0
+        if roles.critic is not None:
+            critic_stats += roles.critic.train_step(batch, batching.train_micro(recipe),
+                                                    what=f"critic step (iteration {iteration})")
     stats = means(merge_summaries(policy_stats))
     stats.update(grad_norm=policy_stats[-1]["grad_norm"], lr=policy_stats[-1]["lr"], skipped_steps=skipped,
                  policy_steps_time_s=sum(p["time_s"] for p in policy_stats[::len(roles.policy)]))
