@@ -76,7 +76,6 @@ class PreferenceOptimization(Algorithm):
         self.grad_accum = t.batch_size // (t.micro_batch_size * self.recipe.roles.learner.num_actors)
         self.queued: dict[int, list] = {}   # step -> learner calls submitted while the step before ran
         self.last_done = None
-        run.result.steps = len(self.batches)
 
     @classmethod
     def role_spec(cls, recipe) -> RoleSpec:
@@ -138,7 +137,7 @@ class PreferenceOptimization(Algorithm):
         self.guard.check(stats, step, self.batches[step - 1])
         if evaluate_now:
             self._evaluate(step)
-        return stats, 0
+        return stats, 1
 
     def in_flight(self, step: int) -> bool:
         return step in self.queued
