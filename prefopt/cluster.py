@@ -21,7 +21,7 @@ WORKER_ENV = {
 # glibc malloc: keep freed memory in the process instead of handing it back to the OS after every
 # micro-batch. By default large tensors are mmap-ed and unmapped on free, and the heap is trimmed,
 # so each training step faults the same 140-340 MB of pages in again (35-85k page faults per step
-# on the llama-30m benchmark, -7% step time once they are gone; docs/benchmarks.md, session 6/7).
+# on the llama-30m benchmark, -7% step time once they are gone; docs/benchmarks.md).
 # The learner's peak RSS did not rise in that benchmark; the memory is kept between steps instead.
 # Only for runs whose roles use no GPU: a GPU node's host memory sees little churn, and a freed
 # multi-GB host buffer (a gathered checkpoint) should go back to the OS there.
