@@ -10,7 +10,9 @@ def write_jsonl(path, rows):
 # A reward function that misbehaves on purpose (the online loop's reward guard): NaN for the calls
 # numbered in FLAKY_NAN_CALLS (one call per sample), else the good-word fraction.
 FLAKY_CALLS = {"count": 0}
-FLAKY_NAN_CALLS = range(64, 128)   # tiny_grpo: 64 samples per iteration -> all of iteration 2
+# call 0 is the pre-flight probe (prefopt.rewards.sources.probe_rewards); then tiny_grpo's 64 samples per
+# iteration: calls 65..128 are all of iteration 2
+FLAKY_NAN_CALLS = range(1 + 64, 1 + 128)
 
 
 def flaky_good_word_fraction(*, prompt, response, row):

@@ -60,7 +60,7 @@ def test_non_finite_reward_names_the_source_and_sample():
     from prefopt.config_schema import RewardRoleConfig, RewardSourceConfig
     from prefopt.rewards.sources import NonFiniteReward, SequenceRewards
     import data_helpers
-    data_helpers.FLAKY_CALLS["count"] = 63          # the 2nd call of this batch is the 64th overall: NaN
+    data_helpers.FLAKY_CALLS["count"] = 64          # the 2nd call of this batch is the first NaN one (65)
     cfg = RewardRoleConfig(sources=[RewardSourceConfig(fn="data_helpers:flaky_good_word_fraction", name="flaky")])
     with pytest.raises(NonFiniteReward, match=r"reward 'flaky' returned nan for 2 sample\(s\), first: sample 1") as err:
         SequenceRewards(cfg)(["p"] * 3, ["kind", "kind", "kind"], [{}] * 3)
