@@ -168,22 +168,23 @@ def test_cli_arguments():
         parser.parse_args([RECIPE])   # --grid is required
 
 
-FAST = ["train.max_steps=3", "roles.learner.num_actors=1", "roles.learner.zero_stage=0",
+FAST = ["train.max_steps=3", "train.max_skipped_steps=0", "roles.learner.num_actors=1", "roles.learner.zero_stage=0",
         "output.save_model=false", "output.tensorboard=false", "data.synthetic.num_rows=64", "train.eval_every=0"]
 
 
 @pytest.mark.slow
 def test_real_sweep_of_tiny_dpo_with_a_failing_point_then_rerun(tmp_path):
     out = tmp_path / "sweep"
-    # model.path=/nonexistent/model validates (the model is only loaded at run time) and then fails
-    grids = ["objective.beta=0.05,0.1", "model.path=builtin:tiny-llama,/nonexistent/model"]
+    # every point passes the pre-flight; the points with a NaN loss at step 1 (and no skipped step allowed)
+    # fail at run time
+    grids = ["objective.beta=0.05,0.1", "train.debug_nan_steps=[],[1]"]
     t0 = time.time()
     res = run_sweep(RECIPE, grids, 2, overrides=FAST, out_dir=out, concurrency=2)
     first = time.time() - t0
     status = {p["id"]: p["status"] for p in res.points}
     assert len(status) == 8
     for pid, s in status.items():
-        assert s == ("failed" if "nonexistent" in pid else "done"), (pid, s, res.md_path.read_text())
+        assert s == ("failed" if "[1]" in pid else "done"), (pid, s, res.md_path.read_text())
     assert all(p["returncode"] != 0 for p in res.failed)
     assert res.metrics == ["eval/rewards/accuracy", "eval/loss", "train/loss"]
     for p in res.points:
@@ -193,13 +194,13 @@ def test_real_sweep_of_tiny_dpo_with_a_failing_point_then_rerun(tmp_path):
     md = res.md_path.read_text()
     for beta in ("0.05", "0.1"):
         row = next(line for line in md.splitlines()
-                   if line.startswith(f"| objective.beta={beta},model.path=builtin:tiny-llama |"))
+                   if line.startswith(f"| objective.beta={beta},train.debug_nan_steps=[] |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert cells[1:3] == ["2", "0"]
         for cell in cells[3:]:
             mean, std = cell.split(" ± ")
             float(mean), float(std)
-    assert "## Failed points" in md and "nonexistent" in md
+    assert "## Failed points" in md and "debug_nan_steps=[1]" in md
 
     done_json = {p["id"]: (out / "points" / p["id"] / "point.json") for p in res.points if p["status"] == "done"}
     mtimes = {pid: path.stat().st_mtime_ns for pid, path in done_json.items()}

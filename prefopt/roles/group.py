@@ -112,10 +112,15 @@ def run_sharded(workers: list, method: str, items: list, micro: int | batching.B
 
 
 def shm_op_built() -> bool:
-    """Whether DeepSpeed's shared-memory all-reduce op (JIT-compiled on CPU) is in the build cache."""
+    """Whether DeepSpeed's shared-memory all-reduce op (JIT-compiled on CPU) is in the build cache,
+    built from this DeepSpeed installation (torch rebuilds it when its sources moved, e.g. another venv)."""
     try:
-        from torch.utils.cpp_extension import _get_build_directory
+        import importlib.util
         from pathlib import Path
-        return any(Path(_get_build_directory("deepspeed_shm_comm", verbose=False)).glob("*.so"))
+
+        from torch.utils.cpp_extension import _get_build_directory
+        build = Path(_get_build_directory("deepspeed_shm_comm", verbose=False))
+        deepspeed_dir = importlib.util.find_spec("deepspeed").submodule_search_locations[0]
+        return any(build.glob("*.so")) and deepspeed_dir in (build / "build.ninja").read_text()
     except Exception:
         return True
