@@ -47,13 +47,15 @@ class PPO(Algorithm):
     def role_spec(cls, recipe) -> RoleSpec:
         """Policy learners, vLLM engines, reference actors when the KL coefficient is positive, a critic
         group with GAE, and an actor per reward model (sequence sources and a process reward model)."""
-        r, params = recipe.roles, recipe.objective
+        from prefopt.objectives import get_objective
+        r = recipe.roles
+        needed = get_objective(recipe.objective.name).required_roles(recipe.objective)   # the objective says
         models = [(f"roles.reward.sources[{i}]", s) for i, s in enumerate(r.reward.sources) if s.model]
         if r.reward.process is not None and r.reward.process.model:
             models.append(("roles.reward.process", r.reward.process))
         return RoleSpec(policy=r.learner, rollout=r.rollout, reward_models=models,
-                        reference=r.reference if params.kl_coef > 0 else None,
-                        critic=r.critic if params.advantage == "gae" else None)
+                        reference=r.reference if "reference" in needed else None,
+                        critic=r.critic if "critic" in needed else None)
 
     def build_roles(self):
         from prefopt.rewards.sources import SequenceRewards

@@ -45,7 +45,7 @@ class Constraints:
         task_rewards, mask, stats = task_token_rewards(samples, params)
         channels = [task_rewards] + [at_last_token([s.reward_components[name] for s in samples], mask)
                                      for name in self.names]
-        values = per_token(samples, "values")[0] if params.advantage == "gae" else None
+        values = per_token(samples, "values")[0] if samples[0].values is not None else None   # a critic ran
         advantages, returns = [], []
         for head, rewards in enumerate(channels):
             adv, ret = estimate_advantages(rewards, None if values is None else values[..., head], mask,

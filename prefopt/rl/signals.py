@@ -82,7 +82,7 @@ def compute_advantages(samples: list, params, group_size: int) -> dict[str, floa
     from prefopt.rl.ppo import explained_variance
 
     token_rewards, mask, stats = task_token_rewards(samples, params)
-    values = per_token(samples, "values")[0] if params.advantage == "gae" else None
+    values = per_token(samples, "values")[0] if samples[0].values is not None else None   # a critic ran
     adv, returns = estimate_advantages(token_rewards, values, mask, params, group_size)
     write_signals(samples, adv, returns)
     if returns is not None and values is not None:
