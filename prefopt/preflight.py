@@ -130,9 +130,9 @@ def open_run_dir(pre: Prepared) -> tuple[Path, Path | None]:
     its checkpoint) and write ``config.yaml``; returns ``(run_dir, checkpoint to resume or None)``."""
     from prefopt.io.run_dir import create_run_dir, write_config
     if pre.resume_from is not None:
-        from prefopt.io.checkpoint import read_state, truncate_metrics
+        from prefopt.io.checkpoint import cut_to_checkpoint
         run_dir = pre.run_dir
-        truncate_metrics(run_dir, read_state(pre.resume_from)["counter"])
+        cut_to_checkpoint(run_dir, pre.resume_from)
     else:
         run_dir = create_run_dir(pre.recipe)
     write_config(run_dir, pre.recipe)

@@ -10,7 +10,7 @@ import pytest
 from prefopt.config import load_recipe
 from prefopt.errors import ConfigError, DataError
 from prefopt.io import checkpoint
-from prefopt.io.checkpoint import (find_resume_point, list_checkpoints, prepare_resume, read_state,
+from prefopt.io.checkpoint import (cut_to_checkpoint, find_resume_point, list_checkpoints, read_state,
                                    truncate_metrics)
 from prefopt.io.run_dir import MARKER, MetricsLogger, check_run_dir, create_run_dir, read_metrics, read_run
 
@@ -295,7 +295,8 @@ def test_resume_auto_falls_back_to_an_intact_checkpoint(tmp_path):
     good = make_checkpoint(older, 3)
     make_checkpoint(newer, 2, b'{"counter": ')                       # the newest run: only a broken one
     write_metrics(older, [1, 2, 3, 4], TORN)
-    run_dir, ckpt = prepare_resume("auto", str(tmp_path), "tiny-dpo")
+    run_dir, ckpt = find_resume_point("auto", str(tmp_path), "tiny-dpo")
+    cut_to_checkpoint(run_dir, ckpt)
     assert (run_dir, ckpt) == (older.resolve(), good.resolve())
     assert [r["step"] for r in read_metrics(older)] == [1, 2, 3]
     good_newer = make_checkpoint(newer, 1)

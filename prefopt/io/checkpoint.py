@@ -168,12 +168,10 @@ def _resume_point(resume: str, output_root: str, name: str) -> tuple[Path, Path]
     return path.resolve(), intact[-1].resolve()
 
 
-def prepare_resume(resume: str, output_root: str, name: str) -> tuple[Path, Path]:
-    """The run directory and checkpoint to continue (``find_resume_point``), with the run's metrics
-    cut back to the checkpoint (``truncate_metrics``)."""
-    run_dir, ckpt = find_resume_point(resume, output_root, name)
+def cut_to_checkpoint(run_dir: Path, ckpt: Path) -> None:
+    """Before a run continues from ``ckpt`` (found by ``find_resume_point``): its metrics are cut back
+    to the checkpoint (``truncate_metrics``)."""
     truncate_metrics(run_dir, read_state(ckpt)["counter"])
-    return run_dir, ckpt
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> str | None:

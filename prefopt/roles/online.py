@@ -154,7 +154,6 @@ class OnlineRoles:
 
     def setup(self, recipe: Recipe, *, total_steps: int, pad_id: int) -> list[dict]:
         """Join the learner groups, open the weight-sync group; returns every actor's placement."""
-        from prefopt.cluster import remote_get
         t = recipe.train
         info = self.policy.setup(total_steps=total_steps, pad_id=pad_id,
                                  grad_accum=t.batch_size // (t.micro_batch_size * len(self.policy)))
@@ -168,7 +167,6 @@ class OnlineRoles:
 
 def verify_sync(roles: OnlineRoles, prompt_ids: list[list[int]], sampling) -> dict[str, float]:
     """Engine vs learner after a sync: greedy outputs and the log-probs of the greedy tokens."""
-    from prefopt.cluster import remote_get
     engine_out = [g[0] for g in roles.generate(prompt_ids, sampling, seed=0, greedy=True)]
     learner_out = roles.policy.call("greedy_generate", [(prompt_ids, sampling.max_tokens)] * len(roles.policy),
                                     what="learner greedy generate")[0]
