@@ -33,7 +33,7 @@ class ModelConfig:
 
 @dataclass
 class SyntheticDataConfig:
-    """Parameters of the synthetic, learnable preference data (data.path: synthetic:pairs|lists)."""
+    """Parameters of the synthetic, learnable data (data.path: synthetic:pairs|lists|sft|attributes|steps)."""
     num_rows: int = 1024
     list_size: int = 4        # responses per prompt for synthetic:lists
     seed: int = 0
@@ -58,6 +58,13 @@ class DataConfig:
     scores_field: str = "scores"
     response_field: str = "response"         # SFT rows: {prompt, response}, or
     messages_field: str = "messages"         # {messages: [...]} (a conversation; the last message is the response)
+    # reward-model rows: pairs may carry a margin; {prompt, response, attributes: {name: rating}}
+    # (multi-attribute regression); {prompt, steps: [...], labels: [...]} (process reward models)
+    margin_field: str = "margin"
+    attributes_field: str = "attributes"
+    steps_field: str = "steps"
+    labels_field: str = "labels"
+    step_delimiter: str = "\n"              # written after every step (the PRM reads each step's last token)
     on_error: str = "raise"                  # "raise" | "skip" (drop and count malformed rows)
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
 

@@ -104,10 +104,13 @@ def prepare(recipe: Recipe, *, remote: bool = False) -> Prepared | None:
     else:
         from prefopt.data import load_preference_data
         from prefopt.data import batching
-        data = load_preference_data(recipe.data, tokenizer, seed=t.seed, cache_dir=cache_dir())
-        if data.kind != objective_cls.batch_kind:
-            raise ConfigError(f"objective '{recipe.objective.name}' trains on {objective_cls.batch_kind}, but "
-                              f"{data.source} holds {data.kind} rows")
+        attributes = getattr(recipe.objective, "attributes", None)
+        data = load_preference_data(recipe.data, tokenizer, seed=t.seed, cache_dir=cache_dir(), attributes=attributes)
+        if data.kind not in objective_cls.data_kinds():
+            raise ConfigError(f"objective '{recipe.objective.name}' trains on {' or '.join(objective_cls.data_kinds())} "
+                              f"rows, but {data.source} holds {data.kind} rows")
+        if attributes == [] and data.attributes:   # the heads are named by the data (saved in config.yaml)
+            recipe.objective.attributes = list(data.attributes)
         out.data = data
         out.steps = batching.step_batches(len(data.train), t.batch_size, seed=t.seed, epochs=t.epochs,
                                           max_steps=t.max_steps)

@@ -116,6 +116,9 @@ class Algorithm:
     def finish(self) -> None:
         """After the last unit, before the model is saved (e.g. a final evaluation)."""
 
+    def saved_model(self, model_dir) -> None:
+        """After the model and tokenizer were written to ``model_dir`` (e.g. to describe them)."""
+
     def summary(self) -> dict:
         raise NotImplementedError
 
@@ -191,6 +194,7 @@ def run(recipe: Recipe, *, quiet: bool = False) -> RunResult:
             policy = algorithm.roles.policy
             policy.call("save_model", [(str(run_dir / "model"),)] * len(policy), what="save model")
             pre.tokenizer.save_pretrained(str(run_dir / "model"))
+            algorithm.saved_model(run_dir / "model")
         summary = {"name": recipe.name, "algorithm": algorithm.name, "objective": recipe.objective.name,
                    **algorithm.summary(), "run_dir": str(run_dir)}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

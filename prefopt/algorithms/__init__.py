@@ -2,7 +2,8 @@
 
 An objective names the algorithm that trains it (``Objective.algorithm``): ``preference`` (offline
 DPO family, LiPO, ListMLE), ``ppo`` (online RL: PPO / GRPO / RLOO), ``constrained_ppo`` (PPO with
-Lagrange multipliers; NM-PPO), ``sft``. Modules import their heavy dependencies inside functions.
+Lagrange multipliers; NM-PPO), ``sft``, ``reward_model`` (reward models: Bradley–Terry,
+attribute regression, process reward models). Modules import their heavy dependencies inside functions.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def register_algorithm(cls):
 
 def algorithm_for(recipe):
     """The algorithm class that trains ``recipe.objective``."""
-    from prefopt.algorithms import constrained, ppo, preference, sft  # noqa: F401  (registration)
+    from prefopt.algorithms import constrained, ppo, preference, reward_model, sft  # noqa: F401  (registration)
     from prefopt.objectives import get_objective
     return ALGORITHMS.get(get_objective(recipe.objective.name).algorithm)
 

@@ -23,7 +23,11 @@ def collate_examples(examples: list, *, pad_id: int, kind: str) -> dict[str, tor
 
     ``input_ids`` / ``attention_mask`` ``[N, L]`` long, ``loss_mask`` ``[N, L]`` bool,
     ``scores`` ``[B, K]`` float (0 on padded slots), ``slot_mask`` ``[B, K]`` bool, and
-    ``ref_logps`` ``[N]`` float64 when every example carries its ``ref_logps``.
+    ``ref_logps`` ``[N]`` float64 when every example carries its ``ref_logps``. Reward-model
+    examples add (see :class:`prefopt.data.examples.Example`): ``margin`` ``[B]`` (0 where a pair has
+    none); ``targets`` / ``target_mask`` ``[N, A]`` (one response per example); ``step_positions``
+    ``[N, S]`` (index in the row of each step's last token, -1 on padded steps), ``step_labels`` and
+    ``step_mask`` ``[N, S]``.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown batch kind '{kind}' (expected one of {KINDS})")
@@ -64,7 +68,31 @@ def collate_examples(examples: list, *, pad_id: int, kind: str) -> dict[str, tor
                 raise ValueError(f"row {ex.row}: {len(ex.ref_logps)} ref_logps for {len(ex.response_ids)} responses")
         batch["ref_logps"] = torch.tensor([float(examples[b].ref_logps[k]) for b, k in slots],
                                           dtype=torch.float64)
+    batch.update(_reward_fields(examples, kind))
     return batch
+
+
+def _reward_fields(examples: list, kind: str) -> dict[str, torch.Tensor]:
+    out = {}
+    if any(ex.margin is not None for ex in examples):
+        out["margin"] = torch.tensor([ex.margin or 0.0 for ex in examples], dtype=torch.float32)
+    if examples[0].targets is not None:
+        if kind != "sft":
+            raise ValueError("examples with attribute targets collate one response per example (kind 'sft')")
+        targets = torch.tensor([ex.targets for ex in examples], dtype=torch.float32)
+        out["target_mask"] = ~torch.isnan(targets)
+        out["targets"] = torch.nan_to_num(targets)
+    if examples[0].step_ends is not None:
+        if kind != "sft":
+            raise ValueError("examples with step labels collate one response per example (kind 'sft')")
+        width = max(len(ex.step_ends) for ex in examples)
+        pad = [width - len(ex.step_ends) for ex in examples]
+        out["step_positions"] = torch.tensor([[len(ex.prompt_ids) + e for e in ex.step_ends] + [-1] * p
+                                              for ex, p in zip(examples, pad)], dtype=torch.long)
+        out["step_labels"] = torch.tensor([list(ex.step_labels) + [0.0] * p for ex, p in zip(examples, pad)],
+                                          dtype=torch.float32)
+        out["step_mask"] = out["step_positions"] >= 0
+    return out
 
 
 def count_tokens(examples: list) -> int:

@@ -1,8 +1,9 @@
 """Validate and tokenize preference rows into examples (one per row).
 
-Rows are pairs ``{prompt, chosen, rejected}``, lists ``{prompt, responses: [...], scores: [...]}`` or
-SFT rows ``{prompt, response}`` / ``{messages: [...]}`` (field names from ``DataConfig.*_field``); the
-kind is detected from the first row. Prompts and
+Rows are pairs ``{prompt, chosen, rejected}`` (optionally with a ``margin``), lists ``{prompt, responses: [...],
+scores: [...]}``, SFT rows ``{prompt, response}`` / ``{messages: [...]}``, or the reward-model kinds
+``attributes`` and ``steps`` (:mod:`prefopt.data.reward_rows`) (field names from ``DataConfig.*_field``);
+the kind is detected from the first row. Prompts and
 responses are strings or chat messages (lists of ``{"role", "content"}``).
 
 Tokenization:
@@ -47,6 +48,10 @@ class Example:
     scores: list[float]                       # [K] (pairs: [1.0, 0.0])
     row: int = -1                             # 0-based index of the row in its source
     ref_logps: list[float] | None = None      # [K] summed reference log-probs, cached before training
+    margin: float | None = None               # pairs: by how much r(chosen) should exceed r(rejected)
+    targets: list[float] | None = None        # attributes: [A] ratings (NaN: not rated)
+    step_ends: list[int] | None = None        # steps: [S] index in the response of each step's last token
+    step_labels: list[float] | None = None    # steps: [S] labels in [0, 1]
 
 
 def detect_kind(row, cfg: DataConfig, *, source: str, row_index: int) -> str:
@@ -59,13 +64,18 @@ def detect_kind(row, cfg: DataConfig, *, source: str, row_index: int) -> str:
         return "pairs"
     if cfg.responses_field in present or cfg.scores_field in present:
         return "lists"
+    if cfg.steps_field in present:
+        return "steps"
+    if cfg.attributes_field in present:
+        return "attributes"
     if cfg.response_field in present or cfg.messages_field in present:
         return "sft"
     raise DataError(
         f"cannot tell the row kind: expected fields '{cfg.prompt_field}', '{cfg.chosen_field}', "
         f"'{cfg.rejected_field}' (pairs), '{cfg.prompt_field}', '{cfg.responses_field}', "
-        f"'{cfg.scores_field}' (lists), or '{cfg.prompt_field}', '{cfg.response_field}' / "
-        f"'{cfg.messages_field}' (sft); found {present}", source=source, row=row_index)
+        f"'{cfg.scores_field}' (lists), '{cfg.prompt_field}', '{cfg.response_field}' / "
+        f"'{cfg.messages_field}' (sft), with '{cfg.attributes_field}' (attributes), or '{cfg.prompt_field}', "
+        f"'{cfg.steps_field}', '{cfg.labels_field}' (steps); found {present}", source=source, row=row_index)
 
 
 @dataclass
@@ -77,15 +87,26 @@ class _Rendered:
     response_fields: list[str]
     append_eos: bool
     scores: list[float]
+    margin: float | None = None
+    targets: list[float] | None = None
+    step_labels: list[float] | None = None     # steps rows: the responses are the step pieces
 
 
-def build_examples(rows: list, tokenizer, cfg: DataConfig, *, source: str
+def build_examples(rows: list, tokenizer, cfg: DataConfig, *, source: str, attributes: list[str] | None = None
                    ) -> tuple[str, list[Example], int, list[str]]:
     """Validate and tokenize ``rows``: ``(kind, examples, num_skipped, first_skip_messages)``.
 
     With ``cfg.on_error == "skip"`` malformed rows are dropped and counted; if none is left, the
-    first error is raised anyway.
+    first error is raised anyway. ``attributes``: the order of an attributes row's ratings
+    (default: first seen in ``rows``).
     """
+    from prefopt.data.reward_rows import attribute_names
+    names = list(attributes or attribute_names(rows, cfg.attributes_field))
+    return _build_examples(rows, tokenizer, cfg, source, names)
+
+
+def _build_examples(rows: list, tokenizer, cfg: DataConfig, source: str, names: list[str]
+                    ) -> tuple[str, list[Example], int, list[str]]:
     skip = cfg.on_error == "skip"
     errors: list[DataError] = []
     kind: str | None = None
@@ -94,7 +115,7 @@ def build_examples(rows: list, tokenizer, cfg: DataConfig, *, source: str
         try:
             if kind is None:
                 kind = detect_kind(row, cfg, source=source, row_index=i)
-            rendered.append(_render_row(row, i, kind, tokenizer, cfg, source))
+            rendered.append(_render_row(row, i, kind, tokenizer, cfg, source, names))
         except DataError as e:
             if not skip:
                 raise
@@ -121,7 +142,7 @@ def build_examples(rows: list, tokenizer, cfg: DataConfig, *, source: str
     return kind, examples, len(errors), [str(e) for e in errors[:MAX_SKIP_MESSAGES]]
 
 
-def _render_row(row, i: int, kind: str, tokenizer, cfg: DataConfig, source: str) -> _Rendered:
+def _render_row(row, i: int, kind: str, tokenizer, cfg: DataConfig, source: str, names: list[str]) -> _Rendered:
     if not isinstance(row, dict):
         raise DataError(f"expected an object with fields, got {type(row).__name__}", source=source, row=i)
 
@@ -132,9 +153,22 @@ def _render_row(row, i: int, kind: str, tokenizer, cfg: DataConfig, source: str)
                             source=source, row=i, field=name)
         return value
 
+    from prefopt.data import reward_rows
     if kind == "sft":
         return _render_sft_row(row, i, get, tokenizer, cfg, source)
+    if kind == "attributes":
+        rendered = _render_sft_row(row, i, get, tokenizer, cfg, source)
+        rendered.targets = reward_rows.row_targets(row, cfg.attributes_field, names, source, i)
+        return rendered
     prompt = _parse_text(get(cfg.prompt_field), source, i, cfg.prompt_field)
+    if kind == "steps":
+        steps, labels = reward_rows.row_steps(row, cfg.steps_field, cfg.labels_field, source, i)
+        pieces = reward_rows.step_pieces(steps, cfg.step_delimiter)
+        if isinstance(prompt, list):   # the prompt in the chat template; the steps as the assistant's raw text
+            prompt = _apply_template(tokenizer, prompt, True, source, i, cfg.prompt_field)
+            return _Rendered(i, prompt, False, pieces, [cfg.steps_field] * len(pieces), True, [1.0],
+                             step_labels=labels)
+        return _Rendered(i, prompt, True, pieces, [cfg.steps_field] * len(pieces), True, [1.0], step_labels=labels)
     if kind == "pairs":
         fields = [cfg.chosen_field, cfg.rejected_field]
         responses = [_parse_text(get(f), source, i, f) for f in fields]
@@ -142,6 +176,7 @@ def _render_row(row, i: int, kind: str, tokenizer, cfg: DataConfig, source: str)
             raise DataError(f"'{cfg.chosen_field}' and '{cfg.rejected_field}' are identical "
                             f"(no preference signal)", source=source, row=i, field=cfg.rejected_field)
         scores = [1.0, 0.0]
+        margin = reward_rows.row_margin(row, cfg.margin_field, source, i)
     else:
         raw, raw_scores = get(cfg.responses_field), get(cfg.scores_field)
         rf, sf = cfg.responses_field, cfg.scores_field
@@ -167,7 +202,10 @@ def _render_row(row, i: int, kind: str, tokenizer, cfg: DataConfig, source: str)
                             source=source, row=i, field=sf)
         fields = [f"{rf}[{j}]" for j in range(len(raw))]
         responses = [_parse_text(r, source, i, f) for r, f in zip(raw, fields)]
-    return _render(prompt, responses, fields, scores, tokenizer, cfg, source, i)
+        margin = None
+    rendered = _render(prompt, responses, fields, scores, tokenizer, cfg, source, i)
+    rendered.margin = margin
+    return rendered
 
 
 def _render_sft_row(row: dict, i: int, get, tokenizer, cfg: DataConfig, source: str) -> _Rendered:
@@ -289,6 +327,11 @@ def _make_example(r: _Rendered, prompt_ids, response_ids, tokenizer, cfg, source
             raise DataError(f"tokenization failed: {type(ids).__name__}: {ids}", source=source,
                             row=r.row, field=name)
     eos = tokenizer.eos_token_id
+    step_ends = None
+    if r.step_labels is not None:
+        from prefopt.data.reward_rows import join_steps
+        joined, step_ends = join_steps(response_ids)
+        response_ids = [joined]
     if r.append_eos and eos is not None:
         response_ids = [ids + [eos] for ids in response_ids]
     if not prompt_ids:
@@ -298,7 +341,16 @@ def _make_example(r: _Rendered, prompt_ids, response_ids, tokenizer, cfg, source
             raise DataError("the response has no tokens", source=source, row=r.row, field=name)
     prompt_ids, response_ids = truncate(prompt_ids, response_ids, max_prompt_length=cfg.max_prompt_length,
                                         max_length=cfg.max_length, bos_id=tokenizer.bos_token_id)
-    return Example(prompt_ids=prompt_ids, response_ids=response_ids, scores=list(r.scores), row=r.row)
+    example = Example(prompt_ids=prompt_ids, response_ids=response_ids, scores=list(r.scores), row=r.row,
+                      margin=r.margin, targets=r.targets)
+    if step_ends is not None:   # steps cut off by truncation are dropped with their labels
+        kept = [k for k, end in enumerate(step_ends) if end < len(response_ids[0])]
+        if not kept:
+            raise DataError(f"no step survives truncation to data.max_length={cfg.max_length} tokens",
+                            source=source, row=r.row, field=cfg.steps_field)
+        example.step_ends = [step_ends[k] for k in kept]
+        example.step_labels = [r.step_labels[k] for k in kept]
+    return example
 
 
 def truncate(prompt_ids: list[int], response_ids: list[list[int]], *, max_prompt_length: int,

@@ -13,7 +13,7 @@
   agree. Documentation files (``README*``, ``*.md``, ``*.txt``, ...) and hidden paths are
   ignored; any other file that would be left out (another format, or a data file outside every
   split) is a :class:`DataError` naming it, as is a directory without data files;
-* ``synthetic:pairs`` / ``synthetic:lists``: generated offline into the cache
+* ``synthetic:pairs`` / ``lists`` / ``sft`` / ``attributes`` / ``steps``: generated offline into the cache
   (:mod:`prefopt.data.synthetic`), then loaded as a JSONL file;
 * anything else is a ``datasets`` hub name (needs the network or the hub cache).
 
@@ -43,7 +43,7 @@ from prefopt.errors import ConfigError, DataError, did_you_mean
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SYNTHETIC_PREFIX = "synthetic:"
-SYNTHETIC_KINDS = ("pairs", "lists", "sft")
+SYNTHETIC_KINDS = ("pairs", "lists", "sft", "attributes", "steps")
 # files in a data directory that are not data and are left out without a word
 DOC_SUFFIXES = {".md", ".txt", ".rst", ".html", ".pdf", ".png", ".jpg", ".jpeg", ".svg", ".yaml",
                 ".yml", ".toml", ".cfg", ".ini", ".py", ".sh", ".lock", ".log"}

@@ -21,32 +21,36 @@ ON_ERROR = ("raise", "skip")
 
 @dataclass
 class PreferenceData:
-    kind: str                                  # "pairs" | "lists" | "sft"
+    kind: str                                  # "pairs" | "lists" | "sft" | "attributes" | "steps"
     train: list[dict]
     eval: list[dict]
     num_skipped: int = 0                       # malformed rows dropped (on_error: skip)
     source: str = ""                           # training data file / name
     skip_messages: list[str] = field(default_factory=list)   # the first few reasons, for logs
+    attributes: list[str] = field(default_factory=list)      # attributes rows: the order of their ratings
 
 
-def load_preference_data(cfg: DataConfig, tokenizer, *, seed: int,
-                         cache_dir: str | Path | None = None) -> PreferenceData:
+def load_preference_data(cfg: DataConfig, tokenizer, *, seed: int, cache_dir: str | Path | None = None,
+                         attributes: list[str] | None = None) -> PreferenceData:
     """Load, validate, tokenize and split the data of a recipe's ``data:`` section.
 
     Held-out data: ``eval_path`` / ``eval_split`` when given (an ``eval_split`` alone is another
     split of ``path``; an ``eval_path`` alone uses its ``train`` split), capped at
     ``max_eval_examples`` by a seeded sample; otherwise a seeded random ``eval_fraction`` of the
     valid rows (at least one when the fraction is > 0, at most ``max_eval_examples``).
-    Train and eval examples are in source row order.
+    Train and eval examples are in source row order. ``attributes``: the order of attributes rows'
+    ratings (default: first seen in the training rows).
     """
     validate_data_config(cfg)
+    from prefopt.data.reward_rows import attribute_names
     rows, source = load_rows(cfg.path, cfg.split, cache_dir=cache_dir, synthetic=cfg.synthetic)
-    kind, train, skipped, messages = build_examples(rows, tokenizer, cfg, source=source)
+    attributes = list(attributes or attribute_names(rows, cfg.attributes_field))
+    kind, train, skipped, messages = build_examples(rows, tokenizer, cfg, source=source, attributes=attributes)
     if cfg.eval_path or cfg.eval_split:
         eval_rows, eval_source = load_rows(cfg.eval_path or cfg.path, cfg.eval_split or "train",
                                            cache_dir=cache_dir, synthetic=cfg.synthetic)
         eval_kind, held_out, eval_skipped, eval_messages = build_examples(
-            eval_rows, tokenizer, cfg, source=eval_source)
+            eval_rows, tokenizer, cfg, source=eval_source, attributes=attributes)
         if eval_kind != kind:
             raise DataError(f"the held-out data are {eval_kind} but the training data are {kind}",
                             source=eval_source)
@@ -56,8 +60,8 @@ def load_preference_data(cfg: DataConfig, tokenizer, *, seed: int,
     else:
         train, eval_set = split_train_eval(train, cfg.eval_fraction, cfg.max_eval_examples, seed,
                                            source=source)
-    return PreferenceData(kind=kind, train=train, eval=eval_set, num_skipped=skipped,
-                          source=source, skip_messages=messages)
+    return PreferenceData(kind=kind, train=train, eval=eval_set, num_skipped=skipped, source=source,
+                          skip_messages=messages, attributes=attributes if kind == "attributes" else [])
 
 
 def validate_data_config(cfg: DataConfig) -> None:
@@ -83,13 +87,16 @@ def validate_data_config(cfg: DataConfig) -> None:
         bad("max_prompt_length", "must be an integer >= 1")
     if cfg.max_prompt_length >= cfg.max_length:
         bad("max_prompt_length", f"must be < data.max_length ({cfg.max_length}) to leave room for responses")
-    for key in ("prompt_field", "chosen_field", "rejected_field", "responses_field", "scores_field"):
+    for key in ("prompt_field", "chosen_field", "rejected_field", "responses_field", "scores_field",
+                "margin_field", "attributes_field", "steps_field", "labels_field"):
         if not isinstance(getattr(cfg, key), str) or not getattr(cfg, key):
             bad(key, "must be a non-empty field name")
     if len({cfg.prompt_field, cfg.chosen_field, cfg.rejected_field}) < 3:
         bad("rejected_field", "prompt_field, chosen_field and rejected_field must differ")
     if len({cfg.prompt_field, cfg.responses_field, cfg.scores_field}) < 3:
         bad("scores_field", "prompt_field, responses_field and scores_field must differ")
+    if not isinstance(cfg.step_delimiter, str) or not cfg.step_delimiter:
+        bad("step_delimiter", "must be a non-empty string (written after every step)")
     if cfg.on_error not in ON_ERROR:
         bad("on_error", f"must be 'raise' or 'skip'{did_you_mean(str(cfg.on_error), ON_ERROR)}")
     if isinstance(cfg.path, str) and cfg.path.startswith(SYNTHETIC_PREFIX):

@@ -10,6 +10,11 @@ truncation and length normalisation are exercised.
 * lists: ``{"prompt", "responses", "scores"}``: K responses at K distinct quality levels; level
   ``l`` draws each word from the good set with probability ``l / (K - 1)``; the score is ``l``.
 * sft: ``{"prompt", "response"}``: responses like the pairs' chosen ones (mostly good words).
+* attributes: ``{"prompt", "response", "attributes": {"helpfulness", "verbosity"}}``: ratings in
+  [0, 4]; helpfulness is 4 x the fraction of good words, verbosity grows with the word count.
+* steps: ``{"prompt", "steps", "labels"}``: 2-5 steps of 2-4 words, each mostly good or mostly bad;
+  a step's label is 1 while no step so far (itself included) was a bad one (Math-Shepherd's hard
+  label: the answer is still reachable), 0 from the first bad step on.
 
 ``corpus()`` lists sentences covering every word, used to train the tiny offline tokenizer.
 """
@@ -54,6 +59,37 @@ def make_sft(num_rows: int, seed: int = 0) -> list[dict]:
     return [{"prompt": _prompt(rng), "response": _response(rng, 0.9)} for _ in range(num_rows)]
 
 
+def _good_fraction(text: str) -> float:
+    words = [w.strip(".") for w in text.split()]
+    return sum(w in GOOD_WORDS for w in words) / len(words)
+
+
+def make_attributes(num_rows: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_rows):
+        response = _response(rng, rng.random())
+        n = len(response.split())
+        rows.append({"prompt": _prompt(rng), "response": response,
+                     "attributes": {"helpfulness": round(4 * _good_fraction(response), 3),
+                                    "verbosity": round(4 * (n - 3) / 7, 3)}})
+    return rows
+
+
+def make_steps(num_rows: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_rows):
+        steps, labels, ok = [], [], True
+        for _ in range(rng.randint(2, 5)):
+            good = rng.random() < 0.75
+            steps.append(_response(rng, 0.95 if good else 0.05, 2, 4).rstrip("."))
+            ok = ok and good
+            labels.append(float(ok))
+        rows.append({"prompt": _prompt(rng), "steps": steps, "labels": labels})
+    return rows
+
+
 def make_lists(num_rows: int, list_size: int = 4, seed: int = 0) -> list[dict]:
     if list_size < 2:
         raise ValueError("list_size must be >= 2")
@@ -78,14 +114,16 @@ def corpus() -> list[str]:
 
 def materialize(kind: str, num_rows: int, seed: int, list_size: int, cache_dir: str | Path) -> Path:
     """Write the synthetic data set as JSONL under ``cache_dir`` (once) and return its path."""
-    if kind not in ("pairs", "lists", "sft"):
-        raise ValueError(f"unknown synthetic data kind '{kind}' (expected 'pairs', 'lists' or 'sft')")
+    makers = {"pairs": lambda: make_pairs(num_rows, seed), "sft": lambda: make_sft(num_rows, seed),
+              "lists": lambda: make_lists(num_rows, list_size, seed),
+              "attributes": lambda: make_attributes(num_rows, seed), "steps": lambda: make_steps(num_rows, seed)}
+    if kind not in makers:
+        raise ValueError(f"unknown synthetic data kind '{kind}' (expected one of {', '.join(makers)})")
     name = f"synthetic-{kind}-n{num_rows}-s{seed}" + (f"-k{list_size}" if kind == "lists" else "")
     path = Path(cache_dir) / "data" / f"{name}.jsonl"
     if path.exists():
         return path
-    rows = {"pairs": lambda: make_pairs(num_rows, seed), "sft": lambda: make_sft(num_rows, seed),
-            "lists": lambda: make_lists(num_rows, list_size, seed)}[kind]()
+    rows = makers[kind]()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     with open(tmp, "w") as f:

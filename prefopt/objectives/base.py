@@ -54,6 +54,14 @@ class ValueOutput:
 
 
 @dataclass
+class ScoreOutput:
+    """A reward model's forward: its head read at K positions of each row (the last token: K = 1;
+    the end of every step for a process reward model)."""
+    scores: torch.Tensor                      # [N, K, H] head outputs (H: attributes; 1 for a scalar reward)
+    mask: torch.Tensor                        # [N, K] True on real positions (padded steps are False)
+
+
+@dataclass
 class LossOut:
     loss: torch.Tensor                                   # scalar: mean over the micro-batch examples
     # Per-example values ([B]) or scalars; the driver averages them over examples and learners.
@@ -66,6 +74,7 @@ class Objective:
     needs: ClassVar[frozenset[str]] = frozenset()        # roles beyond the learner: {"reference"}, ...
     batch_kind: ClassVar[str] = "pairs"                  # "pairs" | "lists" | "sft" | "rollouts"
     algorithm: ClassVar[str] = "preference"              # the algorithm that trains it (prefopt.algorithms)
+    model_kind: ClassVar[str] = "policy"                 # "policy" (causal LM) | "reward" (score head)
     # Name of the metric reported as held-out accuracy by evaluations.
     accuracy_metric: ClassVar[str] = "rewards/accuracy"
 
@@ -77,6 +86,16 @@ class Objective:
     def required_roles(cls, params: ObjectiveParams) -> set[str]:
         """The ``roles.*`` sections the recipe must set for these parameters (default: ``needs``)."""
         return set(cls.needs)
+
+    @classmethod
+    def data_kinds(cls) -> tuple[str, ...]:
+        """The data row kinds (:func:`prefopt.data.examples.detect_kind`) it trains on."""
+        return (cls.batch_kind,)
+
+    @classmethod
+    def head_labels(cls, recipe) -> list[str]:
+        """A reward model's output names (one head output each); [] for a policy."""
+        return []
 
     @staticmethod
     def check_recipe(recipe) -> None:

@@ -4,8 +4,10 @@ The driver creates ``num_actors`` of these; they join one torch.distributed grou
 global batch. Every public method that touches the model is *collective*: the driver calls it on
 all learners at once, with the same number of micro-batches on each (see ``data/batching.py``).
 
-A learner trains either the policy (``model_kind="policy"``: causal LM, log-prob forward) or the
-critic (``model_kind="critic"``: the same backbone with a one-output token head, value forward).
+A learner trains the policy (``model_kind="policy"``: causal LM, log-prob forward), the critic
+(``model_kind="critic"``: the same backbone with a one-output token head, value forward), or a
+reward model (an objective whose ``model_kind`` is ``"reward"``: a score head read at the last token
+or at step ends, :mod:`prefopt.models.reward`).
 """
 from __future__ import annotations
 
@@ -53,6 +55,9 @@ class LearnerWorker:
         from prefopt.objectives import get_objective
 
         r = self.recipe
+        objective_cls = get_objective(r.objective.name)
+        if self.model_kind == "policy" and objective_cls.model_kind == "reward":
+            self.model_kind = "reward"
         torch.manual_seed(r.train.seed)
         backend = init_process_group(self.rank, self.world_size, master_addr, master_port,
                                      timeout_s=r.ray.call_timeout_s)
@@ -63,6 +68,11 @@ class LearnerWorker:
         self.packing = packing_mode(r.model)
         if self.model_kind == "policy":
             model = load_causal_lm(path, padding_free=r.model.padding_free, **kwargs)
+        elif self.model_kind == "reward":
+            from prefopt.models.reward import load_reward_model
+            labels = objective_cls.head_labels(r)
+            model = load_reward_model(path, num_labels=len(labels), labels=labels, pad_token_id=pad_id,
+                                      padding_free=r.model.padding_free, **kwargs)
         else:
             model = load_value_model(path, num_heads=self.value_heads, padding_free=r.model.padding_free, **kwargs)
         if r.model.gradient_checkpointing:
@@ -70,7 +80,7 @@ class LearnerWorker:
         train_cfg = r.train if lr is None else dataclasses.replace(r.train, lr=lr)
         self.engine = init_engine(model, train_cfg, self.role_cfg, grad_accum=grad_accum,
                                   total_steps=total_steps)
-        self.objective = self._objective or get_objective(r.objective.name)(r.objective)
+        self.objective = self._objective or objective_cls(r.objective)
         self.pad_id = pad_id
         self.device = self.engine.device
         return {"role": self.model_kind, "rank": self.rank, "backend": backend, "device": str(self.device),
@@ -88,6 +98,9 @@ class LearnerWorker:
         from prefopt.models.logprobs import forward_logps, forward_values
         if self.model_kind == "critic":
             return forward_values(self.engine, batch, packing=self.packing)
+        if self.model_kind == "reward":
+            from prefopt.models.reward import forward_scores
+            return forward_scores(self.engine, batch, packing=self.packing)
         return forward_logps(self.engine, batch, self.objective.temperature,
                              with_entropy=self.objective.wants_entropy,
                              packing=self.packing)
