@@ -131,6 +131,18 @@ class RewardSourceConfig:
     name: Optional[str] = None               # label of this component in metrics (default: from fn)
     fn: Optional[str] = None                 # "package.module:function", called per sample
     model: Optional[str] = None              # or an HF sequence-classification reward model (its own actor)
+    # or an ensemble of reward models (one actor holds them all; Coste et al. 2023), combined per sample by
+    # `aggregate`: mean | min (worst case) | uwo (mean - uwo_coef * variance over the members)
+    models: list[str] = field(default_factory=list)
+    aggregate: str = "mean"
+    uwo_coef: float = 0.0
+    # a multi-head (attribute) model: the weighted sum of its heads, e.g. {helpfulness: 1, verbosity: -0.5}
+    attribute_weights: dict[str, float] = field(default_factory=dict)
+    # log_sigmoid: log sigma(r - reference_reward) (Wang et al. 2024); such sources sum like an AND
+    transform: Optional[str] = None
+    reference_reward: float = 0.0
+    normalize: bool = False                  # standardise this source with its running mean / std
+    batch_tokens: int = 8192                 # padded tokens per reward-model forward
     num_cpus: float = 1                      # resources of a reward-model actor
     num_gpus: float = 0
     weight: float = 1.0                      # weight in the combined sequence reward
@@ -144,7 +156,11 @@ class RewardSourceConfig:
 class ProcessRewardConfig:
     """Step-level (process) rewards, refined as in Gao et al. 2024 (arXiv 2410.15115)."""
     fn: Optional[str] = None                 # "package.module:function" -> one reward per step, or
-    model: Optional[str] = None              # a sequence-classification PRM scoring prompt + steps[:k+1]
+    model: Optional[str] = None              # a process reward model (`prefopt train` objective prm): every
+                                             # step scored at its last token, in one forward; or, with
+    reference: Optional[str] = None          # a reference, an implicit PRM: `model` is a causal LM (e.g. DPO-
+    beta: float = 0.05                       # trained), step reward = beta * sum of the step's log pi/pi_ref
+    batch_tokens: int = 8192
     num_cpus: float = 1                      # resources of the PRM actor
     num_gpus: float = 0
     delimiter: str = "\n"                    # steps are the response text split on this

@@ -61,10 +61,16 @@ def check_models(recipe: Recipe, *, remote: bool = False) -> None:
             if src.model:
                 src.model = check_model(src.model, trust_remote_code=trust, what=f"roles.reward.sources[{i}].model",
                                         head="sequence_classification")
+            src.models = [check_model(p, trust_remote_code=trust, what=f"roles.reward.sources[{i}].models[{j}]",
+                                      head="sequence_classification") for j, p in enumerate(src.models)]
         process = roles.reward.process
         if process is not None and process.model:
+            head = "causal_lm" if process.reference else "sequence_classification"   # an implicit PRM is an LM
             process.model = check_model(process.model, trust_remote_code=trust, what="roles.reward.process.model",
-                                        head="sequence_classification")
+                                        head=head)
+            if process.reference:
+                process.reference = check_model(process.reference, trust_remote_code=trust,
+                                                what="roles.reward.process.reference", head="causal_lm")
 
 
 def prepare(recipe: Recipe, *, remote: bool = False) -> Prepared | None:

@@ -306,11 +306,17 @@ def test_causal_lm_is_not_a_reward_model(tiny):
     assert what in msg and str(tiny) in msg and "LlamaForCausalLM" in msg and "random" in msg
 
 
-def test_reward_model_with_several_labels(tmp_path, tiny_reward):
+def test_reward_model_with_several_heads_is_served_only_with_head_weights(tmp_path, tiny_reward):
+    from prefopt.config_schema import RewardRoleConfig, RewardSourceConfig
+    from prefopt.rewards.sources import check_sources
     folder = Path(shutil.copytree(tiny_reward, tmp_path / "rm"))
     edit_config(folder, id2label={"0": "bad", "1": "good"}, label2id={"bad": 0, "good": 1})
-    msg = refused(str(folder), head="sequence_classification", what="roles.reward.process.model")
-    assert "roles.reward.process.model" in msg and "2 labels" in msg
+    assert check_model(str(folder), head="sequence_classification") == str(folder)
+    with pytest.raises(ConfigError, match=r"2 heads \(bad, good\): set roles.reward.sources\[0\].attribute_weights"):
+        check_sources(RewardRoleConfig(sources=[RewardSourceConfig(model=str(folder))]))
+    with pytest.raises(ConfigError, match="attribute_weights names nice, but .* has the heads bad, good"):
+        check_sources(RewardRoleConfig(sources=[RewardSourceConfig(model=str(folder), attribute_weights={"nice": 1})]))
+    check_sources(RewardRoleConfig(sources=[RewardSourceConfig(model=str(folder), attribute_weights={"good": 1})]))
 
 
 def test_unreadable_config(model_dir):

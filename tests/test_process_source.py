@@ -61,26 +61,3 @@ def test_step_reward_fn_must_return_one_value_per_step(tok, tmp_path, monkeypatc
     pr = ProcessRewards(ProcessRewardConfig(fn="bad_prm:prm", delimiter="."), tok)
     with pytest.raises(ValueError, match=r"returned 1 rewards for 2 steps"):
         pr(["p"], [ids_of(tok, "kind. rude.")], [{}])
-
-
-@pytest.mark.slow
-def test_process_reward_model_scores_each_step_prefix(ray_cluster, tok):
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from prefopt.models.tiny import resolve_model_path
-    from prefopt.roles.reward_model import RewardModelWorker
-
-    path = resolve_model_path("builtin:tiny-reward")
-    actor = ray_cluster.remote(num_cpus=1)(RewardModelWorker).remote(path)
-    cfg = ProcessRewardConfig(model=path, delimiter=".")
-    ids = ids_of(tok, "kind clear. rude. calm")
-    per_token, stats = ProcessRewards(cfg, tok, actor)(["Q: "], [ids], [{}])
-    _, ends = split_steps(ids, tok, ".")
-    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-    with torch.no_grad():
-        expected = [model(**tok(t, return_tensors="pt")).logits[0, 0].item()
-                    for t in ("Q: kind clear.", "Q: kind clear.rude.", "Q: kind clear.rude.calm.")]
-    assert [per_token[0][e] for e in ends] == pytest.approx(expected, abs=1e-5)
-    assert stats["reward/steps_per_response"] == 3
-    ray_cluster.kill(actor)

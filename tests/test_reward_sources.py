@@ -33,29 +33,6 @@ def test_weighted_sum_of_function_sources_keeps_components():
     assert totals == pytest.approx([2 * 2 / 3 - 1.5, -0.5])
 
 
-@pytest.mark.slow
-def test_reward_model_actor_scores_like_hf(ray_cluster):
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from prefopt.models.tiny import resolve_model_path
-    from prefopt.roles.reward_model import RewardModelWorker
-
-    path = resolve_model_path("builtin:tiny-reward")
-    actor = ray_cluster.remote(num_cpus=1)(RewardModelWorker).remote(path)
-    cfg = RewardRoleConfig(sources=[RewardSourceConfig(model=path, weight=3.0, name="rm")])
-    texts = ["Describe the river. kind clear.", "Describe the city. rude vague wrong sloppy."]
-    totals, parts = SequenceRewards(cfg, {0: actor})(texts, ["", ""], [{}, {}])
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
-    with torch.no_grad():
-        expected = [model(**tok(t, return_tensors="pt")).logits[0, 0].item() for t in texts]
-    assert parts["rm"] == pytest.approx(expected, abs=1e-5)
-    assert totals == pytest.approx([3 * e for e in expected], abs=1e-5)
-    assert expected[0] != pytest.approx(expected[1])
-    ray_cluster.kill(actor)
-
-
 def test_non_finite_reward_names_the_source_and_sample():
     from prefopt.config_schema import RewardRoleConfig, RewardSourceConfig
     from prefopt.rewards.sources import NonFiniteReward, SequenceRewards

@@ -50,7 +50,7 @@ class PPO(Algorithm):
         from prefopt.objectives import get_objective
         r = recipe.roles
         needed = get_objective(recipe.objective.name).required_roles(recipe.objective)   # the objective says
-        models = [(f"roles.reward.sources[{i}]", s) for i, s in enumerate(r.reward.sources) if s.model]
+        models = [(f"roles.reward.sources[{i}]", s) for i, s in enumerate(r.reward.sources) if not s.fn]
         if r.reward.process is not None and r.reward.process.model:
             models.append(("roles.reward.process", r.reward.process))
         return RoleSpec(policy=r.learner, rollout=r.rollout, reward_models=models,
@@ -62,12 +62,13 @@ class PPO(Algorithm):
         from prefopt.roles.online import OnlineRoles
         r, tokenizer = self.recipe, self.run.tokenizer
         roles = OnlineRoles(r, tokenizer.pad_token_id, self.run.spec)
-        self.rewards = SequenceRewards(r.roles.reward, roles.reward_models, timeout_s=roles.timeout)
+        self.rewards = SequenceRewards(r.roles.reward, roles.reward_models, timeout_s=roles.timeout,
+                                       prompt_field=r.data.prompt_field)
         self.process_rewards = None
         if r.roles.reward.process is not None:
             from prefopt.rewards.process_source import ProcessRewards
             self.process_rewards = ProcessRewards(r.roles.reward.process, tokenizer, roles.process_model,
-                                                  timeout_s=roles.timeout)
+                                                  timeout_s=roles.timeout, prompt_field=r.data.prompt_field)
         if r.train.async_rollouts:
             from prefopt.loops.prefetch import Prefetch
             self.prefetch = Prefetch(roles)
@@ -79,7 +80,8 @@ class PPO(Algorithm):
         return self.roles.setup(r, total_steps=t.iterations * per_iteration, pad_id=self.run.tokenizer.pad_token_id)
 
     def driver_state(self) -> dict:
-        return {"sampler": self.sampler, "normalizer": self.normalizer, "prefetch": self.prefetch}
+        return {"sampler": self.sampler, "normalizer": self.normalizer, "prefetch": self.prefetch,
+                "reward_sources": self.rewards}
 
     def resumed(self, resumed: bool) -> None:
         if resumed:   # the engines get the restored policy

@@ -14,9 +14,7 @@ import math
 
 from prefopt.algorithms import register_algorithm
 from prefopt.algorithms.preference import PreferenceOptimization, evaluate
-
-# config.json key describing a reward model to the reward role (prefopt.roles.reward_model)
-METADATA_KEY = "prefopt_reward"
+from prefopt.rewards.scorer import METADATA_KEY
 KINDS = {"reward_model": "outcome", "reward_regression": "attributes", "prm": "process"}
 
 

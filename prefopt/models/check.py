@@ -318,10 +318,6 @@ def _check_config(folder: Path, shown: str, what: str, head: str, trust_remote_c
             raise ConfigError(f"{what}: {shown} is not a reward (sequence-classification) model: its architectures "
                               f"are {', '.join(archs)}, so its score head would be freshly initialized (random "
                               f"rewards); use a checkpoint saved from an *ForSequenceClassification model")
-        num_labels = len(getattr(config, "id2label", None) or {}) or 1
-        if num_labels != 1:
-            raise ConfigError(f"{what}: {shown} has {num_labels} labels; a reward model must output one score "
-                              f"(num_labels: 1)")
     return cfg
 
 

@@ -3,8 +3,11 @@ recipe's step-reward function, refine (Clip / Delta), and place the rewards on s
 
 Step rewards come from a function named by dotted path (``roles.reward.process.fn``), called as
 ``fn(prompt=..., steps=[...], row=...)`` and returning one float per step (a rule, or a PRM served
-elsewhere), or from a sequence-classification process reward model (``roles.reward.process.model``)
-in its own actor, which scores ``prompt + steps[0] + delimiter + ... + steps[k]`` for every k.
+elsewhere), or from a model in its own actor (:mod:`prefopt.roles.reward_model`) that scores every
+step of a response in one forward: a process reward model trained on step labels (its score head at
+the end of each step), or an implicit PRM (``reference`` set: ``beta`` times the step's summed
+log-ratio of a causal LM to its reference). The model reads the prompt row's own prompt (chat
+messages through its chat template) and the steps, each followed by the delimiter.
 """
 from __future__ import annotations
 
@@ -17,29 +20,24 @@ from prefopt.rewards.steps import split_steps
 
 
 class ProcessRewards:
-    def __init__(self, cfg: ProcessRewardConfig, tokenizer, model_actor=None, timeout_s: float = 1800.0):
-        self.cfg, self.tokenizer = cfg, tokenizer
+    def __init__(self, cfg: ProcessRewardConfig, tokenizer, model_actor=None, timeout_s: float = 1800.0,
+                 prompt_field: str = "prompt"):
+        self.cfg, self.tokenizer, self.prompt_field = cfg, tokenizer, prompt_field
         self.fn = import_reward_fn(cfg.fn) if cfg.fn else None
         self.model_actor, self.timeout_s = model_actor, timeout_s
         if self.fn is None and model_actor is None:
             raise ValueError("process rewards need a step function or a PRM actor")
 
-    def _score_with_model(self, prompts: list[str], all_steps: list[list[str]]) -> list[list[float]]:
+    def _score_with_model(self, prompts: list, all_steps: list[list[str]]) -> list[list[float]]:
         from prefopt.cluster import remote_get
-        d = self.cfg.delimiter
-        texts = [prompt + d.join(steps[:k + 1]) + d for prompt, steps in zip(prompts, all_steps)
-                 for k in range(len(steps))]
-        flat = remote_get(self.model_actor.score.remote(texts), self.timeout_s, "process reward model") if texts else []
-        out, pos = [], 0
-        for steps in all_steps:
-            out.append(flat[pos:pos + len(steps)])
-            pos += len(steps)
-        return out
+        ref = self.model_actor.score_steps.remote(prompts, all_steps, self.cfg.delimiter)
+        return remote_get(ref, self.timeout_s, "process reward model")[0]
 
     def __call__(self, prompts: list[str], response_ids: list[list[int]], rows: list[dict]):
         """Per sample, a list of token-level process rewards (one per response token), and stats."""
         split = [split_steps(ids, self.tokenizer, self.cfg.delimiter) for ids in response_ids]
-        scored = self._score_with_model(prompts, [steps for steps, _ in split]) if self.fn is None else None
+        structured = [row.get(self.prompt_field, p) if isinstance(row, dict) else p for p, row in zip(prompts, rows)]
+        scored = self._score_with_model(structured, [steps for steps, _ in split]) if self.fn is None else None
         raw = []
         for i, ((steps, _), prompt, row) in enumerate(zip(split, prompts, rows)):
             if scored is not None:

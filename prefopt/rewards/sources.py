@@ -1,9 +1,17 @@
-"""Reward sources of the online loop: Python functions named in the recipe, combined with weights.
+"""Reward sources of the online loop, combined with weights.
 
-``roles.reward.sources: [{fn: "mypkg.rewards:exact_match", weight: 1.0}, ...]``. A function is
-imported only from the module the recipe names (no plugin scanning) and is called as
-``fn(prompt=..., response=..., row=...)`` with the prompt text, the decoded response and the prompt
-row's fields; it returns a float.
+``roles.reward.sources: [{fn: "mypkg.rewards:exact_match", weight: 1.0}, {model: path}, ...]``.
+
+* A function is imported only from the module the recipe names (no plugin scanning) and is called
+  as ``fn(prompt=..., response=..., row=...)`` with the prompt text, the decoded response and the
+  prompt row's fields; it returns a float.
+* A reward model (``model``) or an ensemble of them (``models``, one actor) scores the prompt row's
+  own prompt (chat messages go through each model's chat template) and the decoded response
+  (:mod:`prefopt.rewards.scorer`). Per sample, a multi-head model's heads are summed with
+  ``attribute_weights``; an ensemble's members are combined by ``aggregate`` (mean, min, uwo;
+  :func:`prefopt.rewards.ensemble.aggregate`); ``transform: log_sigmoid`` maps r to
+  ``log sigma(r - reference_reward)`` (:func:`prefopt.rewards.transforms.log_sigmoid_transform`);
+  ``normalize`` standardises the source with its running mean and std (part of the checkpoint).
 """
 from __future__ import annotations
 
@@ -30,25 +38,73 @@ def import_reward_fn(spec: str) -> Callable:
     return fn
 
 
+TRANSFORMS = (None, "log_sigmoid")
+
+
+def model_paths(src) -> list[str]:
+    """The reward models of a source: ``[model]`` or its ensemble's ``models``."""
+    return [src.model] if src.model else list(src.models)
+
+
+def check_model_source(i: int, src) -> None:
+    """Ensemble, head weights and transform of a model source (heads read from each model's config.json)."""
+    from prefopt.rewards.ensemble import AGGREGATES
+    from prefopt.rewards.scorer import reward_metadata
+    key = f"roles.reward.sources[{i}]"
+    if src.aggregate not in AGGREGATES:
+        raise ConfigError(f"{key}.aggregate must be one of {', '.join(AGGREGATES)} (got '{src.aggregate}')")
+    if src.uwo_coef < 0:
+        raise ConfigError(f"{key}.uwo_coef must be >= 0 (got {src.uwo_coef})")
+    if src.transform not in TRANSFORMS:
+        raise ConfigError(f"{key}.transform must be log_sigmoid or unset (got '{src.transform}')")
+    if src.batch_tokens < 1:
+        raise ConfigError(f"{key}.batch_tokens must be >= 1 (got {src.batch_tokens})")
+    for j, path in enumerate(model_paths(src)):
+        try:
+            heads = reward_metadata(path)["heads"]
+        except (OSError, ValueError):
+            continue        # not readable here (a cluster path): the actor reports it
+        head_weights(heads, src.attribute_weights, f"{key}.{'models[%d]' % j if src.models else 'model'} ({path})",
+                     f"{key}.attribute_weights")
+
+
+def head_weights(heads: list[str], weights: dict, what: str, key: str) -> list[float]:
+    """The weight of each head: ``weights`` by name (absent heads: 0); a one-head model: 1."""
+    if not weights:
+        if len(heads) > 1:
+            raise ConfigError(f"{what} has {len(heads)} heads ({', '.join(heads)}): set {key} to weigh them, "
+                              f"e.g. {{{heads[0]}: 1.0}}")
+        return [1.0]
+    unknown = [name for name in weights if name not in heads]
+    if unknown:
+        raise ConfigError(f"{key} names {', '.join(unknown)}, but {what} has the heads {', '.join(heads)}")
+    return [float(weights.get(name, 0.0)) for name in heads]
+
+
 def check_sources(cfg: RewardRoleConfig) -> None:
-    """Each source names exactly one of ``fn`` / ``model`` (checked before Ray starts)."""
+    """Each source names exactly one of ``fn`` / ``model`` / ``models`` (checked before Ray starts)."""
     if not cfg.sources and cfg.process is None:
         raise ConfigError("roles.reward.sources is empty: name at least one reward source "
                           "(or process rewards in roles.reward.process)")
     if cfg.process is not None:
         if bool(cfg.process.fn) == bool(cfg.process.model):
             raise ConfigError("roles.reward.process needs exactly one of 'fn' (a 'package.module:function') "
-                              "or 'model' (a sequence-classification process reward model)")
+                              "or 'model' (a process reward model; with 'reference': an implicit PRM)")
+        if cfg.process.reference and not cfg.process.model:
+            raise ConfigError("roles.reward.process.reference makes 'model' an implicit PRM: set "
+                              "roles.reward.process.model to its causal LM")
         if cfg.process.fn:
             import_reward_fn(cfg.process.fn)
         if not cfg.process.delimiter:
             raise ConfigError("roles.reward.process.delimiter must be a non-empty string")
     for i, src in enumerate(cfg.sources):
-        if bool(src.fn) == bool(src.model):
-            raise ConfigError(f"roles.reward.sources[{i}] needs exactly one of 'fn' (a 'package.module:function') "
-                              f"or 'model' (a sequence-classification checkpoint)")
+        if sum(map(bool, (src.fn, src.model, src.models))) != 1:
+            raise ConfigError(f"roles.reward.sources[{i}] needs exactly one of 'fn' (a 'package.module:function'), "
+                              f"'model' (a reward model checkpoint) or 'models' (an ensemble of them)")
         if src.fn:
             import_reward_fn(src.fn)   # a typo fails here, before any actor starts
+        else:
+            check_model_source(i, src)
 
 
 class NonFiniteReward(ValueError):
@@ -64,6 +120,33 @@ def source_name(index: int, src) -> str:
     return src.name or (src.fn.rpartition(":")[2] if src.fn else f"model{index}")
 
 
+class ModelSource:
+    """Turns one model source's ``[M][N][H]`` scores into one reward per sample (see the module docstring)."""
+
+    def __init__(self, src, heads: list[list[str]], key: str):
+        from prefopt.rl.signals import RewardNormalizer
+        self.src = src
+        self.weights = [head_weights(h, src.attribute_weights, f"{key} member {m}", f"{key}.attribute_weights")
+                        for m, h in enumerate(heads)]
+        self.normalizer = RewardNormalizer() if src.normalize else None
+
+    def __call__(self, scores: list[list[list[float]]]) -> list[float]:
+        import torch
+
+        from prefopt.rewards.ensemble import aggregate
+        from prefopt.rewards.transforms import log_sigmoid_transform
+        per_member = torch.stack([torch.tensor(s, dtype=torch.float64).reshape(len(s), -1)
+                                  @ torch.tensor(w, dtype=torch.float64) for s, w in zip(scores, self.weights)])
+        rewards = aggregate(per_member, self.src.aggregate, uwo_coef=self.src.uwo_coef)
+        if self.src.transform == "log_sigmoid":
+            rewards = log_sigmoid_transform(rewards, torch.tensor(self.src.reference_reward, dtype=torch.float64))
+        values = rewards.tolist()
+        if self.normalizer is not None and all(map(math.isfinite, values)):
+            self.normalizer.update(values)
+            values = [self.normalizer(v) for v in values]
+        return values
+
+
 class SequenceRewards:
     """The weighted sum of the recipe's reward sources, per sample, with each component kept.
 
@@ -71,32 +154,47 @@ class SequenceRewards:
     only reported as components (their multipliers weigh them, see ``loops/constrained.py``).
 
     Function sources run here; model sources are scored by ``RewardModelWorker`` actors, which the
-    caller creates (``model_actors``: source index -> actor handle).
+    caller creates (``model_actors``: source index -> actor handle). A reward model reads the prompt
+    row's ``prompt_field`` (text or chat messages), else the prompt text.
     """
 
-    def __init__(self, cfg: RewardRoleConfig, model_actors: dict | None = None, timeout_s: float = 1800.0):
+    def __init__(self, cfg: RewardRoleConfig, model_actors: dict | None = None, timeout_s: float = 1800.0,
+                 prompt_field: str = "prompt"):
+        from prefopt.rewards.scorer import reward_metadata
         check_sources(cfg)
-        self.sources = []
+        self.sources, self.models = [], {}
         for i, src in enumerate(cfg.sources):
+            name = source_name(i, src)
             if src.fn:
                 fn, actor = import_reward_fn(src.fn), None
             else:
                 fn, actor = None, (model_actors or {})[i]
-            name = source_name(i, src)
+                heads = [reward_metadata(p)["heads"] for p in model_paths(src)]
+                self.models[name] = ModelSource(src, heads, f"roles.reward.sources[{i}]")
             self.sources.append((name, fn, actor, 0.0 if src.constraint else float(src.weight)))
-        self.timeout_s = timeout_s
+        self.timeout_s, self.prompt_field = timeout_s, prompt_field
+
+    optional_state = True     # checkpoints without it (no normalised source) still load
+
+    def state_dict(self) -> dict:
+        return {name: m.normalizer.state_dict() for name, m in self.models.items() if m.normalizer is not None}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, s in state.items():
+            self.models[name].normalizer.load_state_dict(s)
 
     def __call__(self, prompts: list[str], responses: list[str], rows: list[dict]):
         from prefopt.cluster import remote_get
         totals = [0.0] * len(responses)
         components: dict[str, list[float]] = {}
-        pending = {name: actor.score.remote([p + r for p, r in zip(prompts, responses)])
+        structured = [row.get(self.prompt_field, p) if isinstance(row, dict) else p for p, row in zip(prompts, rows)]
+        pending = {name: actor.score.remote(structured, responses)
                    for name, fn, actor, _ in self.sources if actor is not None}
         for name, fn, actor, weight in self.sources:
             if fn is not None:
                 values = [float(fn(prompt=p, response=r, row=row)) for p, r, row in zip(prompts, responses, rows)]
             else:
-                values = remote_get(pending[name], self.timeout_s, f"reward model '{name}'")
+                values = self.models[name](remote_get(pending[name], self.timeout_s, f"reward model '{name}'"))
             bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
             if bad:
                 raise NonFiniteReward(name, bad, values[bad[0]])

@@ -40,16 +40,24 @@ class OnlineRoles:
         self.engines = EngineGroup(r, learner_bundle=self.policy.bundle_strategy)
         self.max_engine_restarts, self.version = ro.max_restarts, 0
         self._pending_sync = None        # (version, refs) of a sync submitted without waiting
-        from prefopt.roles.reward_model import RewardModelWorker
+        from prefopt.rewards.sources import model_paths
+        from prefopt.roles.reward_model import ImplicitPRMWorker, RewardModelWorker
         self.reward_models, self.process_model = {}, None
+        trust = r.model.trust_remote_code
         proc = roles.reward.process
         if proc is not None and proc.model:
-            pcls = ray.remote(num_cpus=proc.num_cpus, num_gpus=proc.num_gpus)(RewardModelWorker)
-            self.process_model = pcls.remote(proc.model, trust_remote_code=r.model.trust_remote_code)
+            if proc.reference:
+                pcls = ray.remote(num_cpus=proc.num_cpus, num_gpus=proc.num_gpus)(ImplicitPRMWorker)
+                self.process_model = pcls.remote(proc.model, proc.reference, beta=proc.beta, trust_remote_code=trust,
+                                                 batch_tokens=proc.batch_tokens)
+            else:
+                pcls = ray.remote(num_cpus=proc.num_cpus, num_gpus=proc.num_gpus)(RewardModelWorker)
+                self.process_model = pcls.remote([proc.model], trust_remote_code=trust, batch_tokens=proc.batch_tokens)
         for i, src in enumerate(roles.reward.sources):
-            if src.model:
+            if not src.fn:
                 mcls = ray.remote(num_cpus=src.num_cpus, num_gpus=src.num_gpus)(RewardModelWorker)
-                self.reward_models[i] = mcls.remote(src.model, trust_remote_code=r.model.trust_remote_code)
+                self.reward_models[i] = mcls.remote(model_paths(src), trust_remote_code=trust,
+                                                    batch_tokens=src.batch_tokens)
 
     def generate(self, prompt_ids: list[list[int]], sampling, seed: int, greedy: bool = False):
         self.finish_sync()
