@@ -36,12 +36,16 @@ def here(path: str | None) -> bool:
 
 
 def check_models(recipe: Recipe, *, remote: bool = False) -> None:
-    """Resolve every model path of the recipe in place (``builtin:`` names -> cached folders) and
+    """Resolve every model path of the recipe in place (``builtin:`` names -> cached folders, ``run:NAME``
+    -> the newest finished run's model, :func:`prefopt.io.run_dir.run_model`) and
     check that each loads here: safetensors weights, a tokenizer, no unrequested remote code.
     ``remote``: the run happens on a cluster, so paths that exist only there are left alone."""
     from prefopt.models.check import check_model as check
 
+    from prefopt.io.run_dir import run_model
+
     def check_model(path, **kwargs):
+        path = run_model(path, recipe.output.root, kwargs.get("what", "model.path"))
         return check(path, **kwargs) if not remote or here(path) else path
 
     from prefopt.cluster import is_local

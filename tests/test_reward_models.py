@@ -180,7 +180,7 @@ def test_reward_model_resume_is_exact(ray_cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_attribute_regression_reward_model_learns_its_named_heads(ray_cluster, tmp_path):
+def test_attribute_regression_reward_model_learns_its_named_heads(ray_cluster, tmp_path, tok):
     result = run("tiny_rm_regression", tmp_path)
     first, last = result.eval_history[0], result.eval_history[-1]
     assert last["mse"] < 0.2 * first["mse"], (first["mse"], last["mse"])
@@ -189,12 +189,54 @@ def test_attribute_regression_reward_model_learns_its_named_heads(ray_cluster, t
     assert config["id2label"] == {"0": "helpfulness", "1": "verbosity"}
     assert config["prefopt_reward"]["heads"] == ["helpfulness", "verbosity"]
     assert "helpfulness" in (result.run_dir / "config.yaml").read_text()     # the resolved heads are recorded
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(result.run_dir / "model", use_safetensors=True).eval()
+    exs = held_out("tiny_rm_regression", tok)
+    batch = collate_examples(exs, pad_id=tok.pad_token_id, kind="sft")
+    with torch.no_grad():
+        predicted = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    mse = ((predicted - batch["targets"].double()) ** 2).mean(-1).mean().item()
+    assert mse == pytest.approx(last["mse"], abs=1e-4)          # the checkpoint predicts what training measured
 
 
 @pytest.mark.slow
-def test_step_label_prm_learns(ray_cluster, tmp_path):
+def test_step_label_prm_learns_and_serves_the_same_step_scores(ray_cluster, tmp_path, tok):
     result = run("tiny_prm_train", tmp_path)
     first, last = result.eval_history[0], result.eval_history[-1]
     assert last["step_accuracy"] >= 0.9, (first["step_accuracy"], last["step_accuracy"])
     config = json.loads((result.run_dir / "model" / "config.json").read_text())
     assert config["prefopt_reward"] == {"kind": "process", "heads": ["step_correct"], "step_delimiter": "."}
+    # served (one forward per response, its own tokenizer), the saved PRM scores the held-out steps as in training
+    from prefopt.data.synthetic import make_steps
+    from prefopt.rewards.scorer import RewardScorer
+    recipe = load_recipe("tiny_prm_train")
+    rows = make_steps(recipe.data.synthetic.num_rows, recipe.data.synthetic.seed)
+    held = [rows[ex.row] for ex in held_out("tiny_prm_train", tok)]
+    (probs,) = RewardScorer([str(result.run_dir / "model")]).score_steps([r["prompt"] for r in held],
+                                                                          [r["steps"] for r in held])
+    right = [sum((p > 0.5) == (label >= 0.5) for p, label in zip(ps, r["labels"])) / len(ps) for ps, r in zip(probs, held)]
+    assert sum(right) / len(right) == pytest.approx(last["step_accuracy"], abs=1e-9)
+
+
+@pytest.mark.slow
+def test_reward_model_then_grpo_raises_the_hidden_rule(ray_cluster, tmp_path):
+    """The pipeline by name: tiny_rm trains a reward model on pairs labelled by a hidden rule; tiny_rm_grpo
+    (reward source `run:tiny-rm`, the newest finished tiny-rm run) optimises it and the rule's score rises."""
+    rm = run("tiny_rm", tmp_path, "train.max_steps=24", "train.eval_every=0")
+    assert rm.eval_history[-1]["accuracy"] >= 0.9
+    policy = run("tiny_rm_grpo", tmp_path, "train.iterations=16", "output.save_model=false")
+    config = (policy.run_dir / "config.yaml").read_text()
+    assert str(rm.run_dir / "model") in config                      # run:tiny-rm resolved and recorded
+    rule = [h["reward/hidden_rule"] for h in policy.train_history]
+    model = [h["reward/rm"] for h in policy.train_history]
+    assert sum(rule[-4:]) / 4 > sum(rule[:4]) / 4 + 0.1, rule
+    assert sum(model[-4:]) / 4 > sum(model[:4]) / 4, model
+
+
+def test_run_reference_names_the_missing_run(tmp_path):
+    from prefopt.errors import ConfigError
+    from prefopt.preflight import prepare
+    recipe = load_recipe("tiny_rm_grpo", [f"output.root={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"roles.reward.sources\[0\].model: 'run:tiny-rm' names the model of a "
+                                          r"finished run of recipe 'tiny-rm'"):
+        prepare(recipe)

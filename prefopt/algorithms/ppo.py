@@ -155,4 +155,6 @@ class PPO(Algorithm):
                "reward_final": result.final_train["reward/mean"]}
         out.update(trends(result.train_history, {"kl": "kl", "entropy": "policy/entropy",
                                                  "response_length": "response_length"}))
+        components = {f"reward_{s.name}": f"reward/{s.name}" for s in self.recipe.roles.reward.sources if s.name}
+        out.update(trends(result.train_history, components))     # named reward sources: first / final
         return out

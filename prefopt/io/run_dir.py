@@ -31,7 +31,25 @@ from prefopt.errors import ConfigError, DataError
 
 MARKER = ".prefopt-run"
 RESULTS = ("metrics.jsonl", "model", "summary.json")
+RUN_PREFIX = "run:"
 log = logging.getLogger("prefopt")
+
+
+def run_model(reference: str, root: str | Path, what: str) -> str:
+    """``run:NAME`` (a model path in a recipe) -> the ``model/`` folder of the newest finished run of the
+    recipe named NAME under ``root`` (``{root}/NAME-<timestamp>``, with ``summary.json``), so that one
+    stage of a pipeline (SFT, reward model) feeds the next. Another path is returned unchanged."""
+    if not isinstance(reference, str) or not reference.startswith(RUN_PREFIX):
+        return reference
+    name = reference[len(RUN_PREFIX):]
+    runs = [p for p in Path(root).glob(f"{name}-*") if (p / MARKER).exists() and (p / "summary.json").exists()
+            and (p / "model" / "config.json").exists()]
+    if not runs:
+        raise ConfigError(f"{what}: '{reference}' names the model of a finished run of recipe '{name}', but "
+                          f"{Path(root).resolve()} has none (run `prefopt train` on that recipe first, with "
+                          f"output.save_model: true)")
+    newest = max(runs, key=lambda p: (p / "summary.json").stat().st_mtime)
+    return str((newest / "model").resolve())
 
 
 def check_run_dir(recipe: Recipe) -> Path:

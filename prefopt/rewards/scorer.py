@@ -112,13 +112,17 @@ class RewardScorer:
 
     def score_steps(self, prompts: list, steps: list[list[str]], delimiter: str | None = None
                     ) -> list[list[list[float]]]:
-        """Per member, per sample, the first head at the end of every step, from one forward: ``[M][N][K_n]``."""
+        """Per member, per sample, the first head at the end of every step, from one forward: ``[M][N][K_n]``.
+        A model trained as a process reward model (``kind: process``) gives the probability that the
+        step is correct (the sigmoid of its logit, what its cross-entropy was trained on)."""
+        import math
         out = []
         for m in self.members:
             d = delimiter or m.meta.get("step_delimiter") or "\n"
             rendered = [render_steps(m.tokenizer, p, s, d) for p, s in zip(prompts, steps)]
             scores = self._forward(m, [ids for ids, _, _ in rendered], [ends for _, ends, _ in rendered])
-            out.append([[h[0] for h in s] for s in scores])
+            link = (lambda x: 1.0 / (1.0 + math.exp(-x))) if m.meta["kind"] == "process" else float
+            out.append([[link(h[0]) for h in s] for s in scores])
         return out
 
     def _forward(self, member: Member, rows: list[list[int]], positions: list[list[int]]) -> list[list[list[float]]]:
