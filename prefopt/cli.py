@@ -1,5 +1,5 @@
 """Command line: ``prefopt train|validate|show|reproduce|submit|sweep RECIPE [key=value ...]``,
-``prefopt jobs status|logs|stop|list``."""
+``prefopt jobs status|logs|stop|list``, ``prefopt score DATA --reward MODEL [MODEL ...] --out FILE``."""
 from __future__ import annotations
 
 import argparse
@@ -183,6 +183,20 @@ def cmd_sweep(args) -> int:
     return sweep_command(args)
 
 
+def cmd_score(args) -> int:
+    """Score preference pairs with a reward model or an ensemble; flip / drop pairs (:mod:`prefopt.curation`)."""
+    from prefopt.curation import parse_attribute_weights, score_file
+    stats = score_file(args.data, args.reward, args.out, split=args.split, prompt_field=args.prompt_field,
+                       chosen_field=args.chosen_field, rejected_field=args.rejected_field,
+                       margin_field=args.margin_field, flip_negative=args.flip_negative,
+                       drop_ambiguous=args.drop_ambiguous, overwrite_fields=args.overwrite_fields,
+                       attribute_weights=parse_attribute_weights(args.attribute_weights),
+                       batch_tokens=args.batch_tokens, trust_remote_code=args.trust_remote_code, force=args.force)
+    print(stats.summary(args.reward))
+    print(f"written: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefopt", description="Preference optimization of language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,6 +243,27 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # pragma: no cover
         pass
     p.set_defaults(fn=cmd_sweep)
+    p = sub.add_parser("score", help="score preference pairs with reward models (preference strength; flip / drop)",
+                       usage="prefopt score DATA --reward MODEL [MODEL ...] --out FILE [options]")
+    p.add_argument("data", metavar="DATA",
+                   help="pairs: a .jsonl/.json/.parquet file, a folder of them or a datasets name")
+    p.add_argument("--reward", nargs="+", required=True, metavar="MODEL", help="reward model(s): two or more "
+                   "are an ensemble (mean and std over members of r_chosen - r_rejected)")
+    p.add_argument("--out", required=True, metavar="FILE", help="the scored rows (.jsonl, or .json for an array)")
+    p.add_argument("--split", default="train")
+    for name in ("prompt", "chosen", "rejected"):
+        p.add_argument(f"--{name}-field", default=name, metavar="NAME")
+    p.add_argument("--margin-field", default="margin", metavar="NAME",
+                   help="where the preference strength is written for reward_model training (default: margin)")
+    p.add_argument("--flip-negative", action="store_true", help="swap chosen and rejected where the strength is < 0")
+    p.add_argument("--drop-ambiguous", type=float, metavar="T", help="leave out pairs with |strength| < T")
+    p.add_argument("--attribute-weights", metavar="NAME=W,...", help="weights of a multi-head model's heads")
+    p.add_argument("--batch-tokens", type=int, default=8192, metavar="N",
+                   help="padded tokens per forward (default 8192)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the models' own Python code")
+    p.add_argument("--overwrite-fields", action="store_true", help="replace fields that rows already have")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.set_defaults(fn=cmd_score)
     return parser
 
 
