@@ -191,7 +191,8 @@ def cmd_score(args) -> int:
                        margin_field=args.margin_field, flip_negative=args.flip_negative,
                        drop_ambiguous=args.drop_ambiguous, overwrite_fields=args.overwrite_fields,
                        attribute_weights=parse_attribute_weights(args.attribute_weights),
-                       batch_tokens=args.batch_tokens, trust_remote_code=args.trust_remote_code, force=args.force)
+                       batch_tokens=args.batch_tokens, trust_remote_code=args.trust_remote_code, force=args.force,
+                       runs_root=args.runs_root)
     print(stats.summary(args.reward))
     print(f"written: {args.out}")
     return 0
@@ -247,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                        usage="prefopt score DATA --reward MODEL [MODEL ...] --out FILE [options]")
     p.add_argument("data", metavar="DATA",
                    help="pairs: a .jsonl/.json/.parquet file, a folder of them or a datasets name")
-    p.add_argument("--reward", nargs="+", required=True, metavar="MODEL", help="reward model(s): two or more "
-                   "are an ensemble (mean and std over members of r_chosen - r_rejected)")
+    p.add_argument("--reward", nargs="+", required=True, metavar="MODEL", help="reward model(s) (a path, hub name or "
+                   "run:NAME): two or more are an ensemble (mean and std over members of r_chosen - r_rejected)")
     p.add_argument("--out", required=True, metavar="FILE", help="the scored rows (.jsonl, or .json for an array)")
     p.add_argument("--split", default="train")
     for name in ("prompt", "chosen", "rejected"):
@@ -261,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-tokens", type=int, default=8192, metavar="N",
                    help="padded tokens per forward (default 8192)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the models' own Python code")
+    p.add_argument("--runs-root", default="runs", metavar="DIR",
+                   help="where --reward run:NAME looks for the newest finished run of recipe NAME (default: runs)")
     p.add_argument("--overwrite-fields", action="store_true", help="replace fields that rows already have")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(fn=cmd_score)

@@ -234,7 +234,7 @@ def write_rows(rows: list[dict], path: Path, force: bool) -> None:
 def score_file(data: str, models: list[str], out: str, *, split: str = "train", prompt_field: str = "prompt",
                chosen_field: str = "chosen", rejected_field: str = "rejected", margin_field: str = "margin",
                flip_negative: bool = False, drop_ambiguous: float | None = None, overwrite_fields: bool = False,
-               attribute_weights: dict[str, float] | None = None, batch_tokens: int = 8192,
+               attribute_weights: dict[str, float] | None = None, batch_tokens: int = 8192, runs_root: str = "runs",
                trust_remote_code: bool = False, force: bool = False) -> CurationStats:
     """Load ``data``, validate every row, check the models, score, curate and write ``out`` (see the module
     docstring). Everything that can be refused is refused before a model is loaded."""
@@ -254,7 +254,8 @@ def score_file(data: str, models: list[str], out: str, *, split: str = "train", 
     rows, source = load_rows(data, split)
     check_rows(rows, margin_field, overwrite_fields, source)
     c_prompts, c_texts, r_prompts, r_texts = pair_inputs(rows, source, prompt_field, chosen_field, rejected_field)
-    paths = [check_model(p, trust_remote_code=trust_remote_code, what="--reward",
+    from prefopt.io.run_dir import run_model
+    paths = [check_model(run_model(p, runs_root, "--reward"), trust_remote_code=trust_remote_code, what="--reward",
                          head="sequence_classification") for p in models]
     metas = [reward_metadata(p) for p in paths]
     for meta, shown in zip(metas, models):
