@@ -96,7 +96,8 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     """`prefopt train` gets SIGTERM mid-run: it finishes the step, checkpoints, exits with 130; the
     run then resumes from that checkpoint."""
     base = [sys.executable, "-m", "prefopt.cli", "train", "recipes/tiny_dpo.yaml", f"output.root={tmp_path}",
-            *COMMON, "train.epochs=20", "train.eval_every=0"]
+            *COMMON, "train.epochs=50", "train.eval_every=0", "data.synthetic.num_rows=160", "roles.learner.num_actors=1",
+            "roles.learner.zero_stage=0", "train.micro_batch_size=16"]
     proc = subprocess.Popen([*base, "train.max_steps=400"], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while True:

@@ -183,8 +183,8 @@ def test_reward_model_resume_is_exact(ray_cluster, tmp_path):
 def test_attribute_regression_reward_model_learns_its_named_heads(ray_cluster, tmp_path, tok):
     result = run("tiny_rm_regression", tmp_path)
     first, last = result.eval_history[0], result.eval_history[-1]
-    assert last["mse"] < 0.2 * first["mse"], (first["mse"], last["mse"])
-    assert last["mse/helpfulness"] < 0.5 and last["mse/verbosity"] < 0.5
+    assert last["mse"] < 0.1 * first["mse"], (first["mse"], last["mse"])      # ~4.9 -> ~0.1
+    assert last["mse/helpfulness"] < 0.3 and last["mse/verbosity"] < 0.3      # the ratings' variance is ~1.3
     config = json.loads((result.run_dir / "model" / "config.json").read_text())
     assert config["id2label"] == {"0": "helpfulness", "1": "verbosity"}
     assert config["prefopt_reward"]["heads"] == ["helpfulness", "verbosity"]
