@@ -117,8 +117,9 @@ def prepare(recipe: Recipe, *, remote: bool = False) -> Prepared | None:
         attributes = getattr(recipe.objective, "attributes", None)
         data = load_preference_data(recipe.data, tokenizer, seed=t.seed, cache_dir=cache_dir(), attributes=attributes)
         if data.kind not in objective_cls.data_kinds():
-            raise ConfigError(f"objective '{recipe.objective.name}' trains on {' or '.join(objective_cls.data_kinds())} "
-                              f"rows, but {data.source} holds {data.kind} rows")
+            kinds = " or ".join(objective_cls.data_kinds())
+            raise ConfigError(f"objective '{recipe.objective.name}' trains on {kinds} rows, but {data.source} holds "
+                              f"{data.kind} rows")
         if attributes == [] and data.attributes:   # the heads are named by the data (saved in config.yaml)
             recipe.objective.attributes = list(data.attributes)
         out.data = data

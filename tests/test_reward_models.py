@@ -11,7 +11,7 @@ from prefopt.config import load_recipe
 from prefopt.config_schema import DataConfig
 from prefopt.data import build_examples
 from prefopt.data.collate import collate_examples
-from prefopt.data.synthetic import make_attributes, make_pairs, make_steps
+from prefopt.data.synthetic import make_pairs, make_steps
 from prefopt.errors import DataError
 from prefopt.objectives import get_objective
 
@@ -107,7 +107,8 @@ def test_reward_model_objective_trains_on_every_ordered_pair_of_a_list():
     rewards = torch.tensor([0.3, -0.2, 1.0, 0.5, 0.5], dtype=torch.float64)      # list of 3, then a pair
     batch = {"slot_mask": torch.tensor([[True, True, True], [True, True, False]]),
              "scores": torch.tensor([[2.0, 0.0, 1.0], [1.0, 0.0, 0.0]])}
-    out = cls(cls.Params(label_smoothing=0.1)).loss(ScoreOutput(rewards.reshape(5, 1, 1), torch.ones(5, 1).bool()), batch)
+    scores = ScoreOutput(rewards.reshape(5, 1, 1), torch.ones(5, 1).bool())
+    out = cls(cls.Params(label_smoothing=0.1)).loss(scores, batch)
     r = rewards.tolist()
     pairs0 = [(r[0], r[1]), (r[0], r[2]), (r[2], r[1])]                          # scores 2 > 1 > 0
     l0 = sum(bradley_terry_loss(torch.tensor(c, dtype=torch.float64), torch.tensor(j, dtype=torch.float64),
@@ -115,7 +116,7 @@ def test_reward_model_objective_trains_on_every_ordered_pair_of_a_list():
     l1 = bradley_terry_loss(torch.tensor(r[3], dtype=torch.float64), torch.tensor(r[4], dtype=torch.float64),
                             label_smoothing=0.1)
     assert out.loss.item() == pytest.approx(float(l0 + l1) / 2, abs=1e-9)
-    assert out.metrics["accuracy"].tolist() == pytest.approx([2 / 3, 0.5])         # 1.0 > 0.3 is wrong; a tie counts half
+    assert out.metrics["accuracy"].tolist() == pytest.approx([2 / 3, 0.5])   # 1.0 > 0.3 is wrong; a tie: half
     assert out.metrics["rewards/chosen"].tolist() == pytest.approx([0.3, 0.5])
 
 
@@ -141,10 +142,17 @@ def held_out(recipe_name, tok):
     return load_preference_data(recipe.data, tok, seed=recipe.train.seed).eval
 
 
+@pytest.fixture(scope="module")
+def trained_rm(ray_cluster, tmp_path_factory):
+    """One tiny_rm run (held-out checks, then the policy stage of the pipeline); its output root."""
+    root = tmp_path_factory.mktemp("rm-runs")
+    return run("tiny_rm", root), root
+
+
 @pytest.mark.slow
-def test_bradley_terry_reward_model_learns_and_its_checkpoint_gives_the_same_scores(ray_cluster, tmp_path, tok):
+def test_bradley_terry_reward_model_learns_and_its_checkpoint_gives_the_same_scores(trained_rm, tok):
     from transformers import AutoModelForSequenceClassification
-    result = run("tiny_rm", tmp_path)
+    result, _ = trained_rm
     first, last = result.eval_history[0], result.eval_history[-1]
     assert 0.3 <= first["accuracy"] <= 0.7 and last["accuracy"] >= 0.9, (first["accuracy"], last["accuracy"])
     assert last["rewards/std"] > 0 and last["margin"] > 0
@@ -214,17 +222,17 @@ def test_step_label_prm_learns_and_serves_the_same_step_scores(ray_cluster, tmp_
     held = [rows[ex.row] for ex in held_out("tiny_prm_train", tok)]
     (probs,) = RewardScorer([str(result.run_dir / "model")]).score_steps([r["prompt"] for r in held],
                                                                           [r["steps"] for r in held])
-    right = [sum((p > 0.5) == (label >= 0.5) for p, label in zip(ps, r["labels"])) / len(ps) for ps, r in zip(probs, held)]
+    right = [sum((p > 0.5) == (label >= 0.5) for p, label in zip(ps, r["labels"])) / len(ps)
+             for ps, r in zip(probs, held)]
     assert sum(right) / len(right) == pytest.approx(last["step_accuracy"], abs=1e-9)
 
 
 @pytest.mark.slow
-def test_reward_model_then_grpo_raises_the_hidden_rule(ray_cluster, tmp_path):
+def test_reward_model_then_grpo_raises_the_hidden_rule(trained_rm):
     """The pipeline by name: tiny_rm trains a reward model on pairs labelled by a hidden rule; tiny_rm_grpo
     (reward source `run:tiny-rm`, the newest finished tiny-rm run) optimises it and the rule's score rises."""
-    rm = run("tiny_rm", tmp_path, "train.max_steps=24", "train.eval_every=0")
-    assert rm.eval_history[-1]["accuracy"] >= 0.9
-    policy = run("tiny_rm_grpo", tmp_path, "train.iterations=16", "output.save_model=false")
+    rm, root = trained_rm
+    policy = run("tiny_rm_grpo", root, "train.iterations=16", "output.save_model=false")
     config = (policy.run_dir / "config.yaml").read_text()
     assert str(rm.run_dir / "model") in config                      # run:tiny-rm resolved and recorded
     rule = [h["reward/hidden_rule"] for h in policy.train_history]

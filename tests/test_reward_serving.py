@@ -2,7 +2,6 @@
 by tokens, weighs attribute heads, combines ensemble members (mean / min / uwo) and transforms; a
 process reward model scores every step in one forward (equal to scoring each prefix); an implicit
 PRM's step rewards come from one forward of it and of its reference."""
-import json
 import shutil
 
 import pytest

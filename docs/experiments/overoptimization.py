@@ -2,12 +2,12 @@
 
     python docs/experiments/overoptimization.py --iterations 60 --seeds 0,1,2 --out docs/overoptimization.png
 
-1. Gold reward: a rule (``prefopt.rewards.builtin:good_words_at_moderate_length``: the fraction of good
-   words, discounted as the word count moves away from 6).
+1. Gold reward: a rule (``prefopt.rewards.builtin:distinct_good_fraction``: distinct good words per word,
+   so repeating a good word does not pay).
 2. Proxy reward models: ``--proxies`` Bradley–Terry models (recipe tiny_rm.yaml) trained with different
-   seeds on ``--pairs`` pairs of synthetic responses (2-14 words, random good-word share) labelled by
-   the gold rule.
-3. GRPO (recipe tiny_grpo.yaml, longer responses, a small KL coefficient) against one proxy, and
+   seeds on ``--pairs`` pairs of synthetic responses (3-10 random words, random good-word share, so
+   repeats are rare) labelled by the gold rule.
+3. GRPO (recipe tiny_grpo.yaml, a small KL coefficient) against one proxy, and
    against the ``mean`` / ``min`` (worst case) / ``uwo`` (mean - coef * variance) ensembles of all
    proxies, ``--seeds`` policy seeds each; the gold reward is logged beside (weight 0).
 4. Plots gold and proxy reward against the KL to the reference, per objective (mean over seeds), and
@@ -25,18 +25,18 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-GOLD = "prefopt.rewards.builtin:good_words_at_moderate_length"
+GOLD = "prefopt.rewards.builtin:distinct_good_fraction"
 COMMON = ["output.progress_bar=false", "output.tensorboard=false"]
 
 
 def gold_pairs(n: int, seed: int) -> list[dict]:
     """Pairs of random responses, the one the gold rule scores higher first (ties redrawn)."""
     from prefopt.data.synthetic import _prompt, _response
-    from prefopt.rewards.builtin import good_words_at_moderate_length as gold
+    from prefopt.rewards.builtin import distinct_good_fraction as gold
     rng, rows = random.Random(seed), []
     while len(rows) < n:
         prompt = _prompt(rng)
-        a, b = (_response(rng, rng.random(), 2, 14) for _ in range(2))
+        a, b = (_response(rng, rng.random()) for _ in range(2))
         ga, gb = (gold(prompt=prompt, response=r, row={}) for r in (a, b))
         if ga != gb:
             rows.append({"prompt": prompt, "chosen": a if ga > gb else b, "rejected": b if ga > gb else a})
@@ -68,7 +68,7 @@ def run_policy(root: Path, name: str, source: dict, seed: int, iterations: int, 
     sources = [{**source, "name": "proxy", "weight": 1.0}, {"fn": GOLD, "name": "gold", "weight": 0.0}]
     recipe = load_recipe("tiny_grpo", [
         f"roles.reward.sources={json.dumps(sources)}", f"train.iterations={iterations}", f"train.seed={seed}",
-        f"objective.kl_coef={kl_coef}", "roles.rollout.sampling.max_tokens=40", "roles.rollout.max_model_len=128",
+        f"objective.kl_coef={kl_coef}",
         f"output.run_dir={root / f'{name.split()[0]}-{seed}'}", "output.save_model=false", *COMMON])
     history = train(recipe, quiet=True).train_history
     return [{"kl": h["kl"], "seq_kl": h["kl"] * h["response_length"], "proxy": h["reward/proxy"],
@@ -119,16 +119,23 @@ def plot(curves: dict, out: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.8), sharey=True)
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.4 * len(curves), 3.8), sharey=True)
+    proxy_axes = []
     for ax, (name, runs) in zip(axes, curves.items()):
         n = min(len(r) for r in runs)
         kl = [sum(r[i]["seq_kl"] for r in runs) / len(runs) for i in range(n)]
-        for key, style in (("gold", "-"), ("proxy", "--")):
-            ys = [sum(r[i][key] for r in runs) / len(runs) for i in range(n)]
-            ax.plot(kl, ys, style, label=key)
+        gold = [sum(r[i]["gold"] for r in runs) / len(runs) for i in range(n)]
+        proxy = [sum(r[i]["proxy"] for r in runs) / len(runs) for i in range(n)]
+        ax.plot(kl, gold, "-", color="tab:blue", label="gold (left axis)")
+        twin = ax.twinx()
+        twin.plot(kl, proxy, "--", color="tab:orange", label="proxy (right axis)")
+        proxy_axes.append(twin)
         ax.set(title=name, xlabel="KL to reference (per response, nats)")
-        ax.legend()
-    axes[0].set_ylabel("reward (mean over seeds)")
+        ax.legend(handles=ax.get_lines() + twin.get_lines(), loc="lower right", fontsize=8)
+    for twin in proxy_axes[1:]:
+        twin.sharey(proxy_axes[0])
+    axes[0].set_ylabel("gold reward (mean over seeds)")
+    proxy_axes[-1].set_ylabel("proxy reward")
     fig.suptitle("GRPO against learned proxy reward models: gold vs proxy reward as KL grows")
     fig.tight_layout()
     fig.savefig(out, dpi=100)

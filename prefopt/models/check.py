@@ -300,7 +300,7 @@ def _check_config(folder: Path, shown: str, what: str, head: str, trust_remote_c
 
     from transformers import AutoConfig
     try:
-        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
     except Exception as e:  # noqa: BLE001 - any failure here is a bad checkpoint, reported in one line
         hint = (" (set model.trust_remote_code: true for a checkpoint you trust)"
                 if "trust_remote_code" in str(e) and not trust_remote_code else "")

@@ -53,3 +53,11 @@ def good_words_at_moderate_length(*, prompt: str, response: str, row: dict) -> f
     n = len(_words(response))
     return good_word_fraction(prompt=prompt, response=response, row=row) * max(0.0, 1 - abs(n - MODERATE_WORDS)
                                                                                 / MODERATE_WORDS)
+
+
+def distinct_good_fraction(*, prompt: str, response: str, row: dict) -> float:
+    """Distinct good words per word: like ``good_word_fraction``, but a repeated word counts once, so
+    "kind kind kind" scores 1/3 and "kind clear honest" 1. The gold reward of the over-optimization
+    experiment (docs/reward_models.md): proxies trained on varied responses do not see repetition."""
+    words = _words(response)
+    return len({w for w in words if w in _GOOD}) / len(words) if words else 0.0
