@@ -142,17 +142,10 @@ def held_out(recipe_name, tok):
     return load_preference_data(recipe.data, tok, seed=recipe.train.seed).eval
 
 
-@pytest.fixture(scope="module")
-def trained_rm(ray_cluster, tmp_path_factory):
-    """One tiny_rm run (held-out checks, then the policy stage of the pipeline); its output root."""
-    root = tmp_path_factory.mktemp("rm-runs")
-    return run("tiny_rm", root), root
-
-
 @pytest.mark.slow
-def test_bradley_terry_reward_model_learns_and_its_checkpoint_gives_the_same_scores(trained_rm, tok):
+def test_bradley_terry_reward_model_learns_and_its_checkpoint_gives_the_same_scores(ray_cluster, tmp_path, tok):
     from transformers import AutoModelForSequenceClassification
-    result, _ = trained_rm
+    result = run("tiny_rm", tmp_path)
     first, last = result.eval_history[0], result.eval_history[-1]
     assert 0.3 <= first["accuracy"] <= 0.7 and last["accuracy"] >= 0.9, (first["accuracy"], last["accuracy"])
     assert last["rewards/std"] > 0 and last["margin"] > 0
@@ -228,16 +221,18 @@ def test_step_label_prm_learns_and_serves_the_same_step_scores(ray_cluster, tmp_
 
 
 @pytest.mark.slow
-def test_reward_model_then_grpo_raises_the_hidden_rule(trained_rm):
-    """The pipeline by name: tiny_rm trains a reward model on pairs labelled by a hidden rule; tiny_rm_grpo
-    (reward source `run:tiny-rm`, the newest finished tiny-rm run) optimises it and the rule's score rises."""
-    rm, root = trained_rm
-    policy = run("tiny_rm_grpo", root, "train.iterations=16", "output.save_model=false")
+def test_reward_model_then_grpo_raises_the_hidden_rule(ray_cluster, tmp_path):
+    """The pipeline by name: tiny_rm_lists trains a reward model on lists graded by a hidden rule (every
+    ordered pair); tiny_rm_grpo (reward source `run:tiny-rm-lists`, the newest finished run of that recipe)
+    optimises it and the rule's score rises."""
+    rm = run("tiny_rm_lists", tmp_path, "train.eval_every=0")
+    assert rm.eval_history[-1]["accuracy"] >= 0.9
+    policy = run("tiny_rm_grpo", tmp_path, "train.iterations=16", "output.save_model=false")
     config = (policy.run_dir / "config.yaml").read_text()
     assert str(rm.run_dir / "model") in config                      # run:tiny-rm resolved and recorded
     rule = [h["reward/hidden_rule"] for h in policy.train_history]
     model = [h["reward/rm"] for h in policy.train_history]
-    assert sum(rule[-4:]) / 4 > sum(rule[:4]) / 4 + 0.1, rule
+    assert sum(rule[-4:]) / 4 > sum(rule[:4]) / 4 + 0.15, rule
     assert sum(model[-4:]) / 4 > sum(model[:4]) / 4, model
 
 

@@ -2,8 +2,8 @@
 
     python docs/experiments/reward_pipeline.py --iterations 40 --out docs/reward_pipeline.png
 
-1. ``tiny_rm`` (Bradley–Terry on pairs labelled by a hidden rule), then ``tiny_rm_grpo`` (GRPO against it,
-   ``run:tiny-rm``): the reward model's score and the hidden rule per iteration.
+1. ``tiny_rm_lists`` (Bradley–Terry on lists graded by a hidden rule), then ``tiny_rm_grpo`` (GRPO against
+   it, ``run:tiny-rm-lists``): the reward model's score and the hidden rule per iteration.
 2. ``tiny_prm_train`` (a step-label PRM), then ``tiny_prm_model`` (PPO + GAE, its step probabilities
    Clip-refined) beside ``tiny_prm`` (the rule PRM that pays for every step): steps per response and
    success rate.
@@ -38,7 +38,7 @@ def main() -> None:
         recipe = load_recipe(name, [f"output.root={root}", "output.progress_bar=false", *overrides])
         return train(recipe, quiet=True)
 
-    stages = {"rm": run("tiny_rm").final_eval, "prm": run("tiny_prm_train").final_eval,
+    stages = {"rm": run("tiny_rm_lists").final_eval, "prm": run("tiny_prm_train").final_eval,
               "dpo": run("tiny_dpo").final_eval}
     online = {name: run(name, f"train.iterations={args.iterations}", "output.save_model=false").train_history
               for name in ("tiny_rm_grpo", "tiny_prm", "tiny_prm_model", "tiny_prm_implicit")}
@@ -62,7 +62,7 @@ def plot(curves: dict, out: str) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     rm = curves["rm_grpo"]
-    axes[0].plot(rm["hidden rule"], label="hidden rule (good-word fraction)")
+    axes[0].plot(rm["hidden rule"], label="hidden rule (share of good words)")
     twin = axes[0].twinx()
     twin.plot(rm["reward model"], "--", color="tab:orange", label="reward model score (right axis)")
     axes[0].set(title="GRPO against the trained reward model", xlabel="iteration", ylim=(0, 1))
