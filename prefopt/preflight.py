@@ -45,6 +45,8 @@ def check_models(recipe: Recipe, *, remote: bool = False) -> None:
     from prefopt.io.run_dir import run_model
 
     def check_model(path, **kwargs):
+        if remote and isinstance(path, str) and path.startswith("run:"):
+            return path          # a run on the cluster: the job's own pre-flight resolves it there
         path = run_model(path, recipe.output.root, kwargs.get("what", "model.path"))
         return check(path, **kwargs) if not remote or here(path) else path
 
@@ -55,6 +57,8 @@ def check_models(recipe: Recipe, *, remote: bool = False) -> None:
     # whether an attention kernel runs is a question for the machines the learners land on: this one
     # only when the cluster is local
     attn = m.attn_implementation if is_local(recipe.ray) else "sdpa"
+    if m.tokenizer and not remote:
+        m.tokenizer = run_model(m.tokenizer, recipe.output.root, "model.tokenizer")
     m.path = check_model(m.path, tokenizer=m.tokenizer, trust_remote_code=trust, attn_implementation=attn,
                          what="model.path")
     if roles.critic is not None and roles.critic.path:
@@ -115,7 +119,8 @@ def prepare(recipe: Recipe, *, remote: bool = False) -> Prepared | None:
         from prefopt.data import load_preference_data
         from prefopt.data import batching
         attributes = getattr(recipe.objective, "attributes", None)
-        data = load_preference_data(recipe.data, tokenizer, seed=t.seed, cache_dir=cache_dir(), attributes=attributes)
+        data = load_preference_data(recipe.data, tokenizer, seed=t.seed, cache_dir=cache_dir(), attributes=attributes,
+                                    kinds=objective_cls.data_kinds())
         if data.kind not in objective_cls.data_kinds():
             kinds = " or ".join(objective_cls.data_kinds())
             raise ConfigError(f"objective '{recipe.objective.name}' trains on {kinds} rows, but {data.source} holds "

@@ -163,7 +163,7 @@ def run(recipe: Recipe, *, quiet: bool = False) -> RunResult:
         stop, guard = stack.enter_context(StopRequest()), SkipGuard(t.max_skipped_steps)
         algorithm.guard = guard
         ckpt = Checkpointer(run_dir, algorithm.roles, recipe.output, driver_state=algorithm.driver_state(),
-                            tokenizer=pre.tokenizer)
+                            tokenizer=pre.tokenizer, describe=algorithm.saved_model)
         progress = stack.enter_context(tqdm(total=total, initial=done, desc=recipe.name, unit=unit[:4],
                                             disable=quiet or not recipe.output.progress_bar))
 

@@ -240,6 +240,37 @@ def test_run_reference_names_the_missing_run(tmp_path):
     from prefopt.errors import ConfigError
     from prefopt.preflight import prepare
     recipe = load_recipe("tiny_rm_grpo", [f"output.root={tmp_path}"])
-    with pytest.raises(ConfigError, match=r"roles.reward.sources\[0\].model: 'run:tiny-rm' names the model of a "
-                                          r"finished run of recipe 'tiny-rm'"):
+    with pytest.raises(ConfigError, match=r"roles.reward.sources\[0\].model: 'run:tiny-rm-lists' names the model "
+                                          r"of a finished run of recipe 'tiny-rm-lists'"):
         prepare(recipe)
+
+
+def test_run_reference_takes_the_newest_finished_run_of_that_recipe_only(tmp_path):
+    import json as _json
+    import os
+    import time
+
+    from prefopt.io.run_dir import MARKER, run_model
+
+    def fake_run(name, stamp, finished=True):
+        d = tmp_path / f"{name}-{stamp}"
+        (d / "model").mkdir(parents=True)
+        (d / MARKER).write_text("{}")
+        (d / "model" / "config.json").write_text("{}")
+        if finished:
+            (d / "summary.json").write_text(_json.dumps({"name": name}))
+        return d
+    old = fake_run("tiny-rm", "20261201-100000")
+    os.utime(old / "summary.json", (time.time() - 100, time.time() - 100))
+    new = fake_run("tiny-rm", "20261201-110000")
+    fake_run("tiny-rm", "20261201-120000", finished=False)            # a failed or running one
+    fake_run("tiny-rm-lists", "20261201-130000")                      # another recipe, newer
+    assert run_model("run:tiny-rm", tmp_path, "x") == str((new / "model").resolve())
+    assert run_model("/some/path", tmp_path, "x") == "/some/path"
+
+
+def test_sft_rows_that_carry_attributes_are_sft_rows_for_sft(tok):
+    rows = [{"prompt": "p", "response": "kind clear.", "attributes": {"a": 1.0}}]
+    assert examples(tok, rows)[0] == "attributes"
+    kind, _, _, _ = build_examples(rows, tok, DataConfig(path="x"), source="x", kinds=("sft",))
+    assert kind == "sft"

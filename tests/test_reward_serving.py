@@ -2,6 +2,7 @@
 by tokens, weighs attribute heads, combines ensemble members (mean / min / uwo) and transforms; a
 process reward model scores every step in one forward (equal to scoring each prefix); an implicit
 PRM's step rewards come from one forward of it and of its reference."""
+import json
 import shutil
 
 import pytest
@@ -58,6 +59,39 @@ def test_render_matches_the_training_rows(tok):
     ids, ends, start = render_steps(tok, "Describe the river.", ["kind clear", "rude"], ".")
     assert ids == ex.prompt_ids + ex.response_ids[0] and start == len(ex.prompt_ids)
     assert ends == [start + e for e in ex.step_ends]
+
+
+def test_source_checks_name_the_key(rm_paths, tmp_path):
+    from prefopt.errors import ConfigError
+    from prefopt.rewards.sources import check_sources
+    fn = "prefopt.rewards.builtin:good_word_fraction"
+    with pytest.raises(ConfigError, match=r"sources\[0\].normalize applies to reward models"):
+        check_sources(RewardRoleConfig(sources=[RewardSourceConfig(fn=fn, normalize=True)]))
+    with pytest.raises(ConfigError, match=r"the name\(s\) rm label more than one source"):
+        check_sources(RewardRoleConfig(sources=[RewardSourceConfig(fn=fn, name="rm"),
+                                                RewardSourceConfig(model=rm_paths["base"], name="rm")]))
+    prm = shutil.copytree(rm_paths["base"], tmp_path / "prm")
+    config = json.loads((prm / "config.json").read_text())
+    config["prefopt_reward"] = {"kind": "process", "heads": ["step_correct"], "step_delimiter": "."}
+    (prm / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="trained with steps ending in '.': set roles.reward.process.delimiter"):
+        check_sources(RewardRoleConfig(process=ProcessRewardConfig(model=str(prm))))
+    with pytest.raises(ConfigError, match="is a process reward model .* serve it as roles.reward.process.model"):
+        check_sources(RewardRoleConfig(sources=[RewardSourceConfig(model=str(prm))]))
+    check_sources(RewardRoleConfig(process=ProcessRewardConfig(model=str(prm), delimiter=".")))
+
+
+def test_an_overlong_sample_keeps_its_end(rm_paths, tok):
+    """A sample longer than the model's positions loses tokens from its start (after bos), as training
+    truncates prompts; the score at the response's end is read on what remains."""
+    scorer = RewardScorer([rm_paths["base"]])
+    member = scorer.members[0]
+    member.model.config.max_position_embeddings = 12
+    ids = render(tok, "Describe the river and the mountain and the city.", "kind clear honest calm.")
+    assert len(ids) > 12
+    (scores,) = scorer.score(["Describe the river and the mountain and the city."], ["kind clear honest calm."])
+    (expected,) = hf_scores(rm_paths["base"], [ids[:1] + ids[len(ids) - 11:]])
+    assert scores[0] == pytest.approx(expected, abs=1e-5)
 
 
 def test_token_batches_bound_the_padded_tokens():

@@ -54,22 +54,21 @@ class Example:
     step_labels: list[float] | None = None    # steps: [S] labels in [0, 1]
 
 
-def detect_kind(row, cfg: DataConfig, *, source: str, row_index: int) -> str:
-    """``"pairs"``, ``"lists"`` or ``"sft"`` from the (non-null) fields of ``row``."""
+def detect_kind(row, cfg: DataConfig, *, source: str, row_index: int, preferred: tuple[str, ...] = ()) -> str:
+    """The row kind (pairs, lists, steps, attributes, sft) from the (non-null) fields of ``row``; when
+    the fields fit several kinds (SFT rows that also carry ``attributes``), the first of ``preferred``
+    (the kinds the objective trains on) that fits, else the first in that order."""
     if not isinstance(row, dict):
         raise DataError(f"expected an object with fields, got {type(row).__name__}",
                         source=source, row=row_index)
     present = [k for k, v in row.items() if v is not None]
-    if cfg.chosen_field in present or cfg.rejected_field in present:
-        return "pairs"
-    if cfg.responses_field in present or cfg.scores_field in present:
-        return "lists"
-    if cfg.steps_field in present:
-        return "steps"
-    if cfg.attributes_field in present:
-        return "attributes"
-    if cfg.response_field in present or cfg.messages_field in present:
-        return "sft"
+    fits = [kind for kind, fields in (("pairs", (cfg.chosen_field, cfg.rejected_field)),
+                                      ("lists", (cfg.responses_field, cfg.scores_field)),
+                                      ("steps", (cfg.steps_field,)), ("attributes", (cfg.attributes_field,)),
+                                      ("sft", (cfg.response_field, cfg.messages_field)))
+            if any(f in present for f in fields)]
+    if fits:
+        return next((kind for kind in preferred if kind in fits), fits[0])
     raise DataError(
         f"cannot tell the row kind: expected fields '{cfg.prompt_field}', '{cfg.chosen_field}', "
         f"'{cfg.rejected_field}' (pairs), '{cfg.prompt_field}', '{cfg.responses_field}', "
@@ -92,20 +91,21 @@ class _Rendered:
     step_labels: list[float] | None = None     # steps rows: the responses are the step pieces
 
 
-def build_examples(rows: list, tokenizer, cfg: DataConfig, *, source: str, attributes: list[str] | None = None
-                   ) -> tuple[str, list[Example], int, list[str]]:
+def build_examples(rows: list, tokenizer, cfg: DataConfig, *, source: str, attributes: list[str] | None = None,
+                   kinds: tuple[str, ...] = ()) -> tuple[str, list[Example], int, list[str]]:
     """Validate and tokenize ``rows``: ``(kind, examples, num_skipped, first_skip_messages)``.
 
     With ``cfg.on_error == "skip"`` malformed rows are dropped and counted; if none is left, the
     first error is raised anyway. ``attributes``: the order of an attributes row's ratings
-    (default: first seen in ``rows``).
+    (default: first seen in ``rows``). ``kinds``: the row kinds the caller trains on, preferred when
+    a row's fields fit several (:func:`detect_kind`).
     """
     from prefopt.data.reward_rows import attribute_names
     names = list(attributes or attribute_names(rows, cfg.attributes_field))
-    return _build_examples(rows, tokenizer, cfg, source, names)
+    return _build_examples(rows, tokenizer, cfg, source, names, tuple(kinds))
 
 
-def _build_examples(rows: list, tokenizer, cfg: DataConfig, source: str, names: list[str]
+def _build_examples(rows: list, tokenizer, cfg: DataConfig, source: str, names: list[str], kinds: tuple[str, ...]
                     ) -> tuple[str, list[Example], int, list[str]]:
     skip = cfg.on_error == "skip"
     errors: list[DataError] = []
@@ -114,7 +114,7 @@ def _build_examples(rows: list, tokenizer, cfg: DataConfig, source: str, names: 
     for i, row in enumerate(rows):
         try:
             if kind is None:
-                kind = detect_kind(row, cfg, source=source, row_index=i)
+                kind = detect_kind(row, cfg, source=source, row_index=i, preferred=kinds)
             rendered.append(_render_row(row, i, kind, tokenizer, cfg, source, names))
         except DataError as e:
             if not skip:

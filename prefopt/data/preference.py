@@ -31,7 +31,7 @@ class PreferenceData:
 
 
 def load_preference_data(cfg: DataConfig, tokenizer, *, seed: int, cache_dir: str | Path | None = None,
-                         attributes: list[str] | None = None) -> PreferenceData:
+                         attributes: list[str] | None = None, kinds: tuple[str, ...] = ()) -> PreferenceData:
     """Load, validate, tokenize and split the data of a recipe's ``data:`` section.
 
     Held-out data: ``eval_path`` / ``eval_split`` when given (an ``eval_split`` alone is another
@@ -39,18 +39,20 @@ def load_preference_data(cfg: DataConfig, tokenizer, *, seed: int, cache_dir: st
     ``max_eval_examples`` by a seeded sample; otherwise a seeded random ``eval_fraction`` of the
     valid rows (at least one when the fraction is > 0, at most ``max_eval_examples``).
     Train and eval examples are in source row order. ``attributes``: the order of attributes rows'
-    ratings (default: first seen in the training rows).
+    ratings (default: first seen in the training rows). ``kinds``: the row kinds the objective trains
+    on, preferred when a row's fields fit several.
     """
     validate_data_config(cfg)
     from prefopt.data.reward_rows import attribute_names
     rows, source = load_rows(cfg.path, cfg.split, cache_dir=cache_dir, synthetic=cfg.synthetic)
     attributes = list(attributes or attribute_names(rows, cfg.attributes_field))
-    kind, train, skipped, messages = build_examples(rows, tokenizer, cfg, source=source, attributes=attributes)
+    kind, train, skipped, messages = build_examples(rows, tokenizer, cfg, source=source, attributes=attributes,
+                                                    kinds=kinds)
     if cfg.eval_path or cfg.eval_split:
         eval_rows, eval_source = load_rows(cfg.eval_path or cfg.path, cfg.eval_split or "train",
                                            cache_dir=cache_dir, synthetic=cfg.synthetic)
         eval_kind, held_out, eval_skipped, eval_messages = build_examples(
-            eval_rows, tokenizer, cfg, source=eval_source, attributes=attributes)
+            eval_rows, tokenizer, cfg, source=eval_source, attributes=attributes, kinds=kinds)
         if eval_kind != kind:
             raise DataError(f"the held-out data are {eval_kind} but the training data are {kind}",
                             source=eval_source)

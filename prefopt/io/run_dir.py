@@ -41,9 +41,11 @@ def run_model(reference: str, root: str | Path, what: str) -> str:
     stage of a pipeline (SFT, reward model) feeds the next. Another path is returned unchanged."""
     if not isinstance(reference, str) or not reference.startswith(RUN_PREFIX):
         return reference
+    import re
     name = reference[len(RUN_PREFIX):]
-    runs = [p for p in Path(root).glob(f"{name}-*") if (p / MARKER).exists() and (p / "summary.json").exists()
-            and (p / "model" / "config.json").exists()]
+    own = re.compile(re.escape(name) + r"-\d{8}-\d{6}(-\d+)?")     # not tiny-rm-lists-... for run:tiny-rm
+    runs = [p for p in Path(root).glob(f"{name}-*") if own.fullmatch(p.name) and (p / MARKER).exists()
+            and (p / "summary.json").exists() and (p / "model" / "config.json").exists()]
     if not runs:
         raise ConfigError(f"{what}: '{reference}' names the model of a finished run of recipe '{name}', but "
                           f"{Path(root).resolve()} has none (run `prefopt train` on that recipe first, with "

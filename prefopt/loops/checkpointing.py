@@ -19,8 +19,9 @@ def learner_groups(roles) -> list[tuple[str, object]]:
 
 
 def save(run_dir: Path, name: str, counter: int, roles, driver_state: dict, keep: int, *, tokenizer=None,
-         **extra) -> Path:
-    """With ``tokenizer``, the checkpoint also holds ``hf/``: the policy in HF format (safetensors)."""
+         describe=None, **extra) -> Path:
+    """With ``tokenizer``, the checkpoint also holds ``hf/``: the policy in HF format (safetensors), then
+    ``describe(hf_dir)`` (e.g. a reward model's serving metadata)."""
     from prefopt.io import checkpoint
     tmp = checkpoint.begin(run_dir, name)
     for group_name, group in learner_groups(roles):
@@ -29,6 +30,8 @@ def save(run_dir: Path, name: str, counter: int, roles, driver_state: dict, keep
         policy = learner_groups(roles)[0][1]
         policy.call("save_model", [(str(tmp / "hf"),)] * len(policy), what="checkpoint HF export")
         tokenizer.save_pretrained(str(tmp / "hf"))
+        if describe is not None:
+            describe(tmp / "hf")
     state = {"counter": counter, **extra,
              **{k: v.state_dict() for k, v in driver_state.items() if v is not None}}
     return checkpoint.commit(tmp, state, keep)
@@ -91,8 +94,9 @@ class Checkpointer:
     """One run's checkpoint policy (``output.checkpoint_every`` / ``keep_checkpoints`` /
     ``checkpoint_hf``) bound to its run directory, roles and driver state."""
 
-    def __init__(self, run_dir: Path, roles, output_cfg, *, driver_state: dict | None = None, tokenizer=None):
-        self.run_dir, self.roles, self.driver_state = run_dir, roles, driver_state or {}
+    def __init__(self, run_dir: Path, roles, output_cfg, *, driver_state: dict | None = None, tokenizer=None,
+                 describe=None):
+        self.run_dir, self.roles, self.driver_state, self.describe = run_dir, roles, driver_state or {}, describe
         self.every, self.keep = output_cfg.checkpoint_every, output_cfg.keep_checkpoints
         self.tokenizer = tokenizer if output_cfg.checkpoint_hf else None
 
@@ -101,7 +105,7 @@ class Checkpointer:
 
     def save(self, name: str, counter: int, **extra) -> Path:
         return save(self.run_dir, name, counter, self.roles, self.driver_state, self.keep,
-                    tokenizer=self.tokenizer, **extra)
+                    tokenizer=self.tokenizer, describe=self.describe, **extra)
 
     def stop_now(self, stop: StopRequest, name: str, counter: int, **extra):
         """Checkpoint and raise :class:`prefopt.errors.RunInterrupted` (the caller's ``finally``

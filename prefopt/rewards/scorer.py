@@ -24,7 +24,12 @@ def reward_metadata(path: str) -> dict:
     process), ``heads`` (output names), ``step_delimiter`` (process models). Checkpoints made
     elsewhere get ``kind: outcome`` and their ``id2label`` names (one head: ``reward``)."""
     from prefopt.models.tiny import resolve_model_path
-    config = json.loads((Path(resolve_model_path(path)) / "config.json").read_text())
+    local = Path(resolve_model_path(path)) / "config.json"
+    if local.is_file():
+        config = json.loads(local.read_text())
+    else:                      # a hub name: its config.json (from the cache, or downloaded when allowed)
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained(path).to_dict()
     meta = dict(config.get(METADATA_KEY) or {})
     labels = config.get("id2label") or {}
     heads = [labels[k] for k in sorted(labels, key=int)] if len(labels) > 1 else ["reward"]
@@ -68,6 +73,19 @@ def token_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
             current = []
         current.append(i)
     return batches + ([current] if current else [])
+
+
+def _fit(ids: list[int], positions: list[int], limit: int, bos: int | None) -> tuple[list[int], list[int]]:
+    """A row longer than the model's ``limit`` positions loses tokens from its start (after bos), as
+    training truncates prompts: the response's end, where outcome scores are read, stays. Step ends cut
+    off with them are read at the first kept token."""
+    if len(ids) <= limit:
+        return ids, positions
+    keep_bos = bos is not None and ids and ids[0] == bos
+    cut = len(ids) - limit
+    kept = ([ids[0]] + ids[1 + cut:]) if keep_bos else ids[cut:]
+    first = 1 if keep_bos else 0
+    return kept, [max(first, p - cut) for p in positions]
 
 
 @dataclass
@@ -133,10 +151,8 @@ class RewardScorer:
 
         limit = getattr(member.model.config, "max_position_embeddings", None)
         if limit is not None:
-            too_long = [i for i, ids in enumerate(rows) if len(ids) > limit]
-            if too_long:
-                raise ValueError(f"reward model {member.path}: sample {too_long[0]} has {len(rows[too_long[0]])} "
-                                 f"tokens, more than its {limit} positions")
+            rows, positions = zip(*[_fit(ids, pos, limit, member.tokenizer.bos_token_id)
+                                    for ids, pos in zip(rows, positions)]) if rows else ((), ())
         out: list = [None] * len(rows)
         pad = member.tokenizer.pad_token_id
         with torch.no_grad():

@@ -46,10 +46,23 @@ def model_paths(src) -> list[str]:
     return [src.model] if src.model else list(src.models)
 
 
+MODEL_ONLY = {"models": [], "aggregate": "mean", "uwo_coef": 0.0, "attribute_weights": {}, "transform": None,
+              "reference_reward": 0.0, "normalize": False}
+
+
+def _metadata(path: str) -> dict | None:
+    """A reward model's serving metadata, or None when it cannot be read here (a path on a cluster)."""
+    from prefopt.errors import PrefoptError
+    from prefopt.rewards.scorer import reward_metadata
+    try:
+        return reward_metadata(path)
+    except (OSError, ValueError, PrefoptError):
+        return None
+
+
 def check_model_source(i: int, src) -> None:
     """Ensemble, head weights and transform of a model source (heads read from each model's config.json)."""
     from prefopt.rewards.ensemble import AGGREGATES
-    from prefopt.rewards.scorer import reward_metadata
     key = f"roles.reward.sources[{i}]"
     if src.aggregate not in AGGREGATES:
         raise ConfigError(f"{key}.aggregate must be one of {', '.join(AGGREGATES)} (got '{src.aggregate}')")
@@ -60,12 +73,32 @@ def check_model_source(i: int, src) -> None:
     if src.batch_tokens < 1:
         raise ConfigError(f"{key}.batch_tokens must be >= 1 (got {src.batch_tokens})")
     for j, path in enumerate(model_paths(src)):
-        try:
-            heads = reward_metadata(path)["heads"]
-        except (OSError, ValueError):
+        meta = _metadata(path)
+        if meta is None:
             continue        # not readable here (a cluster path): the actor reports it
-        head_weights(heads, src.attribute_weights, f"{key}.{'models[%d]' % j if src.models else 'model'} ({path})",
-                     f"{key}.attribute_weights")
+        what = f"{key}.{'models[%d]' % j if src.models else 'model'} ({path})"
+        if meta["kind"] == "process":
+            raise ConfigError(f"{what} is a process reward model (it scores steps): serve it as "
+                              f"roles.reward.process.model")
+        head_weights(meta["heads"], src.attribute_weights, what, f"{key}.attribute_weights")
+
+
+def check_process_model(cfg) -> None:
+    """A process reward model has one head, and is read at the steps' delimiter it was trained with."""
+    if cfg.beta <= 0:
+        raise ConfigError(f"roles.reward.process.beta must be > 0 (got {cfg.beta})")
+    if cfg.batch_tokens < 1:
+        raise ConfigError(f"roles.reward.process.batch_tokens must be >= 1 (got {cfg.batch_tokens})")
+    meta = _metadata(cfg.model) if cfg.model and not cfg.reference else None
+    if meta is None:
+        return
+    if len(meta["heads"]) != 1:
+        raise ConfigError(f"roles.reward.process.model ({cfg.model}) has {len(meta['heads'])} heads "
+                          f"({', '.join(meta['heads'])}); a process reward model has one")
+    trained = meta.get("step_delimiter")
+    if trained is not None and trained != cfg.delimiter:
+        raise ConfigError(f"roles.reward.process.delimiter is {cfg.delimiter!r}, but {cfg.model} was trained with "
+                          f"steps ending in {trained!r}: set roles.reward.process.delimiter: {trained!r}")
 
 
 def head_weights(heads: list[str], weights: dict, what: str, key: str) -> list[float]:
@@ -97,14 +130,24 @@ def check_sources(cfg: RewardRoleConfig) -> None:
             import_reward_fn(cfg.process.fn)
         if not cfg.process.delimiter:
             raise ConfigError("roles.reward.process.delimiter must be a non-empty string")
+        check_process_model(cfg.process)
     for i, src in enumerate(cfg.sources):
         if sum(map(bool, (src.fn, src.model, src.models))) != 1:
             raise ConfigError(f"roles.reward.sources[{i}] needs exactly one of 'fn' (a 'package.module:function'), "
                               f"'model' (a reward model checkpoint) or 'models' (an ensemble of them)")
         if src.fn:
             import_reward_fn(src.fn)   # a typo fails here, before any actor starts
+            for name, default in MODEL_ONLY.items():
+                if getattr(src, name) != default:
+                    raise ConfigError(f"roles.reward.sources[{i}].{name} applies to reward models, not to a "
+                                      f"function source ('fn')")
         else:
             check_model_source(i, src)
+    names = [source_name(i, src) for i, src in enumerate(cfg.sources)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"roles.reward.sources: the name(s) {', '.join(twice)} label more than one source; "
+                          f"give each source its own 'name'")
 
 
 class NonFiniteReward(ValueError):
@@ -181,7 +224,11 @@ class SequenceRewards:
 
     def load_state_dict(self, state: dict) -> None:
         for name, s in state.items():
-            self.models[name].normalizer.load_state_dict(s)
+            source = self.models.get(name)
+            if source is None or source.normalizer is None:
+                raise ConfigError(f"the checkpoint holds running reward statistics of source '{name}', but the "
+                                  f"recipe has no normalised model source of that name (roles.reward.sources)")
+            source.normalizer.load_state_dict(s)
 
     def __call__(self, prompts: list[str], responses: list[str], rows: list[dict]):
         from prefopt.cluster import remote_get

@@ -58,7 +58,7 @@ class ImplicitPRMWorker:
                 ids = torch.tensor([r + [pad] * (width - len(r)) for r, _, _ in rows], device=self.device)
                 mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r, _, _ in rows], device=self.device)
                 # each token's step: step k covers the tokens after step k-1's end up to its own end
-                index = torch.full((len(rows), width), -1, dtype=torch.long)
+                index = torch.full((len(rows), width), -1, dtype=torch.long, device=self.device)
                 for j, (_, ends, start) in enumerate(rows):
                     for k, end in enumerate(ends):
                         index[j, start:end + 1] = k
@@ -67,7 +67,7 @@ class ImplicitPRMWorker:
                 policy = forward_logps(self.model, batch_in)
                 ref = forward_logps(self.reference, batch_in)
                 rewards = step_rewards(policy.token_logps.double(), ref.token_logps.double(),
-                                       index[:, 1:].to(policy.token_logps.device), beta=self.beta).cpu()
+                                       index[:, 1:], beta=self.beta).cpu()
                 for j, i in enumerate(batch):
                     out[i] = rewards[j, :len(rows[j][1])].tolist()
         return [out]
