@@ -140,7 +140,8 @@ class RewardSourceConfig:
     attribute_weights: dict[str, float] = field(default_factory=dict)
     # log_sigmoid: log sigma(r - reference_reward) (Wang et al. 2024); such sources sum like an AND
     transform: Optional[str] = None
-    reference_reward: float = 0.0
+    reference_reward: float = 0.0            # r_ref: this constant, or (reference_from: reference_samples) per
+    reference_from: str = "constant"         # prompt, the score of one sample of the initial (reference) policy
     normalize: bool = False                  # standardise this source with its running mean / std
     batch_tokens: int = 8192                 # padded tokens per reward-model forward
     num_cpus: float = 1                      # resources of a reward-model actor

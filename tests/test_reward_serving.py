@@ -94,6 +94,35 @@ def test_an_overlong_sample_keeps_its_end(rm_paths, tok):
     assert scores[0] == pytest.approx(expected, abs=1e-5)
 
 
+def test_log_sigmoid_reference_per_prompt_from_reference_samples():
+    from prefopt.rewards.sources import ModelSource
+    src = RewardSourceConfig(model="m", transform="log_sigmoid", reference_from="reference_samples")
+    source = ModelSource(src, [["reward"]], "roles.reward.sources[0]")
+    source.set_references([[[0.5], [-1.0]]], ["p1", "p2"])               # one reference sample per prompt
+    got = source([[[2.0], [0.0], [-3.0]]], ["p1", "p2", "p1"])
+    expected = torch.nn.functional.logsigmoid(torch.tensor([2.0 - 0.5, 0.0 + 1.0, -3.0 - 0.5], dtype=torch.float64))
+    assert got == pytest.approx(expected.tolist(), abs=1e-12)
+
+
+@pytest.mark.slow
+def test_reference_samples_give_each_prompt_its_r_ref_and_are_checkpointed(ray_cluster, tmp_path, rm_paths):
+    from prefopt.config import load_recipe
+    from prefopt.io.checkpoint import list_checkpoints, read_state
+    from prefopt.train import train
+    sources = [{"fn": "prefopt.rewards.builtin:good_word_fraction", "weight": 1.0, "name": "good"},
+               {"model": rm_paths["base"], "transform": "log_sigmoid", "reference_from": "reference_samples",
+                "name": "ls", "weight": 0.0}]
+    recipe = load_recipe("tiny_grpo", [f"output.root={tmp_path}", f"roles.reward.sources={json.dumps(sources)}",
+                                       "data.synthetic.num_rows=32", "train.iterations=2", "output.checkpoint_every=2",
+                                       "output.save_model=false", "output.progress_bar=false"])
+    result = train(recipe, quiet=True)
+    state = read_state(list_checkpoints(result.run_dir)[-1])["reward_sources"]["ls"]
+    assert 1 < len(state["reference_by_prompt"]) <= 32                 # one per distinct prompt text
+    assert all(h["reward/ls"] < 0 for h in result.train_history)        # log-sigmoid rewards are negative
+    refs = list(state["reference_by_prompt"].values())
+    assert max(refs) > min(refs)                                        # per prompt, not one constant
+
+
 def test_token_batches_bound_the_padded_tokens():
     lengths = [5, 30, 12, 30, 7, 1]
     batches = token_batches(lengths, 40)
@@ -170,7 +199,7 @@ def test_multi_head_model_weighs_its_heads(tmp_path, rm_paths):
     (scores,) = scorer.score(["Q", "Q"], ["kind.", "rude vague wrong."])
     from prefopt.rewards.sources import ModelSource
     src = RewardSourceConfig(model=str(folder), attribute_weights={"helpfulness": 1.0, "verbosity": -0.5})
-    combined = ModelSource(src, scorer.heads(), "roles.reward.sources[0]")([scores])
+    combined = ModelSource(src, scorer.heads(), "roles.reward.sources[0]")([scores], ["Q", "Q"])
     assert combined == pytest.approx([h - 0.5 * v for h, v in scores], abs=1e-9)
 
 
@@ -197,7 +226,7 @@ def test_ensemble_actor_members_aggregate_and_transform(ray_cluster, rm_paths):
     ls = torch.nn.functional.logsigmoid(mean - 0.1)
     assert parts["ls"] == pytest.approx(((ls - ls.mean()) / (ls.std() + 1e-8)).tolist(), abs=1e-6)
     assert totals == pytest.approx([w + 0.5 * u for w, u in zip(parts["wco"], parts["uwo"])], abs=1e-9)
-    assert rewards.state_dict()["ls"]["count"] == 2
+    assert rewards.state_dict()["ls"]["normalizer"]["count"] == 2
     ray_cluster.kill(actor)
 
 

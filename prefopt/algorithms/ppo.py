@@ -83,6 +83,22 @@ class PPO(Algorithm):
         return {"sampler": self.sampler, "normalizer": self.normalizer, "prefetch": self.prefetch,
                 "reward_sources": self.rewards}
 
+    def start(self) -> None:
+        """Before the first update: for log-sigmoid sources with ``reference_from: reference_samples``,
+        one sample per prompt from the engines (they still hold the initial, reference weights), scored
+        once: each prompt's r_ref (Wang et al. 2024). A resumed run restores them from its checkpoint."""
+        if not self.rewards.needs_reference_samples() or self.run.pre.resume_from is not None:
+            return
+        import dataclasses
+
+        from prefopt import console
+        prompts, tokenizer = self.run.pre.prompts, self.run.tokenizer
+        console.status(f"scoring one reference-policy sample for each of {len(prompts)} prompts (r_ref)")
+        sampling = dataclasses.replace(self.recipe.roles.rollout.sampling, n=1)
+        generations = self.roles.generate([p["prompt_ids"] for p in prompts], sampling, seed=self.recipe.train.seed)
+        texts = tokenizer.batch_decode([g[0]["response_ids"] for g in generations], skip_special_tokens=True)
+        self.rewards.score_references([p["prompt_text"] for p in prompts], texts, [p["row"] for p in prompts])
+
     def resumed(self, resumed: bool) -> None:
         if resumed:   # the engines get the restored policy
             self.roles.sync_weights(version=len(self.run.result.train_history))

@@ -10,7 +10,9 @@
   (:mod:`prefopt.rewards.scorer`). Per sample, a multi-head model's heads are summed with
   ``attribute_weights``; an ensemble's members are combined by ``aggregate`` (mean, min, uwo;
   :func:`prefopt.rewards.ensemble.aggregate`); ``transform: log_sigmoid`` maps r to
-  ``log sigma(r - reference_reward)`` (:func:`prefopt.rewards.transforms.log_sigmoid_transform`);
+  ``log sigma(r - r_ref)`` (:func:`prefopt.rewards.transforms.log_sigmoid_transform`), ``r_ref`` the
+  constant ``reference_reward`` or, with ``reference_from: reference_samples``, per prompt the score of
+  one sample of the initial (reference) policy, drawn and scored once before the first update;
   ``normalize`` standardises the source with its running mean and std (part of the checkpoint).
 """
 from __future__ import annotations
@@ -47,7 +49,8 @@ def model_paths(src) -> list[str]:
 
 
 MODEL_ONLY = {"models": [], "aggregate": "mean", "uwo_coef": 0.0, "attribute_weights": {}, "transform": None,
-              "reference_reward": 0.0, "normalize": False}
+              "reference_reward": 0.0, "reference_from": "constant", "normalize": False}
+REFERENCE_FROM = ("constant", "reference_samples")
 
 
 def _metadata(path: str) -> dict | None:
@@ -70,6 +73,11 @@ def check_model_source(i: int, src) -> None:
         raise ConfigError(f"{key}.uwo_coef must be >= 0 (got {src.uwo_coef})")
     if src.transform not in TRANSFORMS:
         raise ConfigError(f"{key}.transform must be log_sigmoid or unset (got '{src.transform}')")
+    if src.reference_from not in REFERENCE_FROM:
+        raise ConfigError(f"{key}.reference_from must be one of {', '.join(REFERENCE_FROM)} (got '{src.reference_from}')")
+    if src.reference_from != "constant" and src.transform != "log_sigmoid":
+        raise ConfigError(f"{key}.reference_from: reference_samples sets r_ref of the log-sigmoid transform: "
+                          f"set {key}.transform: log_sigmoid")
     if src.batch_tokens < 1:
         raise ConfigError(f"{key}.batch_tokens must be >= 1 (got {src.batch_tokens})")
     for j, path in enumerate(model_paths(src)):
@@ -172,17 +180,36 @@ class ModelSource:
         self.weights = [head_weights(h, src.attribute_weights, f"{key} member {m}", f"{key}.attribute_weights")
                         for m, h in enumerate(heads)]
         self.normalizer = RewardNormalizer() if src.normalize else None
+        self.reference_by_prompt: dict[str, float] = {}     # reference_from: reference_samples
 
-    def __call__(self, scores: list[list[list[float]]]) -> list[float]:
+    @property
+    def uses_reference_samples(self) -> bool:
+        return self.src.transform == "log_sigmoid" and self.src.reference_from == "reference_samples"
+
+    def combine(self, scores: list[list[list[float]]]):
+        """``[M][N][H]`` -> ``[N]``: heads weighted, then members aggregated."""
         import torch
 
         from prefopt.rewards.ensemble import aggregate
-        from prefopt.rewards.transforms import log_sigmoid_transform
         per_member = torch.stack([torch.tensor(s, dtype=torch.float64).reshape(len(s), -1)
                                   @ torch.tensor(w, dtype=torch.float64) for s, w in zip(scores, self.weights)])
-        rewards = aggregate(per_member, self.src.aggregate, uwo_coef=self.src.uwo_coef)
+        return aggregate(per_member, self.src.aggregate, uwo_coef=self.src.uwo_coef)
+
+    def set_references(self, scores: list[list[list[float]]], prompts: list[str]) -> None:
+        """r_ref of each prompt: the combined score of a reference-policy sample for it."""
+        self.reference_by_prompt.update(zip(prompts, self.combine(scores).tolist()))
+
+    def __call__(self, scores: list[list[list[float]]], prompts: list[str]) -> list[float]:
+        import torch
+
+        from prefopt.rewards.transforms import log_sigmoid_transform
+        rewards = self.combine(scores)
         if self.src.transform == "log_sigmoid":
-            rewards = log_sigmoid_transform(rewards, torch.tensor(self.src.reference_reward, dtype=torch.float64))
+            if self.uses_reference_samples:
+                reference = torch.tensor([self.reference_by_prompt[p] for p in prompts], dtype=torch.float64)
+            else:
+                reference = torch.tensor(self.src.reference_reward, dtype=torch.float64)
+            rewards = log_sigmoid_transform(rewards, reference)
         values = rewards.tolist()
         if self.normalizer is not None and all(map(math.isfinite, values)):
             self.normalizer.update(values)
@@ -217,18 +244,34 @@ class SequenceRewards:
             self.sources.append((name, fn, actor, 0.0 if src.constraint else float(src.weight)))
         self.timeout_s, self.prompt_field = timeout_s, prompt_field
 
-    optional_state = True     # checkpoints without it (no normalised source) still load
+    optional_state = True     # checkpoints without it (no model source with state) still load
 
     def state_dict(self) -> dict:
-        return {name: m.normalizer.state_dict() for name, m in self.models.items() if m.normalizer is not None}
+        """Per model source: its running statistics (``normalize``) and its reference rewards per prompt."""
+        return {name: {"normalizer": m.normalizer.state_dict() if m.normalizer is not None else None,
+                       "reference_by_prompt": dict(m.reference_by_prompt)} for name, m in self.models.items()}
 
     def load_state_dict(self, state: dict) -> None:
         for name, s in state.items():
             source = self.models.get(name)
-            if source is None or source.normalizer is None:
-                raise ConfigError(f"the checkpoint holds running reward statistics of source '{name}', but the "
-                                  f"recipe has no normalised model source of that name (roles.reward.sources)")
-            source.normalizer.load_state_dict(s)
+            if source is None or (s["normalizer"] is not None) != (source.normalizer is not None):
+                raise ConfigError(f"the checkpoint holds the state of reward source '{name}', which the recipe "
+                                  f"does not have (or no longer normalises): roles.reward.sources")
+            if source.normalizer is not None:
+                source.normalizer.load_state_dict(s["normalizer"])
+            source.reference_by_prompt = dict(s["reference_by_prompt"])
+
+    def needs_reference_samples(self) -> bool:
+        return any(m.uses_reference_samples for m in self.models.values())
+
+    def score_references(self, prompts: list[str], responses: list[str], rows: list[dict]) -> None:
+        """Score one reference-policy sample per prompt for the sources that take r_ref from them."""
+        from prefopt.cluster import remote_get
+        structured = [row.get(self.prompt_field, p) if isinstance(row, dict) else p for p, row in zip(prompts, rows)]
+        for name, fn, actor, _ in self.sources:
+            if name in self.models and self.models[name].uses_reference_samples:
+                scores = remote_get(actor.score.remote(structured, responses), self.timeout_s, f"reward model '{name}'")
+                self.models[name].set_references(scores, prompts)
 
     def __call__(self, prompts: list[str], responses: list[str], rows: list[dict]):
         from prefopt.cluster import remote_get
@@ -241,7 +284,7 @@ class SequenceRewards:
             if fn is not None:
                 values = [float(fn(prompt=p, response=r, row=row)) for p, r, row in zip(prompts, responses, rows)]
             else:
-                values = self.models[name](remote_get(pending[name], self.timeout_s, f"reward model '{name}'"))
+                values = self.models[name](remote_get(pending[name], self.timeout_s, f"reward model '{name}'"), prompts)
             bad = [i for i, v in enumerate(values) if not math.isfinite(v)]
             if bad:
                 raise NonFiniteReward(name, bad, values[bad[0]])
