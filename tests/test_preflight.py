@@ -162,9 +162,34 @@ def test_validate_takes_overrides_like_train_and_set_as_an_alias(capsys):
 TINY = sorted(p.name for p in (ROOT / "recipes").glob("tiny_*.yaml"))
 
 
+@pytest.fixture(scope="module")
+def stage_runs(tmp_path_factory):
+    """An output root with a finished run of each recipe that another recipe names with `run:NAME`
+    (tiny_rm_grpo, tiny_prm_model, tiny_prm_implicit): builtin models standing in for the trained ones."""
+    import json
+    import shutil
+
+    from prefopt.io.run_dir import MARKER
+    from prefopt.models.tiny import resolve_model_path
+    root = tmp_path_factory.mktemp("runs")
+    reward, policy = resolve_model_path("builtin:tiny-reward"), resolve_model_path("builtin:tiny-llama")
+    for name, source, meta in [("tiny-rm-lists", reward, {"kind": "outcome", "heads": ["reward"]}),
+                               ("tiny-prm-train", reward, {"kind": "process", "heads": ["step_correct"],
+                                                           "step_delimiter": "."}),
+                               ("tiny-dpo", policy, None)]:
+        run = root / f"{name}-20260101-000000"
+        shutil.copytree(source, run / "model")
+        if meta is not None:
+            config = json.loads((run / "model" / "config.json").read_text())
+            (run / "model" / "config.json").write_text(json.dumps({**config, "prefopt_reward": meta}))
+        (run / MARKER).write_text("{}")
+        (run / "summary.json").write_text(json.dumps({"name": name}))
+    return root
+
+
 @pytest.mark.parametrize("name", TINY)
-def test_every_tiny_recipe_passes_the_pre_flight(name):
-    pre = prepare(load_recipe(name))
+def test_every_tiny_recipe_passes_the_pre_flight(name, stage_runs):
+    pre = prepare(load_recipe(name, [f"output.root={stage_runs}"]))
     assert (pre.prompts if pre.prompts is not None else pre.data.train)
 
 
