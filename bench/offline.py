@@ -39,7 +39,7 @@ import threading
 import time
 from pathlib import Path
 
-from offline_workers import CPUS, REPO, run_worker  # bench/ is on sys.path
+from offline_workers import CPUS, REPO, run_worker, write_row_config  # bench/ is on sys.path
 
 from prefopt.cluster import MALLOC_ENV
 
@@ -235,10 +235,7 @@ def run_row(row: dict, spec: dict, model_dir: str, data: tuple[Path, Path], out:
            "trl": row.get("trl", {}), "ref_batch_factor": row.get("ref_batch_factor"), "learners": row.get("learners"), "zero": row.get("zero"),
            "overrides": [o.format(**token_budgets(spec)) for o in row.get("overrides", [])],
            "result": str(out / "raw" / f"{name}.json")}
-    (out / "raw").mkdir(parents=True, exist_ok=True)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "raw" / f"{name}.config.json"
-    cfg_path.write_text(json.dumps(cfg, indent=1))
+    cfg_path = write_row_config(out, name, cfg)
     load_before = wait_for_quiet(wait_quiet) if wait_quiet > 0 else None
     env = dict(os.environ)
     # the TRL process runs torch in-process with `threads` intra-op threads; prefopt's driver needs

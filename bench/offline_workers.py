@@ -20,27 +20,9 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def trl_worker(cfg: dict) -> dict:
-    import torch
-    torch.set_num_threads(cfg["threads"])
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import DPOConfig, DPOTrainer
-
-    baseline_mb = _rss_mb()
-    # TRL 1.16 precomputes reference log-probs inside DPOTrainer.__init__: time that method.
-    pre = {"s": 0.0, "calls": 0}
-    original = DPOTrainer._precompute_ref_logps
-
-    def timed(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            pre["s"] += time.perf_counter() - start
-            pre["calls"] += 1
-
-    DPOTrainer._precompute_ref_logps = timed
+def trl_timer():
+    """A TRL ``TrainerCallback`` recording the training wall time (``begin``/``end``) and each step's time."""
+    from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
         def __init__(self):
@@ -58,6 +40,40 @@ def trl_worker(cfg: dict) -> dict:
 
         def on_train_end(self, args, state, control, **kw):
             self.end = time.perf_counter()
+
+    return Timer()
+
+
+def write_row_config(out: Path, name: str, cfg: dict) -> Path:
+    """``out/raw/<name>.config.json`` (with the ``raw/`` and ``logs/`` folders of a bench run)."""
+    (out / "raw").mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    path = out / "raw" / f"{name}.config.json"
+    path.write_text(json.dumps(cfg, indent=1))
+    return path
+
+
+def trl_worker(cfg: dict) -> dict:
+    import torch
+    torch.set_num_threads(cfg["threads"])
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    baseline_mb = _rss_mb()
+    # TRL 1.16 precomputes reference log-probs inside DPOTrainer.__init__: time that method.
+    pre = {"s": 0.0, "calls": 0}
+    original = DPOTrainer._precompute_ref_logps
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            pre["s"] += time.perf_counter() - start
+            pre["calls"] += 1
+
+    DPOTrainer._precompute_ref_logps = timed
 
     rows = [json.loads(line) for line in Path(cfg["train_path"]).read_text().splitlines()]
     dataset = Dataset.from_list(rows)   # in memory: no datasets cache reused across runs
@@ -86,7 +102,7 @@ def trl_worker(cfg: dict) -> dict:
     except Exception as e:  # noqa: BLE001 - recorded, not handled
         defaults["defaults_construct"] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
     args = DPOConfig(**kwargs)
-    timer = Timer()
+    timer = trl_timer()
     trainer = DPOTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=dataset,
                          callbacks=[timer])
     init_mb = _rss_mb()

@@ -62,7 +62,7 @@ import time
 from pathlib import Path
 
 from offline import ForeignLoad, _cpu_name, token_budgets, versions, wait_for_quiet  # bench/ is on sys.path
-from offline_workers import CPUS, REPO
+from offline_workers import CPUS, REPO, write_row_config
 
 # the training workload shared by every row; quick: the tiny model, few steps
 TRAIN = dict(model="builtin:llama-30m", label="llama-30m (30M)", steps=16, batch=32, micro=8,
@@ -119,10 +119,7 @@ def run_sub(kind: str, name: str, cfg: dict, out: Path, threads: int, timeout: f
     """``reward_model.py --worker kind`` in its own process; its result plus the load around it."""
     tmp = tempfile.mkdtemp(prefix=f"bench-rm-{name}-")
     cfg = dict(cfg, id=name, tmp=tmp, threads=threads, result=str(out / "raw" / f"{name}.json"))
-    (out / "raw").mkdir(parents=True, exist_ok=True)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "raw" / f"{name}.config.json"
-    cfg_path.write_text(json.dumps(cfg, indent=1))
+    cfg_path = write_row_config(out, name, cfg)
     load_before = wait_for_quiet(wait_quiet) if wait_quiet > 0 else None
     env = dict(os.environ)
     # TRL and the PRM worker run torch in-process; prefopt's driver needs no threads (its learner gets

@@ -10,7 +10,7 @@ import statistics
 import time
 from pathlib import Path
 
-from offline_workers import CPUS, REPO, _rss_mb  # bench/ is on sys.path
+from offline_workers import CPUS, REPO, _rss_mb, trl_timer  # bench/ is on sys.path
 
 
 # ============================================================================ training: TRL
@@ -19,27 +19,10 @@ def trl_worker(cfg: dict) -> dict:
     import torch
     torch.set_num_threads(cfg["threads"])
     from datasets import Dataset
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
 
     baseline_mb = _rss_mb()
-
-    class Timer(TrainerCallback):
-        def __init__(self):
-            self.begin = self.end = self.step_start = None
-            self.steps = []
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.begin = time.perf_counter()
-
-        def on_step_begin(self, args, state, control, **kw):
-            self.step_start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            self.steps.append(time.perf_counter() - self.step_start)
-
-        def on_train_end(self, args, state, control, **kw):
-            self.end = time.perf_counter()
 
     spec = cfg["spec"]
     rows = [json.loads(line) for line in Path(cfg["train_path"]).read_text().splitlines()]
@@ -59,7 +42,7 @@ def trl_worker(cfg: dict) -> dict:
         "bf16", "gradient_checkpointing", "learning_rate", "max_length", "logging_steps",
         "center_rewards_coefficient", "disable_dropout", "pad_to_multiple_of")}
     args = RewardConfig(**kwargs)
-    timer = Timer()
+    timer = trl_timer()
     trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer, train_dataset=dataset,
                             callbacks=[timer])
     # what TRL's padded micro-batches hold (rows x padded width), counted in its own collator
