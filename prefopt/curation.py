@@ -132,7 +132,7 @@ def pair_inputs(rows: list, source: str, prompt_field: str = "prompt", chosen_fi
     is its last (assistant's) message, after the prompt and any messages before it (a leading copy of the
     prompt is dropped); as in training, a row with any chat messages is a conversation (a text prompt is a
     user message)."""
-    from prefopt.data.examples import _parse_text, _strip_prompt
+    from prefopt.data.examples import parse_text, strip_prompt
     out: tuple[list, list, list, list] = ([], [], [], [])
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
@@ -141,8 +141,8 @@ def pair_inputs(rows: list, source: str, prompt_field: str = "prompt", chosen_fi
             if row.get(name) is None:
                 raise DataError(f"missing field (found fields {[k for k, v in row.items() if v is not None]})",
                                 source=source, row=i, field=name)
-        prompt = _parse_text(row[prompt_field], source, i, prompt_field)
-        responses = [_parse_text(row[name], source, i, name) for name in (chosen_field, rejected_field)]
+        prompt = parse_text(row[prompt_field], source, i, prompt_field)
+        responses = [parse_text(row[name], source, i, name) for name in (chosen_field, rejected_field)]
         if isinstance(prompt, str) and any(isinstance(r, list) for r in responses):
             prompt = [{"role": "user", "content": prompt}]
         for j, (name, value) in enumerate(zip((chosen_field, rejected_field), responses)):
@@ -150,7 +150,7 @@ def pair_inputs(rows: list, source: str, prompt_field: str = "prompt", chosen_fi
                 if value[-1]["role"] != "assistant" or not value[-1]["content"].strip():
                     raise DataError(f"the last message is the response: it must be the assistant's and not empty "
                                     f"(got role '{value[-1]['role']}')", source=source, row=i, field=name)
-                out[2 * j].append(prompt + _strip_prompt(value, prompt)[:-1])
+                out[2 * j].append(prompt + strip_prompt(value, prompt)[:-1])
                 value = value[-1]["content"]
             else:
                 out[2 * j].append(prompt)

@@ -160,7 +160,7 @@ def _render_row(row, i: int, kind: str, tokenizer, cfg: DataConfig, source: str,
         rendered = _render_sft_row(row, i, get, tokenizer, cfg, source)
         rendered.targets = reward_rows.row_targets(row, cfg.attributes_field, names, source, i)
         return rendered
-    prompt = _parse_text(get(cfg.prompt_field), source, i, cfg.prompt_field)
+    prompt = parse_text(get(cfg.prompt_field), source, i, cfg.prompt_field)
     if kind == "steps":
         steps, labels = reward_rows.row_steps(row, cfg.steps_field, cfg.labels_field, source, i)
         pieces = reward_rows.step_pieces(steps, cfg.step_delimiter)
@@ -171,7 +171,7 @@ def _render_row(row, i: int, kind: str, tokenizer, cfg: DataConfig, source: str,
         return _Rendered(i, prompt, True, pieces, [cfg.steps_field] * len(pieces), True, [1.0], step_labels=labels)
     if kind == "pairs":
         fields = [cfg.chosen_field, cfg.rejected_field]
-        responses = [_parse_text(get(f), source, i, f) for f in fields]
+        responses = [parse_text(get(f), source, i, f) for f in fields]
         if responses[0] == responses[1]:
             raise DataError(f"'{cfg.chosen_field}' and '{cfg.rejected_field}' are identical "
                             f"(no preference signal)", source=source, row=i, field=cfg.rejected_field)
@@ -201,7 +201,7 @@ def _render_row(row, i: int, kind: str, tokenizer, cfg: DataConfig, source: str,
             raise DataError(f"all scores are equal ({scores[0]}): no preference signal",
                             source=source, row=i, field=sf)
         fields = [f"{rf}[{j}]" for j in range(len(raw))]
-        responses = [_parse_text(r, source, i, f) for r, f in zip(raw, fields)]
+        responses = [parse_text(r, source, i, f) for r, f in zip(raw, fields)]
         margin = None
     rendered = _render(prompt, responses, fields, scores, tokenizer, cfg, source, i)
     rendered.margin = margin
@@ -213,7 +213,7 @@ def _render_sft_row(row: dict, i: int, get, tokenizer, cfg: DataConfig, source: 
     prompt, the last message (an assistant's) the response."""
     if row.get(cfg.messages_field) is not None and row.get(cfg.response_field) is None:
         name = cfg.messages_field
-        messages = _parse_text(get(name), source, i, name)
+        messages = parse_text(get(name), source, i, name)
         if not isinstance(messages, list) or len(messages) < 2:
             raise DataError("expected a conversation of at least 2 chat messages (the last one is the response)",
                             source=source, row=i, field=name)
@@ -222,12 +222,12 @@ def _render_sft_row(row: dict, i: int, get, tokenizer, cfg: DataConfig, source: 
                             f"'{messages[-1]['role']}'", source=source, row=i, field=name)
         prompt, response, field = messages[:-1], [messages[-1]], f"{name}[{len(messages) - 1}]"
     else:
-        prompt = _parse_text(get(cfg.prompt_field), source, i, cfg.prompt_field)
-        response, field = _parse_text(get(cfg.response_field), source, i, cfg.response_field), cfg.response_field
+        prompt = parse_text(get(cfg.prompt_field), source, i, cfg.prompt_field)
+        response, field = parse_text(get(cfg.response_field), source, i, cfg.response_field), cfg.response_field
     return _render(prompt, [response], [field], [1.0], tokenizer, cfg, source, i)
 
 
-def _parse_text(value, source: str, row: int, name: str):
+def parse_text(value, source: str, row: int, name: str):
     """A non-empty string or a validated list of chat messages (None-valued keys dropped)."""
     if isinstance(value, str):
         if not value.strip():
@@ -265,7 +265,7 @@ def _render(prompt, responses, fields, scores, tokenizer, cfg, source, row) -> _
         if isinstance(response, str):
             messages = [{"role": "assistant", "content": response}]
         else:
-            messages = _strip_prompt(response, prompt_messages)
+            messages = strip_prompt(response, prompt_messages)
             if not messages:
                 raise DataError("the response only repeats the prompt messages", source=source,
                                 row=row, field=name)
@@ -281,7 +281,7 @@ def _render(prompt, responses, fields, scores, tokenizer, cfg, source, row) -> _
     return _Rendered(row, prompt_text, False, texts, fields, False, scores)
 
 
-def _strip_prompt(messages: list[dict], prompt_messages: list[dict]) -> list[dict]:
+def strip_prompt(messages: list[dict], prompt_messages: list[dict]) -> list[dict]:
     """Drop a leading copy of the prompt messages (responses stored as whole conversations)."""
     def key(m):
         return m.get("role"), m.get("content")
