@@ -15,7 +15,7 @@ import torch
 
 from prefopt.config_schema import ProcessRewardConfig
 from prefopt.rewards.process import place_step_rewards, refine_process_rewards
-from prefopt.rewards.sources import import_reward_fn
+from prefopt.rewards.sources import import_reward_fn, row_prompts
 from prefopt.rewards.steps import split_steps
 
 
@@ -36,7 +36,7 @@ class ProcessRewards:
     def __call__(self, prompts: list[str], response_ids: list[list[int]], rows: list[dict]):
         """Per sample, a list of token-level process rewards (one per response token), and stats."""
         split = [split_steps(ids, self.tokenizer, self.cfg.delimiter) for ids in response_ids]
-        structured = [row.get(self.prompt_field, p) if isinstance(row, dict) else p for p, row in zip(prompts, rows)]
+        structured = row_prompts(prompts, rows, self.prompt_field)
         scored = self._score_with_model(structured, [steps for steps, _ in split]) if self.fn is None else None
         raw = []
         for i, ((steps, _), prompt, row) in enumerate(zip(split, prompts, rows)):

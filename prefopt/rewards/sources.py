@@ -166,6 +166,12 @@ class NonFiniteReward(ValueError):
         self.source, self.samples = source, samples
 
 
+def row_prompts(prompts: list[str], rows: list[dict], field: str) -> list:
+    """What a reward model reads as each sample's prompt: the prompt row's own ``field`` (text or chat
+    messages, rendered by the model's chat template), else the prompt text."""
+    return [row.get(field, p) if isinstance(row, dict) else p for p, row in zip(prompts, rows)]
+
+
 def source_name(index: int, src) -> str:
     """A source's label in metrics: its ``name``, else the function's name, else ``model<i>``."""
     return src.name or (src.fn.rpartition(":")[2] if src.fn else f"model{index}")
@@ -267,7 +273,7 @@ class SequenceRewards:
     def score_references(self, prompts: list[str], responses: list[str], rows: list[dict]) -> None:
         """Score one reference-policy sample per prompt for the sources that take r_ref from them."""
         from prefopt.cluster import remote_get
-        structured = [row.get(self.prompt_field, p) if isinstance(row, dict) else p for p, row in zip(prompts, rows)]
+        structured = row_prompts(prompts, rows, self.prompt_field)
         for name, fn, actor, _ in self.sources:
             if name in self.models and self.models[name].uses_reference_samples:
                 scores = remote_get(actor.score.remote(structured, responses), self.timeout_s, f"reward model '{name}'")
@@ -277,7 +283,7 @@ class SequenceRewards:
         from prefopt.cluster import remote_get
         totals = [0.0] * len(responses)
         components: dict[str, list[float]] = {}
-        structured = [row.get(self.prompt_field, p) if isinstance(row, dict) else p for p, row in zip(prompts, rows)]
+        structured = row_prompts(prompts, rows, self.prompt_field)
         pending = {name: actor.score.remote(structured, responses)
                    for name, fn, actor, _ in self.sources if actor is not None}
         for name, fn, actor, weight in self.sources:
