@@ -127,7 +127,7 @@ class PreferenceOptimization(Algorithm):
         elapsed = now - (self.last_done if was_queued else start)   # a queued step started when the last ended
         self.last_done = now
         first = per_learner[0]
-        stats = means(merge_summaries(per_learner))
+        stats = self.derived(means(merge_summaries(per_learner)))
         stats.update(grad_norm=first["grad_norm"], lr=first["lr"], skipped=first["skipped"],
                      micro_batches=first["micro_batches"],
                      peak_memory_mb=max(p["peak_memory_mb"] for p in per_learner),
@@ -138,6 +138,10 @@ class PreferenceOptimization(Algorithm):
         if evaluate_now:
             self._evaluate(step)
         return stats, 1
+
+    def derived(self, stats: dict[str, float]) -> dict[str, float]:
+        """Metrics computed from the learners' means (train steps and evaluations alike)."""
+        return stats
 
     def in_flight(self, step: int) -> bool:
         return step in self.queued
@@ -170,6 +174,6 @@ class PreferenceOptimization(Algorithm):
                                                    inject_nan=step in self.recipe.train.debug_nan_steps)
 
     def _evaluate(self, step: int) -> None:
-        record = {"step": step, **evaluate(self.roles, self.data.eval, self.infer_micro)}
+        record = {"step": step, **self.derived(evaluate(self.roles, self.data.eval, self.infer_micro))}
         self.run.result.eval_history.append(record)
         self.run.logger.log(step, {k: v for k, v in record.items() if k != "step"}, prefix="eval")

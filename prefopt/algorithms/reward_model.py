@@ -13,8 +13,9 @@ import json
 import math
 
 from prefopt.algorithms import register_algorithm
-from prefopt.algorithms.preference import PreferenceOptimization, evaluate
+from prefopt.algorithms.preference import PreferenceOptimization
 from prefopt.rewards.scorer import METADATA_KEY
+
 KINDS = {"reward_model": "outcome", "reward_regression": "attributes", "prm": "process"}
 
 
@@ -30,14 +31,8 @@ def with_reward_std(stats: dict) -> dict:
 class RewardModeling(PreferenceOptimization):
     name = "reward_model"
 
-    def step(self, step: int, *, next_follows: bool) -> tuple[dict[str, float], int]:
-        stats, steps = super().step(step, next_follows=next_follows)
-        return with_reward_std(stats), steps
-
-    def _evaluate(self, step: int) -> None:
-        record = {"step": step, **with_reward_std(evaluate(self.roles, self.data.eval, self.infer_micro))}
-        self.run.result.eval_history.append(record)
-        self.run.logger.log(step, {k: v for k, v in record.items() if k != "step"}, prefix="eval")
+    def derived(self, stats: dict[str, float]) -> dict[str, float]:
+        return with_reward_std(stats)
 
     def saved_model(self, model_dir) -> None:
         path = model_dir / "config.json"
