@@ -245,6 +245,7 @@ RULES: dict[str, str] = {
     "train.max_grad_norm": ">=0", "train.eval_every": ">=0", "train.iterations": ">0",
     "train.prompts_per_iteration": ">0", "train.log_every": ">0", "train.max_skipped_steps": ">=0",
     "train.skip_grad_norm_above": ">0", "train.debug_nan_steps[*]": ">=0",
+    "train.max_sampling_rounds": ">0", "train.min_reward_gap": ">=0", "train.sample_log_every": ">=0",
     "output.checkpoint_every": ">=0", "output.keep_checkpoints": ">=0",
     "ray.num_cpus": ">=0", "ray.oversubscribe": ">0",
     **{f"{role}.{k}": rule for role in ("roles.learner", "roles.reference", "roles.rollout", "roles.critic",

@@ -61,6 +61,7 @@ class DataConfig:
     # reward-model rows: pairs may carry a margin; {prompt, response, attributes: {name: rating}}
     # (multi-attribute regression); {prompt, steps: [...], labels: [...]} (process reward models)
     margin_field: str = "margin"
+    weight_field: str = "weight"             # pairs: an optional per-row weight of the row's loss
     attributes_field: str = "attributes"
     steps_field: str = "steps"
     labels_field: str = "labels"
@@ -218,11 +219,20 @@ class TrainConfig:
     adam_eps: float = 1.0e-8
     max_grad_norm: float = 1.0               # 0 disables clipping
     precision: str = "fp32"                  # "fp32" | "bf16" | "fp16"
-    eval_every: int = 0                      # steps between held-out evaluations (0: start and end only)
+    eval_every: int = 0                      # steps (online: iterations) between held-out evaluations
+                                             # (offline 0: start and end only; online 0: none)
     # online (rollout) objectives: each iteration samples prompts_per_iteration x sampling.n responses
     iterations: int = 10
     prompts_per_iteration: int = 8
     async_rollouts: bool = False             # online: sample the next batch while learning (one-step off-policy)
+    # online: drop groups whose rewards all tie (no signal) and sample more prompts until the batch is full,
+    # at most max_sampling_rounds generations per iteration (DAPO's dynamic sampling; counted in metrics)
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 4
+    # online preference optimization (objective dpo | ipo | simpo | lipo | listmle with roles.rollout):
+    # a prompt's best and worst samples form a pair only when their rewards differ by more than this
+    min_reward_gap: float = 0.0
+    sample_log_every: int = 0                # online: every N iterations, sampled completions to samples.jsonl
     log_every: int = 1
     # numerical guards: a step with a non-finite loss / gradient is skipped (logged as `skipped`);
     # more than this many skipped steps in a row stop the run, naming the step and its batch
