@@ -23,9 +23,10 @@ def collate_examples(examples: list, *, pad_id: int, kind: str) -> dict[str, tor
 
     ``input_ids`` / ``attention_mask`` ``[N, L]`` long, ``loss_mask`` ``[N, L]`` bool,
     ``scores`` ``[B, K]`` float (0 on padded slots), ``slot_mask`` ``[B, K]`` bool, and
-    ``ref_logps`` ``[N]`` float64 when every example carries its ``ref_logps``. Reward-model
-    examples add (see :class:`prefopt.data.examples.Example`): ``margin`` ``[B]`` (0 where a pair has
-    none); ``targets`` / ``target_mask`` ``[N, A]`` (one response per example); ``step_positions``
+    ``ref_logps`` ``[N]`` float64 when every example carries its ``ref_logps``. Pairs with a margin or a
+    weight (see :class:`prefopt.data.examples.Example`) add ``margin`` ``[B]`` (0 where a pair has
+    none) or ``weight`` ``[B]`` (1 where a pair has none), when some example of the micro-batch has one;
+    reward-model examples add ``targets`` / ``target_mask`` ``[N, A]`` (one response per example); ``step_positions``
     ``[N, S]`` (index in the row of each step's last token, -1 on padded steps), ``step_labels`` and
     ``step_mask`` ``[N, S]``.
     """
@@ -76,6 +77,9 @@ def _reward_fields(examples: list, kind: str) -> dict[str, torch.Tensor]:
     out = {}
     if any(ex.margin is not None for ex in examples):
         out["margin"] = torch.tensor([ex.margin or 0.0 for ex in examples], dtype=torch.float32)
+    if any(ex.weight is not None for ex in examples):
+        out["weight"] = torch.tensor([1.0 if ex.weight is None else ex.weight for ex in examples],
+                                     dtype=torch.float32)
     if examples[0].targets is not None:
         if kind != "sft":
             raise ValueError("examples with attribute targets collate one response per example (kind 'sft')")

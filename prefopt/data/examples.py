@@ -1,10 +1,15 @@
 """Validate and tokenize preference rows into examples (one per row).
 
-Rows are pairs ``{prompt, chosen, rejected}`` (optionally with a ``margin``), lists ``{prompt, responses: [...],
-scores: [...]}``, SFT rows ``{prompt, response}`` / ``{messages: [...]}``, or the reward-model kinds
-``attributes`` and ``steps`` (:mod:`prefopt.data.reward_rows`) (field names from ``DataConfig.*_field``);
-the kind is detected from the first row. Prompts and
-responses are strings or chat messages (lists of ``{"role", "content"}``).
+Rows are pairs ``{prompt, chosen, rejected}`` (optionally with a ``margin`` and a ``weight``,
+:mod:`prefopt.data.reward_rows`), lists ``{prompt, responses: [...], scores: [...]}``, SFT rows
+``{prompt, response}`` / ``{messages: [...]}``, or the reward-model kinds ``attributes`` and ``steps``
+(:mod:`prefopt.data.reward_rows`) (field names from ``DataConfig.*_field``); the kind is detected from
+the first row. Prompts and responses are strings or chat messages (lists of ``{"role", "content"}``).
+
+Implicit prompts: a pair without a prompt field (Anthropic HH ``{"chosen": "\n\nHuman: ...
+\n\nAssistant: ...", "rejected": ...}``, or two whole conversations) takes as its prompt the start
+chosen and rejected share, as TRL's ``extract_prompt`` does (:func:`split_implicit_prompt`); the prompt
+and the two rests then render like an explicit prompt and responses (text stays plain text).
 
 Tokenization:
 
@@ -49,6 +54,7 @@ class Example:
     row: int = -1                             # 0-based index of the row in its source
     ref_logps: list[float] | None = None      # [K] summed reference log-probs, cached before training
     margin: float | None = None               # pairs: by how much r(chosen) should exceed r(rejected)
+    weight: float | None = None               # pairs: the factor (>= 0) on the row's loss (None: 1)
     targets: list[float] | None = None        # attributes: [A] ratings (NaN: not rated)
     step_ends: list[int] | None = None        # steps: [S] index in the response of each step's last token
     step_labels: list[float] | None = None    # steps: [S] labels in [0, 1]
@@ -70,7 +76,7 @@ def detect_kind(row, cfg: DataConfig, *, source: str, row_index: int, preferred:
     if fits:
         return next((kind for kind in preferred if kind in fits), fits[0])
     raise DataError(
-        f"cannot tell the row kind: expected fields '{cfg.prompt_field}', '{cfg.chosen_field}', "
+        f"cannot tell the row kind: expected fields '{cfg.prompt_field}' (optional), '{cfg.chosen_field}', "
         f"'{cfg.rejected_field}' (pairs), '{cfg.prompt_field}', '{cfg.responses_field}', "
         f"'{cfg.scores_field}' (lists), '{cfg.prompt_field}', '{cfg.response_field}' / "
         f"'{cfg.messages_field}' (sft), with '{cfg.attributes_field}' (attributes), or '{cfg.prompt_field}', "
@@ -87,6 +93,7 @@ class _Rendered:
     append_eos: bool
     scores: list[float]
     margin: float | None = None
+    weight: float | None = None
     targets: list[float] | None = None
     step_labels: list[float] | None = None     # steps rows: the responses are the step pieces
 
@@ -160,6 +167,8 @@ def _render_row(row, i: int, kind: str, tokenizer, cfg: DataConfig, source: str,
         rendered = _render_sft_row(row, i, get, tokenizer, cfg, source)
         rendered.targets = reward_rows.row_targets(row, cfg.attributes_field, names, source, i)
         return rendered
+    if kind == "pairs":
+        return _render_pair_row(row, i, get, tokenizer, cfg, source)
     prompt = parse_text(get(cfg.prompt_field), source, i, cfg.prompt_field)
     if kind == "steps":
         steps, labels = reward_rows.row_steps(row, cfg.steps_field, cfg.labels_field, source, i)
@@ -169,43 +178,111 @@ def _render_row(row, i: int, kind: str, tokenizer, cfg: DataConfig, source: str,
             return _Rendered(i, prompt, False, pieces, [cfg.steps_field] * len(pieces), True, [1.0],
                              step_labels=labels)
         return _Rendered(i, prompt, True, pieces, [cfg.steps_field] * len(pieces), True, [1.0], step_labels=labels)
-    if kind == "pairs":
-        fields = [cfg.chosen_field, cfg.rejected_field]
+    raw, raw_scores = get(cfg.responses_field), get(cfg.scores_field)
+    rf, sf = cfg.responses_field, cfg.scores_field
+    if not isinstance(raw, list):
+        raise DataError(f"expected a list of responses, got {_describe(raw)}", source=source, row=i, field=rf)
+    if len(raw) < 2:
+        raise DataError(f"needs at least 2 responses, got {len(raw)}", source=source, row=i, field=rf)
+    if not isinstance(raw_scores, list):
+        raise DataError(f"expected a list of numbers, got {_describe(raw_scores)}",
+                        source=source, row=i, field=sf)
+    if len(raw_scores) != len(raw):
+        raise DataError(f"{len(raw_scores)} scores for {len(raw)} responses ('{rf}')",
+                        source=source, row=i, field=sf)
+    scores = []
+    for j, s in enumerate(raw_scores):
+        value = _finite_float(s)
+        if value is None:
+            raise DataError(f"score {j} must be a finite number, got {_describe(s)}",
+                            source=source, row=i, field=sf)
+        scores.append(value)
+    if len(set(scores)) == 1:
+        raise DataError(f"all scores are equal ({scores[0]}): no preference signal",
+                        source=source, row=i, field=sf)
+    fields = [f"{rf}[{j}]" for j in range(len(raw))]
+    responses = [parse_text(r, source, i, f) for r, f in zip(raw, fields)]
+    return _render(prompt, responses, fields, scores, tokenizer, cfg, source, i)
+
+
+def _render_pair_row(row: dict, i: int, get, tokenizer, cfg: DataConfig, source: str) -> _Rendered:
+    """``{prompt, chosen, rejected}``, or ``{chosen, rejected}`` whose prompt is their shared start
+    (:func:`implicit_prompt`); with the row's margin and weight (None where it has none)."""
+    from prefopt.data import reward_rows
+    fields = [cfg.chosen_field, cfg.rejected_field]
+    if row.get(cfg.prompt_field) is None and all(row.get(f) is not None for f in fields):
+        chosen, rejected = (parse_text(row[f], source, i, f) for f in fields)
+        prompt, responses = implicit_prompt(chosen, rejected, cfg, source, i,
+                                            found=[k for k, v in row.items() if v is not None])
+    else:
+        prompt = parse_text(get(cfg.prompt_field), source, i, cfg.prompt_field)
         responses = [parse_text(get(f), source, i, f) for f in fields]
         if responses[0] == responses[1]:
-            raise DataError(f"'{cfg.chosen_field}' and '{cfg.rejected_field}' are identical "
-                            f"(no preference signal)", source=source, row=i, field=cfg.rejected_field)
-        scores = [1.0, 0.0]
-        margin = reward_rows.row_margin(row, cfg.margin_field, source, i)
-    else:
-        raw, raw_scores = get(cfg.responses_field), get(cfg.scores_field)
-        rf, sf = cfg.responses_field, cfg.scores_field
-        if not isinstance(raw, list):
-            raise DataError(f"expected a list of responses, got {_describe(raw)}", source=source, row=i, field=rf)
-        if len(raw) < 2:
-            raise DataError(f"needs at least 2 responses, got {len(raw)}", source=source, row=i, field=rf)
-        if not isinstance(raw_scores, list):
-            raise DataError(f"expected a list of numbers, got {_describe(raw_scores)}",
-                            source=source, row=i, field=sf)
-        if len(raw_scores) != len(raw):
-            raise DataError(f"{len(raw_scores)} scores for {len(raw)} responses ('{rf}')",
-                            source=source, row=i, field=sf)
-        scores = []
-        for j, s in enumerate(raw_scores):
-            value = _finite_float(s)
-            if value is None:
-                raise DataError(f"score {j} must be a finite number, got {_describe(s)}",
-                                source=source, row=i, field=sf)
-            scores.append(value)
-        if len(set(scores)) == 1:
-            raise DataError(f"all scores are equal ({scores[0]}): no preference signal",
-                            source=source, row=i, field=sf)
-        fields = [f"{rf}[{j}]" for j in range(len(raw))]
-        responses = [parse_text(r, source, i, f) for r, f in zip(raw, fields)]
-        margin = None
-    rendered = _render(prompt, responses, fields, scores, tokenizer, cfg, source, i)
-    rendered.margin = margin
+            raise _identical(cfg, source, i)
+    margin = reward_rows.row_margin(row, cfg.margin_field, source, i)
+    weight = reward_rows.row_weight(row, cfg.weight_field, source, i)
+    rendered = _render(prompt, responses, fields, [1.0, 0.0], tokenizer, cfg, source, i)
+    rendered.margin, rendered.weight = margin, weight
     return rendered
+
+
+def _identical(cfg: DataConfig, source: str, i: int) -> DataError:
+    return DataError(f"'{cfg.chosen_field}' and '{cfg.rejected_field}' are identical (no preference signal)",
+                     source=source, row=i, field=cfg.rejected_field)
+
+
+def split_implicit_prompt(chosen, rejected) -> tuple:
+    """``(prompt, chosen_rest, rejected_rest)``: the longest common prefix of ``chosen`` and
+    ``rejected`` (characters of two texts, whole messages of two message lists), and what follows it.
+
+    This is TRL's ``extract_prompt`` wherever the two differ after a shared start: text is cut at the
+    first differing character, moved back by one when the character before it is a space, so that
+    ``"...\n\nAssistant: Yes"`` / ``"...\n\nAssistant: No"`` give the prompt ``"...\n\nAssistant:"`` and
+    the responses ``" Yes"`` / ``" No"`` (a cut may fall inside a word: ``"...: Sure"`` / ``"...: Sorry"``
+    give ``"...: S"``, ``"ure"``, ``"orry"``, as in TRL). Where the two are equal, one is a prefix of the
+    other or nothing is shared, the prompt or a rest is empty here (TRL returns other, arbitrary cuts);
+    :func:`implicit_prompt` refuses those rows.
+    """
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    if isinstance(chosen, str) and 0 < n < min(len(chosen), len(rejected)) and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def implicit_prompt(chosen, rejected, cfg: DataConfig, source: str, i: int, *, found: list | None = None
+                    ) -> tuple[object, list]:
+    """``(prompt, [chosen_rest, rejected_rest])`` of a pair without a prompt field
+    (:func:`split_implicit_prompt`), validated: both texts or both message lists, a shared start
+    that is not blank, two different non-blank rests, and (messages) each rest opening with an
+    assistant message. ``found``: the row's fields, for the error when nothing is shared."""
+    c, r = cfg.chosen_field, cfg.rejected_field
+    if isinstance(chosen, list) != isinstance(rejected, list):
+        kinds = {True: "chat messages", False: "text"}
+        raise DataError(f"'{c}' is {kinds[isinstance(chosen, list)]} and '{r}' {kinds[isinstance(rejected, list)]}: "
+                        f"without a '{cfg.prompt_field}' field, the prompt is their shared start, so both must be "
+                        f"text or both chat messages", source=source, row=i, field=r)
+    if chosen == rejected:
+        raise _identical(cfg, source, i)
+    prompt, chosen_rest, rejected_rest = split_implicit_prompt(chosen, rejected)
+    unit = "messages" if isinstance(chosen, list) else "text"
+    if not prompt or (isinstance(prompt, str) and not prompt.strip()):
+        raise DataError(f"missing field (found fields {found if found is not None else [c, r]}), and '{c}' and "
+                        f"'{r}' share no leading {unit} to take the prompt from", source=source, row=i,
+                        field=cfg.prompt_field)
+    for rest, name, other in ((chosen_rest, c, r), (rejected_rest, r, c)):
+        if not rest or (isinstance(rest, str) and not rest.strip()):
+            raise DataError(f"nothing {'but blank text ' if rest else ''}is left of it after the prompt it shares "
+                            f"with '{other}' (no '{cfg.prompt_field}' field: the prompt is their shared start)",
+                            source=source, row=i, field=name)
+        if isinstance(rest, list) and rest[0]["role"] != "assistant":
+            raise DataError(f"after the prompt it shares with '{other}' (no '{cfg.prompt_field}' field), the response "
+                            f"must open with an assistant message, got role '{rest[0]['role']}'",
+                            source=source, row=i, field=name)
+    return prompt, [chosen_rest, rejected_rest]
 
 
 def _render_sft_row(row: dict, i: int, get, tokenizer, cfg: DataConfig, source: str) -> _Rendered:
@@ -342,7 +419,7 @@ def _make_example(r: _Rendered, prompt_ids, response_ids, tokenizer, cfg, source
     prompt_ids, response_ids = truncate(prompt_ids, response_ids, max_prompt_length=cfg.max_prompt_length,
                                         max_length=cfg.max_length, bos_id=tokenizer.bos_token_id)
     example = Example(prompt_ids=prompt_ids, response_ids=response_ids, scores=list(r.scores), row=r.row,
-                      margin=r.margin, targets=r.targets)
+                      margin=r.margin, weight=r.weight, targets=r.targets)
     if step_ends is not None:   # steps cut off by truncation are dropped with their labels
         kept = [k for k, end in enumerate(step_ends) if end < len(response_ids[0])]
         if not kept:

@@ -1,7 +1,9 @@
 """The reward-model row kinds beside pairs, lists and SFT rows (:mod:`prefopt.data.examples`).
 
 * pairs may carry a margin (``data.margin_field``): how far the chosen reward should exceed the
-  rejected one (Llama 2's margin; the preference strength ``prefopt score`` writes);
+  rejected one (Llama 2's margin; the preference strength ``prefopt score`` writes; DPO's offset,
+  :mod:`prefopt.objectives.dpo`), and a weight (``data.weight_field``): a factor >= 0 on the row's
+  loss in the policy's pair objectives (DPO, IPO, SimPO);
 * ``attributes``: ``{prompt, response, attributes: {name: rating}}`` (HelpSteer2): one regression
   target per attribute, in the order of ``data.attributes`` (default: first seen in the training
   rows); an attribute a row does not rate is masked out of its loss;
@@ -22,7 +24,10 @@ from prefopt.errors import DataError
 def _number(value) -> float | None:
     if not isinstance(value, Real) or isinstance(value, bool):
         return None
-    value = float(value)
+    try:
+        value = float(value)
+    except (OverflowError, TypeError, ValueError):   # an int too large for a float
+        return None
     return value if math.isfinite(value) else None
 
 
@@ -33,6 +38,17 @@ def row_margin(row: dict, field: str, source: str, i: int) -> float | None:
     value = _number(row[field])
     if value is None:
         raise DataError(f"the margin must be a finite number, got {row[field]!r}", source=source, row=i, field=field)
+    return value
+
+
+def row_weight(row: dict, field: str, source: str, i: int) -> float | None:
+    """The row's loss weight (a finite number >= 0), or None when it has none."""
+    if row.get(field) is None:
+        return None
+    value = _number(row[field])
+    if value is None or value < 0:
+        raise DataError(f"the weight must be a finite number >= 0, got {row[field]!r}"[:200], source=source, row=i,
+                        field=field)
     return value
 
 

@@ -7,6 +7,11 @@ where avg_logp(y) = logp_pi(y) / |y| is the mean token log-prob of the response 
 ``gamma_beta_ratio = gamma / beta`` instead; TRL's CPOTrainer (``loss_type="simpo"``) by the
 absolute ``simpo_gamma``, like here. ``label_smoothing`` eps gives the conservative form of the
 official code: -(1 - eps) log sigma(z) - eps log sigma(-z).
+
+A pair's weight w >= 0 (the rows' ``data.weight_field``; 1 where a pair has none) scales its loss, and
+the batch loss is the mean of w_i * l_i, as for DPO (:mod:`prefopt.objectives.dpo`). gamma is one
+margin for all pairs: SimPO has no published per-pair margin, so rows that carry one
+(``data.margin_field``) are refused (ConfigError) rather than given an invented form.
 """
 from __future__ import annotations
 
@@ -18,11 +23,12 @@ import torch.nn.functional as F
 from prefopt.errors import ConfigError
 from prefopt.objectives.base import (LossOut, Objective, ObjectiveParams, PolicyOutput,
                                      register_objective, split_pairs)
-from prefopt.objectives.dpo import pair_metrics
+from prefopt.objectives.dpo import pair_metrics, refuse_margin
 
 
 def simpo_loss(policy_chosen_avg_logps: torch.Tensor, policy_rejected_avg_logps: torch.Tensor, *,
                beta: float, gamma: float, label_smoothing: float = 0.0,
+               weight: torch.Tensor | float | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-example SimPO losses.
 
@@ -32,19 +38,23 @@ def simpo_loss(policy_chosen_avg_logps: torch.Tensor, policy_rejected_avg_logps:
         beta: reward scale.
         gamma: absolute target margin (official code: ``gamma_beta_ratio * beta``).
         label_smoothing: eps of the conservative loss; 0 is the paper's loss.
+        weight: ``[B]`` (or a constant) factor on each example's loss; None is 1.
 
     Returns:
-        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; rewards are
-        ``beta * avg_logp``, detached.
+        ``(losses, chosen_rewards, rejected_rewards)``, each ``[B]``; ``losses`` are the weighted
+        per-example losses (their mean is the batch loss); rewards are ``beta * avg_logp``, detached.
     """
     z = beta * (policy_chosen_avg_logps - policy_rejected_avg_logps) - gamma
     losses = -(1.0 - label_smoothing) * F.logsigmoid(z) - label_smoothing * F.logsigmoid(-z)
+    if weight is not None:
+        losses = losses * weight
     return losses, beta * policy_chosen_avg_logps.detach(), beta * policy_rejected_avg_logps.detach()
 
 
 @register_objective
 class SimPO(Objective):
-    """SimPO on pairs; reference-free (needs no role beyond the learner)."""
+    """SimPO on pairs; reference-free (needs no role beyond the learner). Reads the batch's per-pair
+    ``weight`` when present; a per-pair ``margin`` raises ConfigError."""
 
     name = "simpo"
     needs = frozenset()
@@ -71,8 +81,9 @@ class SimPO(Objective):
 
     def loss(self, policy: PolicyOutput, batch: dict[str, torch.Tensor]) -> LossOut:
         p = self.params
+        refuse_margin(self.name, batch)
         avg_c, avg_r = split_pairs(policy.logps / policy.num_tokens.clamp(min=1.0))
         losses, rew_c, rew_r = simpo_loss(avg_c, avg_r, beta=p.beta, gamma=p.gamma,
-                                          label_smoothing=p.label_smoothing)
+                                          label_smoothing=p.label_smoothing, weight=batch.get("weight"))
         # logps/* are the average log-probs the loss works on.
         return LossOut(loss=losses.mean(), metrics=pair_metrics(rew_c, rew_r, avg_c, avg_r))
