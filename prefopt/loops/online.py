@@ -20,7 +20,7 @@ from prefopt.config_schema import Recipe
 from prefopt.data import batching
 from prefopt.data.rollouts import RolloutSample
 from prefopt.metrics import means, merge_summaries
-from prefopt.rl.signals import shape_sequence_rewards
+from prefopt.rl.signals import overlong_penalty, shape_sequence_rewards
 
 
 class PromptSampler:
@@ -74,16 +74,27 @@ def rollout(roles, prompts: list[dict], sampling, seed: int, eos_id: int, pendin
 
 
 def score(samples: list[RolloutSample], tokenizer, rewards, process_rewards, params, normalizer) -> dict[str, float]:
-    """Set each sample's sequence ``reward`` (and ``process_rewards``); return reward metrics."""
+    """Set each sample's sequence ``reward`` (and ``process_rewards``); return reward metrics.
+
+    The reward is the sources' raw value, shaped (clip / normalise), plus DAPO's overlong penalty
+    when ``objective.overlong_buffer`` is set (its mean logged as ``reward/overlong_penalty``);
+    ``reward/mean`` and ``reward/std`` are of the raw values."""
     prompts, rows = [s.prompt_text for s in samples], [s.row for s in samples]
     texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
     raw, components = rewards(prompts, texts, rows)
-    for i, (s, v) in enumerate(zip(samples, shape_sequence_rewards(raw, params, normalizer))):
-        s.reward = v
+    shaped = shape_sequence_rewards(raw, params, normalizer)
+    penalties = [0.0] * len(samples)
+    if params.overlong_buffer is not None:
+        penalties = overlong_penalty([len(s.response_ids) for s in samples], params.overlong_max_tokens,
+                                     params.overlong_buffer, params.overlong_penalty)
+    for i, (s, v, penalty) in enumerate(zip(samples, shaped, penalties)):
+        s.reward = v + penalty
         s.reward_components = {name: values[i] for name, values in components.items()}
     mean = sum(raw) / len(raw)
     stats = {"reward/mean": mean,
              "reward/std": math.sqrt(sum((v - mean) ** 2 for v in raw) / max(1, len(raw) - 1))}
+    if params.overlong_buffer is not None:
+        stats["reward/overlong_penalty"] = sum(penalties) / len(penalties)
     stats.update({f"reward/{name}": sum(v) / len(v) for name, v in components.items()})
     if process_rewards is not None:
         per_token, process_stats = process_rewards(prompts, [s.response_ids for s in samples], rows)

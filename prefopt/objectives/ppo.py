@@ -1,8 +1,10 @@
 """PPO for RLHF (token level), with a pluggable advantage estimator (gae | grpo | rloo).
 
 The pure losses live in :mod:`prefopt.rl.ppo`; this thin class adapts a rollout micro-batch to
-them. The loop (``loops/online.py``) fills each sample's ``old_logps`` (recomputed by the
-learner before the update), ``ref_logps``, ``advantages`` and, with a critic, ``values`` /
+them (``clip_eps_high``, ``loss_agg``, ``ratio_level``: the loss options of DAPO, GRPO, Dr. GRPO
+and GSPO; ``overlong_buffer``: DAPO's overlong penalty, which ``loops.online.score`` adds to the
+sequence reward). The loop (``loops/online.py``) fills each sample's ``old_logps`` (recomputed by
+the learner before the update), ``ref_logps``, ``advantages`` and, with a critic, ``values`` /
 ``returns``; :class:`ValueObjective` trains the critic on the same samples.
 """
 from __future__ import annotations
@@ -23,7 +25,15 @@ class PPOParams(ObjectiveParams):
     advantage: str = "grpo"             # gae (needs roles.critic) | grpo | rloo
     gamma: float = 1.0                  # GAE discount
     lam: float = 0.95                   # GAE lambda
-    clip_eps: float = 0.2               # policy ratio clip
+    clip_eps: float = 0.2               # policy ratio clip: [1 - clip_eps, 1 + clip_eps_high]
+    clip_eps_high: Optional[float] = None   # DAPO's decoupled upper clip (e.g. 0.28); None: clip_eps
+    loss_agg: str = "token_mean"        # token_mean (DAPO) | sequence_mean (GRPO) | constant (Dr. GRPO):
+                                        # policy loss, KL loss term and entropy bonus (rl.ppo.aggregate)
+    norm_tokens: Optional[int] = None   # constant's divisor per sequence; None: roles.rollout.sampling.max_tokens
+    ratio_level: str = "token"          # token | sequence (GSPO: (pi/pi_old)^(1/|y|) per sequence)
+    overlong_buffer: Optional[int] = None   # DAPO's soft overlong penalty: L_cache (None: off)
+    overlong_penalty: float = 1.0       # its scale: the penalty falls linearly to -overlong_penalty at L_max
+    overlong_max_tokens: Optional[int] = None   # its L_max; None: roles.rollout.sampling.max_tokens
     value_clip_eps: Optional[float] = 0.2
     kl_coef: float = 0.05               # KL(policy || reference) coefficient (0: no reference needed)
     kl_estimator: str = "k1"            # k1 | k2 | k3 | abs
@@ -45,6 +55,9 @@ class PPOParams(ObjectiveParams):
             ADVANTAGES.get(self.advantage)  # raises with a suggestion
         if self.clip_eps <= 0:
             raise ConfigError(f"objective.clip_eps must be > 0, got {self.clip_eps}")
+        if self.clip_eps_high is not None and self.clip_eps_high <= 0:
+            raise ConfigError(f"objective.clip_eps_high must be > 0 (or null: clip_eps), got {self.clip_eps_high}")
+        self.validate_loss_options()
         if self.kl_coef < 0:
             raise ConfigError(f"objective.kl_coef must be >= 0, got {self.kl_coef}")
         if self.kl_estimator not in ("k1", "k2", "k3", "abs"):
@@ -58,6 +71,34 @@ class PPOParams(ObjectiveParams):
                               "return log-probs of the unscaled distribution)")
         if self.ppo_epochs < 1:
             raise ConfigError(f"objective.ppo_epochs must be >= 1, got {self.ppo_epochs}")
+
+    def validate_loss_options(self) -> None:
+        """The GRPO family's options: aggregation, ratio level, DAPO's overlong penalty."""
+        from prefopt.rl.ppo import LOSS_AGGREGATIONS, RATIO_LEVELS
+        if self.loss_agg not in LOSS_AGGREGATIONS:
+            raise ConfigError(f"objective.loss_agg must be one of {', '.join(LOSS_AGGREGATIONS)}, "
+                              f"got '{self.loss_agg}'")
+        if self.norm_tokens is not None:
+            if self.loss_agg != "constant":
+                raise ConfigError(f"objective.norm_tokens is only used with objective.loss_agg: constant "
+                                  f"(loss_agg is '{self.loss_agg}')")
+            if self.norm_tokens < 1:
+                raise ConfigError(f"objective.norm_tokens must be >= 1, got {self.norm_tokens}")
+        if self.ratio_level not in RATIO_LEVELS:
+            raise ConfigError(f"objective.ratio_level must be one of {', '.join(RATIO_LEVELS)}, "
+                              f"got '{self.ratio_level}'")
+        if self.overlong_buffer is None:
+            if self.overlong_max_tokens is not None:
+                raise ConfigError("objective.overlong_max_tokens is only used with objective.overlong_buffer")
+            return
+        if self.overlong_buffer < 1:
+            raise ConfigError(f"objective.overlong_buffer must be >= 1 (or null: no penalty), "
+                              f"got {self.overlong_buffer}")
+        if self.overlong_penalty <= 0:
+            raise ConfigError(f"objective.overlong_penalty must be > 0, got {self.overlong_penalty}")
+        if self.overlong_max_tokens is not None and self.overlong_max_tokens < self.overlong_buffer:
+            raise ConfigError(f"objective.overlong_max_tokens ({self.overlong_max_tokens}) must be >= "
+                              f"objective.overlong_buffer ({self.overlong_buffer})")
 
 
 @register_objective
@@ -93,31 +134,58 @@ class PPO(Objective):
             raise ConfigError("objective.old_logprobs: rollout needs roles.rollout.sampling.logprobs: true")
 
     @staticmethod
+    def resolve_lengths(recipe) -> None:
+        """Fill the length defaults from ``roles.rollout.sampling.max_tokens`` (saved resolved in the
+        run's config.yaml): ``norm_tokens`` under ``loss_agg: constant`` and ``overlong_max_tokens``
+        (L_max) under ``overlong_buffer``; the buffer must fit in L_max."""
+        p, rollout = recipe.objective, recipe.roles.rollout
+        max_tokens = rollout.sampling.max_tokens if rollout is not None else None
+        if p.loss_agg == "constant" and p.norm_tokens is None:
+            if max_tokens is None:
+                raise ConfigError("objective.norm_tokens is required with objective.loss_agg: constant "
+                                  "(no roles.rollout.sampling.max_tokens to default to)")
+            p.norm_tokens = max_tokens
+        if p.overlong_buffer is not None and p.overlong_max_tokens is None:
+            if max_tokens is None:
+                raise ConfigError("objective.overlong_max_tokens is required with objective.overlong_buffer "
+                                  "(no roles.rollout.sampling.max_tokens to default to)")
+            if p.overlong_buffer > max_tokens:
+                raise ConfigError(f"objective.overlong_buffer ({p.overlong_buffer}) must be <= "
+                                  f"roles.rollout.sampling.max_tokens ({max_tokens}), its L_max")
+            p.overlong_max_tokens = max_tokens
+
+    @staticmethod
     def check_recipe(recipe) -> None:
         PPO.check_old_logprobs(recipe)
+        PPO.resolve_lengths(recipe)
         for i, src in enumerate(recipe.roles.reward.sources if recipe.roles.reward else []):
             if src.constraint is not None:
                 raise ConfigError(f"roles.reward.sources[{i}].constraint needs objective.name: constrained_ppo "
                                   f"(objective '{recipe.objective.name}' combines sources with fixed weights)")
 
     def loss(self, policy: PolicyOutput, batch: dict[str, torch.Tensor]) -> LossOut:
+        """Policy loss + ``kl_coef`` * k3 KL term (``kl_in_reward: false``) - ``entropy_coef`` *
+        entropy, the three aggregated alike (``loss_agg``; TRL also adds its KL per token before
+        aggregating, but always takes the token mean of the entropy). The ``kl_loss`` and ``entropy``
+        metrics are token means whatever ``loss_agg``."""
         from prefopt.rl.advantages import masked_mean
-        from prefopt.rl.ppo import kl_penalty, policy_loss
+        from prefopt.rl.ppo import aggregate, kl_penalty, policy_loss
 
         p = self.params
         mask = policy.token_mask
         dtype = policy.token_logps.dtype
         loss, metrics = policy_loss(policy.token_logps, batch["old_logps"].to(dtype),
-                                    batch["advantages"].to(dtype), mask, clip_eps=p.clip_eps)
+                                    batch["advantages"].to(dtype), mask, clip_eps=p.clip_eps,
+                                    clip_eps_high=p.clip_eps_high, loss_agg=p.loss_agg,
+                                    norm_tokens=p.norm_tokens, ratio_level=p.ratio_level)
         if p.kl_coef > 0 and not p.kl_in_reward:
-            kl = masked_mean(kl_penalty(policy.token_logps, batch["ref_logps"].to(dtype), kind="k3"), mask)
-            loss = loss + p.kl_coef * kl
-            metrics["kl_loss"] = kl.detach()
+            kl = kl_penalty(policy.token_logps, batch["ref_logps"].to(dtype), kind="k3")
+            loss = loss + p.kl_coef * aggregate(kl, mask, p.loss_agg, p.norm_tokens)
+            metrics["kl_loss"] = masked_mean(kl.detach(), mask)
         if policy.entropy is not None:
-            entropy = masked_mean(policy.entropy, mask)
-            if p.entropy_coef > 0:
-                loss = loss - p.entropy_coef * entropy   # entropy bonus
-            metrics["entropy"] = entropy.detach()
+            if p.entropy_coef > 0:   # entropy bonus
+                loss = loss - p.entropy_coef * aggregate(policy.entropy, mask, p.loss_agg, p.norm_tokens)
+            metrics["entropy"] = masked_mean(policy.entropy.detach(), mask)
         return LossOut(loss=loss, metrics={f"policy/{k}": v for k, v in metrics.items()})
 
 

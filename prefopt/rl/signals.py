@@ -124,3 +124,27 @@ def shape_sequence_rewards(totals: list[float], params, normalizer: RewardNormal
         normalizer.update(totals)
         totals = [normalizer(v) for v in totals]
     return totals
+
+
+def overlong_penalty(lengths: list[int], max_tokens: int, buffer: int, factor: float = 1.0) -> list[float]:
+    """DAPO's soft overlong penalty (Yu et al. 2025, arXiv 2503.14476, eq. 13), one per response.
+
+    With ``L_max = max_tokens``, ``L_cache = buffer`` and ``|y|`` a response's token count:
+    ``0`` if ``|y| <= L_max - L_cache``; ``(L_max - L_cache - |y|) / L_cache`` if
+    ``L_max - L_cache < |y| <= L_max`` (linear from 0 down to -1 at ``L_max``); ``-1`` beyond;
+    all times ``factor``. Same values as TRL's ``trl.rewards.get_soft_overlong_punishment``
+    (``max_completion_len``, ``soft_punish_cache``) at ``factor`` 1.
+    """
+    if buffer < 1 or buffer > max_tokens:
+        raise ValueError(f"overlong buffer must be in [1, max_tokens={max_tokens}], got {buffer}")
+    expected = max_tokens - buffer
+    out = []
+    for n in lengths:
+        if n <= expected:
+            value = 0.0
+        elif n <= max_tokens:
+            value = (expected - n) / buffer
+        else:
+            value = -1.0
+        out.append(factor * value)
+    return out
