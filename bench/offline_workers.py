@@ -166,7 +166,7 @@ def prefopt_worker(cfg: dict) -> dict:
         f"train.batch_size={spec['batch']}", f"train.micro_batch_size={spec['micro']}", "train.epochs=1",
         f"train.max_steps={spec['steps']}", f"train.lr={spec['lr']}", "train.lr_scheduler=linear",
         "train.warmup_ratio=0", "train.eval_every=0", "train.precision=fp32", "train.seed=0",
-        f"output.root={cfg['tmp']}", "output.save_model=false", "output.tensorboard=false",
+        f"output.root={cfg['tmp']}", "output.save_model=false", "output.loggers=[]",
         "output.progress_bar=false", f"ray.num_cpus={max(CPUS, t * cfg['learners'])}",
     ]
     overrides += cfg.get("overrides", [])

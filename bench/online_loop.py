@@ -41,7 +41,7 @@ def loop_worker(cfg: dict) -> dict:
     spec = cfg["spec"]
     overrides = list(spec["overrides"]) + [
         f"name=bench-{cfg['id']}", f"train.iterations={spec['iterations']}", f"output.root={cfg['tmp']}",
-        "output.save_model=false", "output.tensorboard=false", "output.progress_bar=false"]
+        "output.save_model=false", "output.loggers=[]", "output.progress_bar=false"]
     recipe = load_recipe(REPO / "recipes" / "tiny_grpo.yaml", overrides)
     t0 = time.perf_counter()
     result = train(recipe, quiet=True)

@@ -320,6 +320,8 @@ def validate_recipe(recipe: Recipe, what: str = "recipe", where: Callable[[str],
     _one_of(learner.placement, ("pack", "spread"), "roles.learner.placement", at("roles.learner.placement"))
     from prefopt.console import LEVELS
     _one_of(recipe.output.log_level, LEVELS, "output.log_level", at("output.log_level"))
+    from prefopt.io.loggers import check_logger_names
+    check_logger_names(recipe.output.loggers, at("output.loggers"))
     per_step = t.micro_batch_size * learner.num_actors
     if t.batch_size % per_step:
         raise ConfigError(

@@ -246,7 +246,13 @@ class OutputConfig:
     root: str = "runs"
     run_dir: Optional[str] = None            # default: {root}/{name}-{timestamp}; must not hold results
     save_model: bool = True                  # final model in HF format (safetensors)
-    tensorboard: bool = True
+    # experiment loggers besides metrics.jsonl (always written): "tensorboard", "wandb", "mlflow"
+    # (prefopt.io.loggers; wandb and mlflow are pip extras: pip install 'prefopt[wandb]')
+    loggers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    wandb_project: Optional[str] = None      # default: "prefopt"
+    wandb_entity: Optional[str] = None       # default: the W&B account's default entity
+    mlflow_tracking_uri: Optional[str] = None   # default: file:{run_dir}/mlflow (a file store in the run folder)
+    mlflow_experiment: Optional[str] = None  # default: the recipe's name
     progress_bar: bool = True
     log_level: str = "info"                  # "info": status lines, no third-party output; "warning"; "debug": all
     checkpoint_every: int = 0                # online: every N iterations (and at the end); 0: none

@@ -3,9 +3,9 @@
 :func:`prepare` validates the recipe, resolves and checks every model path (weights as safetensors,
 a tokenizer, ``trust_remote_code``, the attention kernel), loads and tokenizes the data (or the
 prompts), imports each reward function and calls it once on the first prompt row, checks that the
-roles fit a local cluster, and plans the run folder (or finds the checkpoint to resume). It writes
-nothing but caches (builtin models, synthetic data): the run folder is created only after it
-passed.
+roles fit a local cluster and that the libraries of ``output.loggers`` are installed, and plans the
+run folder (or finds the checkpoint to resume). It writes nothing but caches (builtin models,
+synthetic data): the run folder is created only after it passed.
 """
 from __future__ import annotations
 
@@ -92,6 +92,7 @@ def prepare(recipe: Recipe, *, remote: bool = False) -> Prepared | None:
     from prefopt.cluster import check_local_resources
     from prefopt.config import validate_recipe
     from prefopt.errors import ConfigError
+    from prefopt.io.loggers import check_logger_packages
     from prefopt.models.load import load_tokenizer
     from prefopt.objectives import get_objective
 
@@ -102,6 +103,7 @@ def prepare(recipe: Recipe, *, remote: bool = False) -> Prepared | None:
     spec = algorithm_for(recipe).role_spec(recipe)
     if not remote:
         check_local_resources(recipe, spec)
+        check_logger_packages(recipe.output.loggers)     # the driver here logs; a cluster's job checks its own
     check_models(recipe, remote=remote)
     if remote and not (here(recipe.model.tokenizer or recipe.model.path) and here(recipe.data.path)):
         return None

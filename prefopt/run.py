@@ -131,6 +131,7 @@ def run(recipe: Recipe, *, quiet: bool = False) -> RunResult:
     from prefopt.algorithms import algorithm_for
     from prefopt.cluster import check_cluster_resources, init_ray_for, release
     from prefopt.io.plots import write_curves
+    from prefopt.config import recipe_to_dict
     from prefopt.io.run_dir import MetricsLogger
     from prefopt.loops import checkpointing
     from prefopt.loops.checkpointing import Checkpointer, StopRequest
@@ -139,7 +140,7 @@ def run(recipe: Recipe, *, quiet: bool = False) -> RunResult:
 
     pre = prepare(recipe)
     run_dir, resume_from = open_run_dir(pre)
-    logger = MetricsLogger(run_dir, tensorboard=recipe.output.tensorboard)
+    logger = MetricsLogger(run_dir, recipe.output.loggers, config=recipe_to_dict(recipe), run_name=run_dir.name)
     ctx = Run(recipe=recipe, pre=pre, run_dir=run_dir, logger=logger, quiet=quiet, spec=pre.spec,
               result=RunResult(run_dir=run_dir, steps=0, final_train={}))
     algorithm, started_ray = algorithm_for(recipe)(ctx), False

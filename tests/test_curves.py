@@ -14,7 +14,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def offline_run(path):
     path.mkdir(parents=True, exist_ok=True)
-    log = MetricsLogger(path, tensorboard=False)
+    log = MetricsLogger(path, loggers=[])
     log.log(0, {"time_s": 1.0, "examples": 10}, prefix="reference")
     log.log(0, {"loss": 0.69, "rewards/accuracy": 0.5, "rewards/margin": 0.0}, prefix="eval")
     for step in range(1, 31):
@@ -27,7 +27,7 @@ def offline_run(path):
 
 def online_run(path, iterations=8):
     path.mkdir(parents=True, exist_ok=True)
-    log = MetricsLogger(path, tensorboard=False)
+    log = MetricsLogger(path, loggers=[])
     for it in range(1, iterations + 1):
         log.log(it, {"reward/mean": 0.1 * it, "reward/std": 0.3, "reward/format": 0.5, "kl": 0.01 * it,
                      "policy/kl_loss": 0.02 * it, "policy/approx_kl": 0.001, "policy/entropy": 2.0 - 0.1 * it,
@@ -100,7 +100,7 @@ def test_nothing_to_plot_gives_none(tmp_path):
     assert write_curves(tmp_path) is None                                  # no metrics.jsonl
     (tmp_path / "metrics.jsonl").write_text("")
     assert write_curves(tmp_path) is None                                  # no records
-    MetricsLogger(tmp_path, tensorboard=False).log(0, {"time_s": 2.0}, prefix="reference")
+    MetricsLogger(tmp_path, loggers=[]).log(0, {"time_s": 2.0}, prefix="reference")
     assert write_curves(tmp_path) is None
     assert not (tmp_path / "curves.png").exists()
 

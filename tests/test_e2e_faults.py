@@ -15,7 +15,7 @@ from prefopt.io.checkpoint import list_checkpoints, read_state  # noqa: E402
 from prefopt.train import train  # noqa: E402
 
 pytestmark = pytest.mark.slow
-COMMON = ["output.progress_bar=false", "output.save_model=false", "output.tensorboard=false"]
+COMMON = ["output.progress_bar=false", "output.save_model=false", "output.loggers=[]"]
 
 
 def kill_after(run_dir, role: str, iterations: int, killed: dict):

@@ -8,7 +8,7 @@ from prefopt.config import load_recipe
 from prefopt.train import train
 
 pytestmark = pytest.mark.slow
-COMMON = ["output.progress_bar=false", "output.save_model=false", "output.tensorboard=false",
+COMMON = ["output.progress_bar=false", "output.save_model=false", "output.loggers=[]",
           "train.max_steps=6", "train.eval_every=0"]
 
 
@@ -55,7 +55,7 @@ def test_nan_reward_skips_the_iterations_update(ray_cluster, tmp_path):
     data_helpers.FLAKY_CALLS["count"] = 0
     recipe = load_recipe("recipes/tiny_grpo.yaml", [
         f"output.root={tmp_path}", "output.progress_bar=false", "output.save_model=false",
-        "output.tensorboard=false", "train.iterations=4",
+        "output.loggers=[]", "train.iterations=4",
         "roles.reward.sources.0.fn=data_helpers:flaky_good_word_fraction"])
     hist = online_train(recipe, quiet=True).train_history
     assert [h["skipped_steps"] for h in hist] == [0, 1, 0, 0]

@@ -13,7 +13,7 @@ from prefopt.io.checkpoint import list_checkpoints, read_state
 from prefopt.train import train
 
 pytestmark = pytest.mark.slow
-COMMON = ["output.progress_bar=false", "output.save_model=false", "output.tensorboard=false",
+COMMON = ["output.progress_bar=false", "output.save_model=false", "output.loggers=[]",
           "output.keep_checkpoints=0"]
 
 

@@ -12,7 +12,7 @@ from prefopt.reproduce import check_run, format_checks
 
 def fake_run(path):
     path.mkdir(parents=True, exist_ok=True)
-    log = MetricsLogger(path, tensorboard=False)
+    log = MetricsLogger(path, loggers=[])
     log.log(1, {"loss": 0.7}, prefix="train")
     log.log(2, {"loss": 0.3, "rewards/accuracy": 0.8}, prefix="train")
     log.log(2, {"rewards/accuracy": 0.95}, prefix="eval")

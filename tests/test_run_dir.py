@@ -173,7 +173,7 @@ def test_mkdir_failure_is_a_config_error(tmp_path, monkeypatch):
 
 def write_metrics(run_dir: Path, steps, torn: bytes = b"") -> bytes:
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLogger(run_dir, tensorboard=False)
+    log = MetricsLogger(run_dir, loggers=[])
     for step in steps:
         log.log(step, {"loss": 1.0 / step})
     log.close()

@@ -99,7 +99,7 @@ def _fake_runner(point, point_dir):
     assert point["command_overrides"][0] == "train.max_steps=3"
     run = point_dir / "run"
     run.mkdir()
-    logger = MetricsLogger(run, tensorboard=False)
+    logger = MetricsLogger(run, loggers=[])
     logger.log(1, {"loss": 0.7, "rewards/accuracy": 0.5}, "train")
     logger.log(2, {"loss": beta + point["seed"] / 10, "rewards/accuracy": 0.9}, "train")
     logger.log(0, {"loss": 0.69, "rewards/accuracy": 0.5}, "eval")
@@ -169,7 +169,7 @@ def test_cli_arguments():
 
 
 FAST = ["train.max_steps=3", "train.max_skipped_steps=0", "roles.learner.num_actors=1", "roles.learner.zero_stage=0",
-        "output.save_model=false", "output.tensorboard=false", "data.synthetic.num_rows=64", "train.eval_every=0"]
+        "output.save_model=false", "output.loggers=[]", "data.synthetic.num_rows=64", "train.eval_every=0"]
 
 
 @pytest.mark.slow

@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 GOLD = "prefopt.rewards.builtin:distinct_good_fraction"
-COMMON = ["output.progress_bar=false", "output.tensorboard=false"]
+COMMON = ["output.progress_bar=false", "output.loggers=[]"]
 
 
 def gold_pairs(n: int, seed: int) -> list[dict]:

@@ -1,10 +1,11 @@
-"""The run directory: resolved config, metrics (JSONL + TensorBoard), final model.
+"""The run directory: resolved config, metrics (JSONL + experiment loggers), final model.
 
     runs/<name>-<timestamp>/
       .prefopt-run       marker: this folder was created by prefopt (JSON: name, creation time)
       config.yaml        the fully resolved recipe
       metrics.jsonl      one JSON object per logged step / evaluation
-      tensorboard/       TensorBoard event files
+      samples.jsonl      sampled completions (online, train.sample_log_every), one per line with its step
+      tensorboard/       TensorBoard event files (output.loggers, prefopt.io.loggers; also wandb/, mlflow/)
       model/             final policy in HF format (safetensors) + tokenizer
       summary.json       final numbers of the run
 
@@ -172,35 +173,83 @@ def write_config(run_dir: Path, recipe: Recipe) -> None:
 
 
 def _clean(value):
+    """A value as JSON can hold it: non-finite floats become null (also inside lists and mappings)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
     return value
 
 
 class MetricsLogger:
-    """Appends metrics to ``metrics.jsonl`` and, if enabled, TensorBoard."""
+    """Appends metrics to ``metrics.jsonl`` (always) and sends them to the experiment loggers named in
+    ``loggers`` (``output.loggers``: tensorboard, wandb, mlflow; :mod:`prefopt.io.loggers`).
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    ``config``: the run's recipe as a dict (redacted here again before any logger sees it);
+    ``run_name``: the name of the run in W&B and MLflow (default: the run folder's name). A logger
+    that fails while logging is dropped with a warning; ``metrics.jsonl`` stays the run's record."""
+
+    def __init__(self, run_dir: Path, loggers: list[str] | tuple[str, ...] = ("tensorboard",),
+                 config: dict | None = None, run_name: str | None = None):
+        from prefopt.io.loggers import open_loggers
+        from prefopt.secrets import redact
+        run_dir = Path(run_dir)
         self.path = run_dir / "metrics.jsonl"
+        self.samples_path = run_dir / "samples.jsonl"
         self.file = open(self.path, "a")
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+        try:
+            self.backends = open_loggers(list(loggers), run_dir, redact(config or {}), run_name or run_dir.name)
+        except BaseException:
+            self.file.close()
+            raise
 
     def log(self, step: int, metrics: dict[str, float], prefix: str = "train") -> None:
         record = {"step": step, "split": prefix, **{k: _clean(v) for k, v in metrics.items()}}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.writer is not None:
-            for name, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(f"{prefix}/{name}", value, step)
+        scalars = {name: float(value) for name, value in metrics.items()
+                   if isinstance(value, (int, float)) and math.isfinite(value)}
+        if scalars:
+            self._each("log", step, scalars, prefix)
+
+    def log_samples(self, step: int, records: list[dict]) -> None:
+        """Sampled completions (``{prompt, response, reward, ...}`` each): one line per record in
+        ``samples.jsonl`` (with the step), and a table in each logger."""
+        from prefopt.io.loggers import sample_table
+        rows = [{"step": step, **_clean(dict(r))} for r in records]
+        with open(self.samples_path, "a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        if rows:
+            self._each("log_samples", step, *sample_table(rows))
+
+    def _each(self, method: str, *args) -> None:
+        for name, backend in list(self.backends.items()):
+            try:
+                getattr(backend, method)(*args)
+            except Exception as e:
+                log.warning("logger '%s' failed (%s: %s); it is off for the rest of this run, metrics.jsonl "
+                            "keeps every record", name, type(e).__name__, e)
+                del self.backends[name]
+                self._close(name, backend, failed=True)
 
     def close(self) -> None:
+        """Close the file and every logger. Called while an exception propagates (a failed or stopped
+        run), it marks the W&B and MLflow runs as failed."""
+        import sys
+        failed = sys.exc_info()[0] is not None
         self.file.close()
-        if self.writer is not None:
-            self.writer.close()
+        for name, backend in self.backends.items():
+            self._close(name, backend, failed)
+        self.backends = {}
+
+    @staticmethod
+    def _close(name: str, backend, failed: bool) -> None:
+        try:
+            backend.close(failed=failed)
+        except Exception as e:
+            log.warning("logger '%s' did not close cleanly (%s: %s)", name, type(e).__name__, e)
 
 
 def read_metrics(run_dir: str | Path, split: str | None = None) -> list[dict]:
