@@ -1,5 +1,6 @@
 """Command line: ``prefopt train|validate|show|reproduce|submit|sweep RECIPE [key=value ...]``,
-``prefopt jobs status|logs|stop|list``, ``prefopt score DATA --reward MODEL [MODEL ...] --out FILE``."""
+``prefopt jobs status|logs|stop|list``, ``prefopt score DATA --reward MODEL [MODEL ...] --out FILE``,
+``prefopt eval MODEL|RUN_DIR --prompts PATH --reward SOURCE [...] [--baseline MODEL|RUN_DIR]``."""
 from __future__ import annotations
 
 import argparse
@@ -39,12 +40,17 @@ def _summary_table(result) -> str:
             ("held-out loss", f"{summary['eval_loss_final']:.4f}"),
         ]
     else:                              # online objectives
+        how = f"{summary['advantage']} advantages" if "advantage" in summary else "online, on the policy's samples"
         rows = [
-            ("objective", f"{summary['objective']} ({summary['advantage']} advantages)"),
+            ("objective", f"{summary['objective']} ({how})"),
             ("iterations / optimizer steps", f"{summary['iterations']} / {summary['steps']}"),
             ("mean reward (first -> last iteration)", f"{summary['reward_first']:.3f} -> {summary['reward_final']:.3f}"),
         ]
-        for key, label, fmt in (("kl", "KL to the reference", ".3f"), ("entropy", "entropy", ".3f"),
+        if "tied_groups" in summary:
+            rows.append(("pairs or lists trained on / prompts whose samples tied",
+                         f"{summary['examples']} / {summary['tied_groups']}"))
+        for key, label, fmt in (("eval_reward", "held-out reward, greedy", ".3f"),
+                                ("kl", "KL to the reference", ".3f"), ("entropy", "entropy", ".3f"),
                                 ("response_length", "response length (tokens)", ".1f")):
             if f"{key}_first" in summary:
                 rows.append((f"{label} (first -> last)",
@@ -198,6 +204,22 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """Generate for a prompt set, score with reward sources, compare with a baseline (:mod:`prefopt.evaluation`)."""
+    from prefopt.curation import parse_attribute_weights
+    from prefopt.evaluation.cli_eval import evaluate
+    from prefopt.evaluation.report import format_table
+    result = evaluate(args.model, args.prompts, args.reward, baseline=args.baseline, n=args.n,
+                      temperature=args.temperature, max_tokens=args.max_tokens, out=args.out, split=args.split,
+                      prompt_field=args.prompt_field, max_prompt_length=args.max_prompt_length,
+                      max_prompts=args.max_prompts, seed=args.seed,
+                      attribute_weights=parse_attribute_weights(args.attribute_weights), num_gpus=args.num_gpus,
+                      runs_root=args.runs_root, trust_remote_code=args.trust_remote_code, force=args.force)
+    print(format_table(result.metrics, f"prefopt eval {args.model}", args.baseline or ""))
+    print(f"written: {result.out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="prefopt", description="Preference optimization of language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -267,6 +289,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite-fields", action="store_true", help="replace fields that rows already have")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.set_defaults(fn=cmd_score)
+    p = sub.add_parser("eval", help="generate for prompts (vLLM), score with reward sources, win rate vs a baseline",
+                       usage="prefopt eval MODEL|RUN_DIR --prompts PATH --reward SOURCE [--reward SOURCE ...] "
+                             "[--baseline MODEL|RUN_DIR] [options]")
+    p.add_argument("model", metavar="MODEL|RUN_DIR", help="a checkpoint folder, hub name, builtin:NAME, run:NAME, "
+                   "or a run folder (its model/)")
+    p.add_argument("--prompts", required=True, metavar="PATH", help="prompt rows as online recipes read them "
+                   "(data.path: a .jsonl/.json/.parquet file, a folder, a datasets name or synthetic:pairs)")
+    p.add_argument("--reward", action="append", required=True, metavar="SOURCE[@WEIGHT]",
+                   help="a reward source, repeatable: a 'package.module:function' or a reward model (path, hub name, "
+                   "builtin:NAME, run:NAME); @WEIGHT weighs it in the total (default 1)")
+    p.add_argument("--baseline", metavar="MODEL|RUN_DIR", help="compare with this model's responses to the same "
+                   "prompts (win rate, length-controlled win rate)")
+    p.add_argument("--n", type=int, default=1, help="responses per prompt (default 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--max-tokens", type=int, default=256, metavar="N", help="response tokens at most (default 256)")
+    p.add_argument("--out", metavar="DIR", help="where summary.json and samples.jsonl go (default for a run folder: "
+                   "RUN_DIR/eval; needed for any other model)")
+    p.add_argument("--split", default="train")
+    p.add_argument("--prompt-field", default="prompt", metavar="NAME")
+    p.add_argument("--max-prompt-length", type=int, default=256, metavar="N",
+                   help="prompt tokens kept (the last N; default 256)")
+    p.add_argument("--max-prompts", type=int, metavar="N", help="the first N prompts only")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
+    p.add_argument("--attribute-weights", metavar="NAME=W,...", help="weights of a multi-head reward model's heads")
+    p.add_argument("--num-gpus", type=float, default=0.0, metavar="G",
+                   help="GPUs per vLLM engine (default 0: CPU); with GPUs the two models generate one after the other")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the models' own Python code")
+    p.add_argument("--runs-root", default="runs", metavar="DIR",
+                   help="where run:NAME looks for the newest finished run of recipe NAME (default: runs)")
+    p.add_argument("--force", action="store_true", help="replace summary.json / samples.jsonl in --out")
+    p.set_defaults(fn=cmd_eval)
     return parser
 
 

@@ -343,9 +343,11 @@ def validate_recipe(recipe: Recipe, what: str = "recipe", where: Callable[[str],
         if getattr(recipe.roles, role, None) is None:
             raise ConfigError(f"{at(f'roles.{role}')}: objective '{recipe.objective.name}' needs the '{role}' role, "
                               f"but roles.{role} is not set (add e.g. `roles: {{{role}: {{}}}}`)")
-    if objective_cls.batch_kind == "rollouts":
+    from prefopt.algorithms import algorithm_for
+    algorithm = algorithm_for(recipe)
+    if algorithm.reads == "prompts":   # online: PPO's required roles include the rollout; online DPO is chosen by it
         per_iter = t.prompts_per_iteration * ro.sampling.n
-        if per_iter % t.batch_size:
+        if objective_cls.batch_kind == "rollouts" and per_iter % t.batch_size:
             raise ConfigError(f"{at('train.prompts_per_iteration')}: train.prompts_per_iteration x "
                               f"roles.rollout.sampling.n ({per_iter} samples) must be a multiple of "
                               f"train.batch_size ({t.batch_size})")
@@ -370,6 +372,7 @@ def validate_recipe(recipe: Recipe, what: str = "recipe", where: Callable[[str],
     try:
         recipe.objective.validate()
         objective_cls.check_recipe(recipe)      # checks across the objective and the roles
+        algorithm.check_recipe(recipe)          # and across the algorithm and the roles
     except ConfigError as e:
         named = _KEY_IN_MESSAGE.search(str(e))   # the objective's message names a key: say where it was set
         raise ConfigError(f"{at(named.group(0)) if named else what}: {e}") from None

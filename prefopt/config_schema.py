@@ -33,9 +33,10 @@ class ModelConfig:
 
 @dataclass
 class SyntheticDataConfig:
-    """Parameters of the synthetic, learnable data (data.path: synthetic:pairs|lists|sft|attributes|steps)."""
+    """Parameters of the synthetic, learnable data (data.path: synthetic:pairs|lists|sft|attributes|steps|reverse)."""
     num_rows: int = 1024
     list_size: int = 4        # responses per prompt for synthetic:lists
+    words: int = 4            # words to reverse per row of synthetic:reverse (a task with a verifiable answer)
     seed: int = 0
 
 

@@ -25,6 +25,7 @@ class Prepared:
     data: object = None                     # offline: PreferenceData
     steps: list | None = None               # offline: the examples of each optimizer step
     prompts: list | None = None             # online: prompt rows
+    eval_prompts: list | None = None        # online: held-out prompt rows (train.eval_every)
     run_dir: Path | None = None             # the run to continue (resume), else None: a new folder
     resume_from: Path | None = None         # the checkpoint to load
 
@@ -100,7 +101,8 @@ def prepare(recipe: Recipe, *, remote: bool = False) -> Prepared | None:
 
     validate_recipe(recipe)
     objective_cls = get_objective(recipe.objective.name)
-    spec = algorithm_for(recipe).role_spec(recipe)
+    algorithm = algorithm_for(recipe)
+    spec = algorithm.role_spec(recipe)
     if not remote:
         check_local_resources(recipe, spec)
         check_logger_packages(recipe.output.loggers)     # the driver here logs; a cluster's job checks its own
@@ -111,10 +113,11 @@ def prepare(recipe: Recipe, *, remote: bool = False) -> Prepared | None:
                                trust_remote_code=recipe.model.trust_remote_code)
     out = Prepared(recipe=recipe, objective_cls=objective_cls, tokenizer=tokenizer, spec=spec)
     t = recipe.train
-    if objective_cls.batch_kind == "rollouts":
-        from prefopt.data.prompts import load_prompts
+    if algorithm.reads == "prompts":
+        from prefopt.data.prompts import load_prompt_splits
         from prefopt.rewards.sources import check_sources, probe_rewards
-        out.prompts = load_prompts(recipe.data, tokenizer, cache_dir=cache_dir()).prompts
+        out.prompts, out.eval_prompts = load_prompt_splits(recipe.data, tokenizer, cache_dir=cache_dir(),
+                                                           held_out=t.eval_every > 0)
         check_sources(recipe.roles.reward)
         probe_rewards(recipe, out.prompts[0])
     else:

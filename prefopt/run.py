@@ -59,11 +59,16 @@ class Algorithm:
     :meth:`summary`; the other hooks have defaults."""
     name: ClassVar[str]
     unit: ClassVar[str] = "step"                 # "step" | "iteration": metrics counter, checkpoint names
+    reads: ClassVar[str] = "examples"            # "examples" (fixed data) | "prompts" (online: it samples)
 
     def __init__(self, run: Run):
         self.run, self.recipe = run, run.recipe
         self.roles = None
         self.guard = None            # loops.guards.SkipGuard, set by the lifecycle before the units
+
+    @classmethod
+    def check_recipe(cls, recipe) -> None:
+        """Checks across the algorithm and the recipe (run by ``config.validate_recipe``); raise ConfigError."""
 
     # roles ---------------------------------------------------------------------------------
     @classmethod

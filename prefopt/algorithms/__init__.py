@@ -1,7 +1,8 @@
 """Training algorithms on the shared run lifecycle (:mod:`prefopt.run`), registered by name.
 
 An objective names the algorithm that trains it (``Objective.algorithm``): ``preference`` (offline
-DPO family, LiPO, ListMLE), ``ppo`` (online RL: PPO / GRPO / RLOO), ``constrained_ppo`` (PPO with
+DPO family, LiPO, ListMLE; with ``roles.rollout`` in the recipe, ``online_preference``: the same
+objectives on pairs or lists the policy samples each iteration), ``ppo`` (online RL: PPO / GRPO / RLOO), ``constrained_ppo`` (PPO with
 Lagrange multipliers; NM-PPO), ``sft``, ``reward_model`` (reward models: Bradley–Terry,
 attribute regression, process reward models). Modules import their heavy dependencies inside functions.
 """
@@ -17,11 +18,22 @@ def register_algorithm(cls):
     return ALGORITHMS.register(cls.name)(cls)
 
 
-def algorithm_for(recipe):
-    """The algorithm class that trains ``recipe.objective``."""
-    from prefopt.algorithms import constrained, ppo, preference, reward_model, sft  # noqa: F401  (registration)
+def algorithm_name(recipe) -> str:
+    """The name of the algorithm that trains ``recipe``: the objective's, except that a policy
+    preference objective (DPO, IPO, SimPO, LiPO-λ, ListMLE) in a recipe with ``roles.rollout``
+    trains online, on responses the policy samples (``online_preference``)."""
     from prefopt.objectives import get_objective
-    return ALGORITHMS.get(get_objective(recipe.objective.name).algorithm)
+    objective = get_objective(recipe.objective.name)
+    if objective.algorithm == "preference" and objective.model_kind == "policy" and recipe.roles.rollout is not None:
+        return "online_preference"
+    return objective.algorithm
+
+
+def algorithm_for(recipe):
+    """The algorithm class that trains ``recipe``."""
+    from prefopt.algorithms import (constrained, online_preference, ppo, preference,  # noqa: F401  (registration)
+                                    reward_model, sft)
+    return ALGORITHMS.get(algorithm_name(recipe))
 
 
 def role_spec(recipe):

@@ -28,6 +28,7 @@ from prefopt.run import Algorithm, trends
 class PPO(Algorithm):
     name = "ppo"
     unit = "iteration"
+    reads = "prompts"
 
     def __init__(self, run):
         super().__init__(run)
@@ -35,6 +36,8 @@ class PPO(Algorithm):
         from prefopt.rl.signals import RewardNormalizer
         t, prompts = self.recipe.train, run.pre.prompts
         self.held_out = self.held_out_prompts(prompts)
+        self.eval_prompts = run.pre.eval_prompts or []      # train.eval_every: answered greedily, scored
+        self.pending_ref = None
         self.sampler = PromptSampler(prompts[:len(prompts) - len(self.held_out)], t.seed)
         self.normalizer = RewardNormalizer()
         self.prefetch = None
@@ -92,7 +95,7 @@ class PPO(Algorithm):
         import dataclasses
 
         from prefopt import console
-        prompts, tokenizer = self.run.pre.prompts, self.run.tokenizer
+        prompts, tokenizer = self.run.pre.prompts + self.eval_prompts, self.run.tokenizer
         console.status(f"scoring one reference-policy sample for each of {len(prompts)} prompts (r_ref)")
         sampling = dataclasses.replace(self.recipe.roles.rollout.sampling, n=1)
         generations = self.roles.generate([p["prompt_ids"] for p in prompts], sampling, seed=self.recipe.train.seed)
@@ -102,46 +105,116 @@ class PPO(Algorithm):
     def resumed(self, resumed: bool) -> None:
         if resumed:   # the engines get the restored policy
             self.roles.sync_weights(version=len(self.run.result.train_history))
+        elif self.recipe.train.eval_every:
+            self.evaluate(0)
 
     def total_units(self) -> int:
         return self.recipe.train.iterations
 
-    def step(self, it: int, *, next_follows: bool) -> tuple[dict[str, float], int]:
-        from prefopt.loops.online import Timer, annotate, learn, rollout, score, start_next_generation
-        from prefopt.rewards.sources import NonFiniteReward
+    def sample(self, it: int, timings: dict) -> tuple[list, dict[str, float]]:
+        """Steps 1-2: generate this iteration's samples and score them; with ``train.dynamic_sampling``,
+        groups whose rewards all tie are dropped and more prompts sampled (``loops.groups.fill_groups``).
+        The reward metrics describe the first generation (an unbiased sample of the prompts)."""
+        from prefopt.loops.online import Timer, rollout, start_next_generation
         r, t, tokenizer = self.recipe, self.recipe.train, self.run.tokenizer
-        params, sampling, micro = r.objective, r.roles.rollout.sampling, batching.inference_micro(r)
-        timings, stats = {}, {}
-        with Timer(timings, "generate"):                                            # 1. generate
+        sampling = r.roles.rollout.sampling
+        with Timer(timings, "generate"):
             ready = self.prefetch.pop(it) if self.prefetch is not None else None
             prompts = ready["prompts"] if ready else self.sampler.take(t.prompts_per_iteration)
-            samples = rollout(self.roles, prompts, sampling, t.seed * 100003 + it, tokenizer.eos_token_id,
-                              ready and ready["pending"], ready and ready["generations"])
+            samples, engine_s = rollout(self.roles, prompts, sampling, t.seed * 100003 + it, tokenizer.eos_token_id,
+                                        ready and ready["pending"], ready and ready["generations"])
+        self.pending_ref = ready and ready["pending_ref"]
         if self.prefetch is not None and it < t.iterations:   # async: the engines sample the next batch now
-            start_next_generation(self.roles, self.prefetch, self.sampler, r, it + 1, tokenizer.eos_token_id)
+            start_next_generation(self.roles, self.prefetch, self.sampler, r, it + 1, tokenizer.eos_token_id,
+                                  reference=self.pipelines_reference)
+        with Timer(timings, "reward"):
+            stats = self.score(samples)
+        stats["engine_generate_s"] = engine_s
+        stats["tokens_per_s"] = sum(len(s.response_ids) for s in samples) / max(engine_s, 1e-9)
+        if not t.dynamic_sampling:
+            return samples, stats
+        from prefopt.loops.groups import fill_groups
+
+        def sample_more(count: int, round_: int) -> list:
+            more_prompts = self.sampler.take(count)
+            with Timer(timings, "generate"):
+                more, _ = rollout(self.roles, more_prompts, sampling, (t.seed * 100003 + it) * 31 + round_,
+                                  tokenizer.eos_token_id)
+            with Timer(timings, "reward"):
+                self.score(more)
+            return more
+
+        kept, fill = fill_groups(samples, sampling.n, want=len(prompts), max_rounds=t.max_sampling_rounds,
+                                 min_gap=self.min_reward_gap, sample_more=sample_more)
+        if fill["sampling/dropped_groups"]:
+            self.pending_ref = None     # the pipelined reference pass was of the first batch as drawn
+        return kept, {**stats, **fill}
+
+    def score(self, samples: list) -> dict[str, float]:
+        """Each sample's sequence reward (and process rewards); returns the reward metrics."""
+        from prefopt.loops.online import score
+        return score(samples, self.run.tokenizer, self.rewards, self.process_rewards, self.recipe.objective,
+                     self.normalizer)
+
+    pipelines_reference = True      # async rollouts: start the reference pass of the next batch early
+    min_reward_gap = 0.0            # dynamic sampling drops the groups whose reward range is not above this
+
+    def step(self, it: int, *, next_follows: bool) -> tuple[dict[str, float], int]:
+        from prefopt.loops.online import Timer, annotate, learn
+        from prefopt.rewards.sources import NonFiniteReward
+        r, t = self.recipe, self.recipe.train
+        params, micro = r.objective, batching.inference_micro(r)
+        timings = {}
         try:
-            with Timer(timings, "reward"):                                            # 2. score
-                stats.update(score(samples, tokenizer, self.rewards, self.process_rewards, params, self.normalizer))
+            samples, stats = self.sample(it, timings)                                 # 1-2. generate, score
         except NonFiniteReward as e:   # no update from this batch (counted like a skipped optimizer step)
-            self.guard.check({"loss": math.nan, "skipped": 1}, f"{it} ({e})", e.samples)
-            return {"reward/mean": math.nan, "skipped_steps": 1, "reward/non_finite": len(e.samples),
-                    "rollout/engine_restarts": self.roles.engines.restarts,
-                    **{f"time/{k}": v for k, v in timings.items()}}, 0
-        stats.update(annotate(samples, self.roles, micro, timings, params.old_logprobs,   # 3. annotate
-                              ready and ready["pending_ref"]))
-        with Timer(timings, "learn"):
-            stats.update(self.advantages(samples))                                    # 4. advantages
-            learn_stats, steps = learn(samples, self.roles, r, it, self.guard)        # 5. learn
-        stats.update(learn_stats)
-        stats.update(self.after_update(samples))
+            return self.non_finite_reward(it, e, timings), 0
+        usable = len(samples) // t.batch_size * t.batch_size    # dynamic sampling may fall short of the batch
+        samples, steps = samples[:usable], 0
+        if samples:
+            stats.update(annotate(samples, self.roles, micro, timings, params.old_logprobs,   # 3. annotate
+                                  self.pending_ref))
+            with Timer(timings, "learn"):
+                stats.update(self.advantages(samples))                                # 4. advantages
+                learn_stats, steps = learn(samples, self.roles, r, it, self.guard)    # 5. learn
+            stats.update(learn_stats)
+            stats.update(self.after_update(samples))
         # 6. sync; async rollouts: submitted, not awaited (checked by the next engine or sync call)
         timings["sync"] = self.roles.sync_weights(version=it, wait=self.prefetch is None)
         stats["rollout/engine_restarts"] = self.roles.engines.restarts
-        lengths = [len(s.response_ids) for s in samples]
-        stats.update({"response_length": sum(lengths) / len(lengths),
-                      "tokens_per_s": sum(lengths) / max(timings["generate"], 1e-9),
-                      **{f"time/{k}": v for k, v in timings.items()}})
+        self.observe(it, samples)
+        if samples:
+            stats["response_length"] = sum(len(s.response_ids) for s in samples) / len(samples)
+        stats.update({f"time/{k}": v for k, v in timings.items()})
         return stats, steps
+
+    def non_finite_reward(self, it: int, e, timings: dict) -> dict[str, float]:
+        """The metrics of an iteration whose reward was not finite (no update; the guard counts it)."""
+        self.guard.check({"loss": math.nan, "skipped": 1}, f"{it} ({e})", e.samples)
+        return {"reward/mean": math.nan, "skipped_steps": 1, "reward/non_finite": len(e.samples),
+                "rollout/engine_restarts": self.roles.engines.restarts, **{f"time/{k}": v for k, v in timings.items()}}
+
+    def observe(self, it: int, samples: list) -> None:
+        """After the update: every ``train.sample_log_every`` iterations some of this batch's samples go
+        to ``samples.jsonl`` (and the loggers); every ``train.eval_every`` iterations and after the last,
+        the held-out evaluation."""
+        from prefopt.loops.online_eval import sample_records
+        t = self.recipe.train
+        if t.sample_log_every and it % t.sample_log_every == 0 and samples:
+            self.run.logger.log_samples(it, sample_records(samples, self.run.tokenizer,
+                                                           self.recipe.roles.rollout.sampling.n))
+        if t.eval_every and (it % t.eval_every == 0 or it == t.iterations):
+            self.evaluate(it)
+
+    def evaluate(self, it: int) -> None:
+        """The held-out prompts answered greedily by the current weights, scored into the eval split."""
+        if not self.eval_prompts:
+            return
+        from prefopt.loops.online_eval import evaluate_held_out
+        record = evaluate_held_out(self.roles, self.eval_prompts, self.recipe.roles.rollout.sampling,
+                                   self.rewards, self.run.tokenizer, seed=self.recipe.train.seed)
+        self.run.result.eval_history.append({"iteration": it, **record})
+        self.run.logger.log(it, record, prefix="eval")
 
     def advantages(self, samples: list) -> dict[str, float]:
         """Token rewards, advantages and returns of every sample (in place); returns metrics."""
@@ -173,4 +246,14 @@ class PPO(Algorithm):
                                                  "response_length": "response_length"}))
         components = {f"reward_{s.name}": f"reward/{s.name}" for s in self.recipe.roles.reward.sources if s.name}
         out.update(trends(result.train_history, components))     # named reward sources: first / final
+        out.update(eval_summary(result.eval_history))
         return out
+
+
+def eval_summary(history: list[dict]) -> dict[str, float]:
+    """``eval_reward_first`` / ``eval_reward_final`` (and the response lengths) of the held-out evaluations."""
+    if not history:
+        return {}
+    return {"eval_reward_first": history[0]["reward/mean"], "eval_reward_final": history[-1]["reward/mean"],
+            "eval_response_length_first": history[0]["response_length"],
+            "eval_response_length_final": history[-1]["response_length"]}

@@ -13,7 +13,7 @@
   agree. Documentation files (``README*``, ``*.md``, ``*.txt``, ...) and hidden paths are
   ignored; any other file that would be left out (another format, or a data file outside every
   split) is a :class:`DataError` naming it, as is a directory without data files;
-* ``synthetic:pairs`` / ``lists`` / ``sft`` / ``attributes`` / ``steps``: generated offline into the cache
+* ``synthetic:pairs`` / ``lists`` / ``sft`` / ``attributes`` / ``steps`` / ``reverse``: generated offline into the cache
   (:mod:`prefopt.data.synthetic`), then loaded as a JSONL file;
 * anything else is a ``datasets`` hub name (needs the network or the hub cache).
 
@@ -43,7 +43,7 @@ from prefopt.errors import ConfigError, DataError, did_you_mean
 
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 SYNTHETIC_PREFIX = "synthetic:"
-SYNTHETIC_KINDS = ("pairs", "lists", "sft", "attributes", "steps")
+SYNTHETIC_KINDS = ("pairs", "lists", "sft", "attributes", "steps", "reverse")
 # files in a data directory that are not data and are left out without a word
 DOC_SUFFIXES = {".md", ".txt", ".rst", ".html", ".pdf", ".png", ".jpg", ".jpeg", ".svg", ".yaml",
                 ".yml", ".toml", ".cfg", ".ini", ".py", ".sh", ".lock", ".log"}
@@ -102,7 +102,10 @@ def _load_synthetic(path: str, split: str, cache: Path, syn: SyntheticDataConfig
         raise ConfigError(f"data.synthetic.list_size must be >= 2 (got {syn.list_size})")
     if syn.num_rows < 1:
         raise ConfigError(f"data.synthetic.num_rows must be >= 1 (got {syn.num_rows})")
-    file = materialize(kind, syn.num_rows, syn.seed, syn.list_size, cache)
+    from prefopt.data.synthetic import NOUNS
+    if kind == "reverse" and not 2 <= syn.words <= len(NOUNS):
+        raise ConfigError(f"data.synthetic.words must be in [2, {len(NOUNS)}] (got {syn.words})")
+    file = materialize(kind, syn.num_rows, syn.seed, syn.list_size, cache, words=syn.words)
     return _load_file(file, split, source=str(file)), str(file)
 
 

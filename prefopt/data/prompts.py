@@ -19,6 +19,29 @@ class PromptSet:
     prompts: list[dict] = field(default_factory=list)   # {"prompt_ids", "prompt_text", "row"}
 
 
+def load_prompt_splits(cfg: DataConfig, tokenizer, *, cache_dir=None, held_out: bool) -> tuple[list[dict], list[dict]]:
+    """Training prompts and held-out prompts (``train.eval_every``). The held-out prompts are
+    ``data.eval_path`` when given, else (``held_out``) a seeded ``data.eval_fraction`` of the prompt
+    set, at most ``data.max_eval_examples``, kept out of training; without either, none."""
+    import dataclasses
+    import random
+    prompts = load_prompts(cfg, tokenizer, cache_dir=cache_dir).prompts
+    if cfg.eval_path:
+        eval_cfg = dataclasses.replace(cfg, path=cfg.eval_path, split=cfg.eval_split or cfg.split)
+        return prompts, load_prompts(eval_cfg, tokenizer, cache_dir=cache_dir).prompts[:cfg.max_eval_examples]
+    if not held_out:
+        return prompts, []
+    count = min(cfg.max_eval_examples, int(len(prompts) * cfg.eval_fraction))
+    if count < 1 or count >= len(prompts):
+        raise DataError(f"data.eval_fraction={cfg.eval_fraction} of {len(prompts)} prompts leaves "
+                        f"{count} held-out prompts and {len(prompts) - count} to train on; set data.eval_fraction "
+                        f"or data.eval_path", source=cfg.path)
+    order = list(range(len(prompts)))
+    random.Random("held-out-prompts").shuffle(order)
+    held = set(order[:count])
+    return ([p for i, p in enumerate(prompts) if i not in held], [prompts[i] for i in sorted(held)])
+
+
 def load_prompts(cfg: DataConfig, tokenizer, *, cache_dir=None) -> PromptSet:
     from prefopt.data.loading import load_rows
 

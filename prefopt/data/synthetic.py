@@ -103,6 +103,24 @@ def make_lists(num_rows: int, list_size: int = 4, seed: int = 0) -> list[dict]:
     return rows
 
 
+REVERSE_PROMPT = "Reverse the words: {words}\n"
+
+
+def make_reverse(num_rows: int, words: int = 4, seed: int = 0) -> list[dict]:
+    """A task with a verifiable answer: ``{"prompt": "Reverse the words: a b c d\\n", "response":
+    "d c b a", "answer": "d c b a"}`` over distinct nouns of the synthetic vocabulary. ``response``
+    serves SFT, ``answer`` an exact-match reward (``rewards.builtin.exact_match``)."""
+    if not 2 <= words <= len(NOUNS):
+        raise ValueError(f"words must be in [2, {len(NOUNS)}]")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_rows):
+        chosen = rng.sample(NOUNS, words)
+        answer = " ".join(reversed(chosen))
+        rows.append({"prompt": REVERSE_PROMPT.format(words=" ".join(chosen)), "response": answer, "answer": answer})
+    return rows
+
+
 def corpus() -> list[str]:
     """Sentences that cover every word and template, for training the tiny tokenizer."""
     rng = random.Random(1234)
@@ -112,14 +130,16 @@ def corpus() -> list[str]:
     return lines
 
 
-def materialize(kind: str, num_rows: int, seed: int, list_size: int, cache_dir: str | Path) -> Path:
+def materialize(kind: str, num_rows: int, seed: int, list_size: int, cache_dir: str | Path, words: int = 4) -> Path:
     """Write the synthetic data set as JSONL under ``cache_dir`` (once) and return its path."""
     makers = {"pairs": lambda: make_pairs(num_rows, seed), "sft": lambda: make_sft(num_rows, seed),
               "lists": lambda: make_lists(num_rows, list_size, seed),
-              "attributes": lambda: make_attributes(num_rows, seed), "steps": lambda: make_steps(num_rows, seed)}
+              "attributes": lambda: make_attributes(num_rows, seed), "steps": lambda: make_steps(num_rows, seed),
+              "reverse": lambda: make_reverse(num_rows, words, seed)}
     if kind not in makers:
         raise ValueError(f"unknown synthetic data kind '{kind}' (expected one of {', '.join(makers)})")
-    name = f"synthetic-{kind}-n{num_rows}-s{seed}" + (f"-k{list_size}" if kind == "lists" else "")
+    name = f"synthetic-{kind}-n{num_rows}-s{seed}" + (f"-k{list_size}" if kind == "lists" else "") \
+        + (f"-w{words}" if kind == "reverse" else "")
     path = Path(cache_dir) / "data" / f"{name}.jsonl"
     if path.exists():
         return path

@@ -61,20 +61,23 @@ class Timer:
 
 
 def rollout(roles, prompts: list[dict], sampling, seed: int, eos_id: int, pending=None,
-            generations=None) -> list[RolloutSample]:
+            generations=None) -> tuple[list[RolloutSample], float]:
     """Sample ``sampling.n`` responses per prompt (or collect ``pending``, started earlier, or take
-    ``generations`` already collected) -> samples."""
+    ``generations`` already collected) -> (samples, the engines' generation seconds: the slowest
+    engine's, measured in the engine, so async rollouts do not count the driver's shorter wait)."""
     if generations is None and pending is not None:
         generations = roles.collect_generate(pending)
     elif generations is None:
         generations = roles.generate([p["prompt_ids"] for p in prompts], sampling, seed=seed)
-    return [RolloutSample(prompt_ids=p["prompt_ids"], response_ids=g["response_ids"] or [eos_id],
-                          rollout_logps=g["logprobs"], prompt_text=p["prompt_text"], row=p["row"])
-            for p, gens in zip(prompts, generations) for g in gens]
+    samples = [RolloutSample(prompt_ids=p["prompt_ids"], response_ids=g["response_ids"] or [eos_id],
+                             rollout_logps=g["logprobs"], prompt_text=p["prompt_text"], row=p["row"])
+               for p, gens in zip(prompts, generations) for g in gens]
+    return samples, max((g.get("engine_s", 0.0) for gens in generations for g in gens), default=0.0)
 
 
 def score(samples: list[RolloutSample], tokenizer, rewards, process_rewards, params, normalizer) -> dict[str, float]:
     """Set each sample's sequence ``reward`` (and ``process_rewards``); return reward metrics.
+    ``params`` None (online preference optimization): the raw rewards, unshaped.
 
     The reward is the sources' raw value, shaped (clip / normalise), plus DAPO's overlong penalty
     when ``objective.overlong_buffer`` is set (its mean logged as ``reward/overlong_penalty``);
@@ -82,9 +85,9 @@ def score(samples: list[RolloutSample], tokenizer, rewards, process_rewards, par
     prompts, rows = [s.prompt_text for s in samples], [s.row for s in samples]
     texts = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
     raw, components = rewards(prompts, texts, rows)
-    shaped = shape_sequence_rewards(raw, params, normalizer)
+    shaped = shape_sequence_rewards(raw, params, normalizer) if params is not None else list(raw)
     penalties = [0.0] * len(samples)
-    if params.overlong_buffer is not None:
+    if params is not None and params.overlong_buffer is not None:
         penalties = overlong_penalty([len(s.response_ids) for s in samples], params.overlong_max_tokens,
                                      params.overlong_buffer, params.overlong_penalty)
     for i, (s, v, penalty) in enumerate(zip(samples, shaped, penalties)):
@@ -93,7 +96,7 @@ def score(samples: list[RolloutSample], tokenizer, rewards, process_rewards, par
     mean = sum(raw) / len(raw)
     stats = {"reward/mean": mean,
              "reward/std": math.sqrt(sum((v - mean) ** 2 for v in raw) / max(1, len(raw) - 1))}
-    if params.overlong_buffer is not None:
+    if params is not None and params.overlong_buffer is not None:
         stats["reward/overlong_penalty"] = sum(penalties) / len(penalties)
     stats.update({f"reward/{name}": sum(v) / len(v) for name, v in components.items()})
     if process_rewards is not None:
@@ -222,11 +225,13 @@ def evaluate_prompts(roles, prompts: list[dict], sampling, eval_fn, tokenizer, *
 
 
 def start_next_generation(roles, prefetch, sampler: PromptSampler, recipe: Recipe, iteration: int,
-                          eos_id: int) -> None:
-    """``train.async_rollouts``: start iteration ``iteration``'s generation (and its pipelined reference
-    pass) now, while this iteration's learners train; :meth:`Prefetch.pop` hands it over."""
+                          eos_id: int, *, reference: bool = True) -> None:
+    """``train.async_rollouts``: start iteration ``iteration``'s generation (and, with ``reference``,
+    its pipelined per-token reference pass) now, while this iteration's learners train;
+    :meth:`Prefetch.pop` hands it over."""
     t, sampling = recipe.train, recipe.roles.rollout.sampling
     upcoming = sampler.take(t.prompts_per_iteration)
     started = roles.submit_generate([p["prompt_ids"] for p in upcoming], sampling, t.seed * 100003 + iteration)
-    prefetch.put(iteration, upcoming, started, submit_pipelined_reference(
-        roles, upcoming, started[-1], batching.inference_micro(recipe), eos_id))
+    pending_ref = submit_pipelined_reference(roles, upcoming, started[-1], batching.inference_micro(recipe),
+                                             eos_id) if reference else None
+    prefetch.put(iteration, upcoming, started, pending_ref)

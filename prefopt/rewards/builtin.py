@@ -61,3 +61,9 @@ def distinct_good_fraction(*, prompt: str, response: str, row: dict) -> float:
     experiment (docs/reward_models.md): proxies trained on varied responses do not see repetition."""
     words = _words(response)
     return len({w for w in words if w in _GOOD}) / len(words) if words else 0.0
+
+
+def exact_match(*, prompt: str, response: str, row: dict) -> float:
+    """1 if the response, stripped of surrounding whitespace, is the row's ``answer``, else 0 (a
+    verifiable reward: ``synthetic:reverse`` rows carry their answer)."""
+    return float(response.strip() == str(row["answer"]).strip())

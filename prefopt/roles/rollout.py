@@ -39,7 +39,8 @@ class RolloutWorker:
                  greedy: bool = False, seed: int | None = None) -> list[list[dict]]:
         """Sample ``sampling.n`` responses per prompt (1 if ``greedy``).
 
-        Returns per prompt a list of ``{"response_ids", "logprobs", "finish_reason"}``; logprobs are
+        Returns per prompt a list of ``{"response_ids", "logprobs", "finish_reason", "engine_s"}``
+        (``engine_s``: the seconds this call took in the engine, the same for every sample); logprobs are
         the engine's raw (temperature 1) log-probs of the sampled tokens, or None when
         ``sampling.logprobs`` is off (always returned for ``greedy``, the sync check).
         """
@@ -62,15 +63,18 @@ class RolloutWorker:
             # by request (-8% tokens/s on the tiny model)
             import torch
             torch.manual_seed(seed)
+        start = time.perf_counter()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params,
                                     use_tqdm=False)
+        elapsed = time.perf_counter() - start
         results = []
         for out in outputs:
             samples = []
             for c in out.outputs:
                 ids = list(c.token_ids)
                 logps = [entry[tok].logprob for entry, tok in zip(c.logprobs, ids)] if c.logprobs else None
-                samples.append({"response_ids": ids, "logprobs": logps, "finish_reason": c.finish_reason})
+                samples.append({"response_ids": ids, "logprobs": logps, "finish_reason": c.finish_reason,
+                                "engine_s": elapsed})
             results.append(samples)
         return results
 

@@ -1,0 +1,152 @@
+"""Online preference optimization: DPO, IPO, SimPO, LiPO-λ or ListMLE on responses the policy samples.
+
+Online / iterative DPO (Guo et al. 2024, arXiv 2402.04792; Xiong et al. 2024, arXiv 2312.11456): the
+offline objectives, but each iteration's preference data come from the current policy, ranked by the
+reward sources. The algorithm box, one iteration (:meth:`OnlinePreference.step`):
+
+1. generate: ``train.prompts_per_iteration`` prompts, ``sampling.n`` responses each (vLLM engines);
+2. score: the reward sources rank each prompt's responses;
+3. data: per prompt, the best and the worst response form a pair (pairs objectives: dpo, ipo, simpo)
+   or all ``n`` form a list graded by their rewards (lists objectives: lipo, listmle); a prompt whose
+   rewards differ by no more than ``train.min_reward_gap`` (all tie) gives nothing and is counted,
+   and with ``train.dynamic_sampling`` more prompts are sampled in its place;
+4. reference: the reference actors' summed log-probs of every response (objectives that need them);
+5. learn: optimizer steps over batches of ``train.batch_size`` pairs or lists (what does not fill a
+   batch is dropped and counted);
+6. sync: the new policy weights stream to every engine.
+
+With ``train.async_rollouts`` the next iteration's generation starts before step 5 (one-step off-policy).
+"""
+from __future__ import annotations
+
+from prefopt.algorithms import register_algorithm
+from prefopt.algorithms.ppo import PPO, eval_summary
+from prefopt.data import batching
+from prefopt.errors import ConfigError
+from prefopt.roles.spec import RoleSpec
+
+
+@register_algorithm
+class OnlinePreference(PPO):
+    name = "online_preference"
+    pipelines_reference = False     # its reference pass is of summed log-probs, after the pairs are built
+
+    def __init__(self, run):
+        super().__init__(run)
+        self.objective_cls = run.pre.objective_cls
+        self.min_reward_gap = self.recipe.train.min_reward_gap
+
+    @classmethod
+    def check_recipe(cls, recipe) -> None:
+        r, t = recipe.roles, recipe.train
+        name = recipe.objective.name
+        if r.reward is None or not r.reward.sources:
+            raise ConfigError(f"roles.reward: online {name} ranks the policy's samples with reward sources; "
+                              f"set roles.reward.sources")
+        if r.reward.process is not None:
+            raise ConfigError(f"roles.reward.process: online {name} ranks whole responses; process rewards "
+                              f"need objective.name: ppo")
+        if r.rollout.sampling.n < 2:
+            raise ConfigError(f"roles.rollout.sampling.n must be >= 2 for online {name} (it compares a "
+                              f"prompt's samples), got {r.rollout.sampling.n}")
+        if r.reference is not None and r.reference.placement != "actor":
+            raise ConfigError(f"roles.reference.placement: online {name} takes reference log-probs of new samples "
+                              f"every iteration, from reference actors: set roles.reference.placement: actor")
+        if t.prompts_per_iteration < t.batch_size:
+            raise ConfigError(f"train.prompts_per_iteration ({t.prompts_per_iteration}) gives at most that many "
+                              f"pairs or lists per iteration: it must be >= train.batch_size ({t.batch_size})")
+
+    @classmethod
+    def role_spec(cls, recipe) -> RoleSpec:
+        """Policy learners, vLLM engines, reference actors (objectives that need a reference) and an
+        actor per reward model."""
+        from prefopt.objectives import get_objective
+        r = recipe.roles
+        needs_reference = "reference" in get_objective(recipe.objective.name).needs
+        models = [(f"roles.reward.sources[{i}]", s) for i, s in enumerate(r.reward.sources) if not s.fn]
+        return RoleSpec(policy=r.learner, rollout=r.rollout, reward_models=models,
+                        reference=r.reference if needs_reference else None)
+
+    def setup(self) -> list[dict]:
+        t = self.recipe.train
+        return self.roles.setup(self.recipe, total_steps=t.iterations * (t.prompts_per_iteration // t.batch_size),
+                                pad_id=self.run.tokenizer.pad_token_id)
+
+    def score(self, samples: list) -> dict[str, float]:
+        """Raw rewards (no clipping or normalisation: only their order within a prompt matters)."""
+        from prefopt.loops.online import score
+        return score(samples, self.run.tokenizer, self.rewards, None, None, self.normalizer)
+
+    def step(self, it: int, *, next_follows: bool) -> tuple[dict[str, float], int]:
+        from prefopt.loops.groups import groups_of, preference_examples
+        from prefopt.loops.online import Timer
+        from prefopt.metrics import means, merge_summaries
+        from prefopt.rewards.sources import NonFiniteReward
+        r, t = self.recipe, self.recipe.train
+        timings = {}
+        try:
+            samples, stats = self.sample(it, timings)                                 # 1-2. generate, score
+        except NonFiniteReward as e:
+            return self.non_finite_reward(it, e, timings), 0
+        groups = groups_of(samples, r.roles.rollout.sampling.n)
+        examples = preference_examples(groups, self.objective_cls.batch_kind, t.min_reward_gap)   # 3. data
+        batches = batching.step_batches(len(examples), t.batch_size, seed=f"{t.seed}-{it}", epochs=1)
+        tied = len(groups) - len(examples) + stats.get("sampling/dropped_groups", 0)   # dynamic sampling dropped some
+        stats.update({"data/examples": len(examples), "data/tied_groups": tied,
+                      "data/dropped_examples": len(examples) - len(batches) * t.batch_size})
+        if batches and "reference" in self.objective_cls.needs:                   # 4. reference
+            with Timer(timings, "reference"):
+                self.reference_logps([examples[i] for b in batches for i in b])
+        per_step = []
+        with Timer(timings, "learn"):                                                 # 5. learn
+            for n, batch in enumerate(batches):
+                step = self.roles.policy.train_step([examples[i] for i in batch], batching.train_micro(r),
+                                                    what=f"policy step (iteration {it})",
+                                                    inject_nan=it in t.debug_nan_steps)
+                self.guard.check({"loss": means(merge_summaries(step))["loss"], "skipped": step[0]["skipped"]},
+                                 f"{it} (batch {n})", batch)
+                per_step.append(step)
+        if per_step:
+            stats.update(self.learn_metrics(per_step))
+        timings["sync"] = self.roles.sync_weights(version=it, wait=self.prefetch is None)   # 6. sync
+        stats["rollout/engine_restarts"] = self.roles.engines.restarts
+        self.observe(it, samples)
+        stats["response_length"] = sum(len(s.response_ids) for s in samples) / len(samples)
+        stats.update({f"time/{k}": v for k, v in timings.items()})
+        return stats, len(per_step)
+
+    def reference_logps(self, examples: list) -> None:
+        """Each example's summed reference log-probs (one per response), from the reference actors."""
+        from prefopt.roles.group import run_sharded
+        per_micro = run_sharded(self.roles.references, "compute_logps", examples,
+                                batching.inference_micro(self.recipe), self.roles.timeout)
+        for ex, logps in zip(examples, [x for micro in per_micro for x in micro]):
+            ex.ref_logps = logps
+
+    def learn_metrics(self, per_step: list[list[dict]]) -> dict[str, float]:
+        """The objective's metrics averaged over the iteration's steps and learners; the last step's
+        gradient norm and learning rate."""
+        from prefopt.metrics import means, merge_summaries
+        stats = means(merge_summaries([learner for step in per_step for learner in step]))
+        last = per_step[-1][0]
+        stats.update(grad_norm=last["grad_norm"], lr=last["lr"],
+                     skipped_steps=sum(step[0]["skipped"] for step in per_step),
+                     policy_steps_time_s=sum(step[0]["time_s"] for step in per_step))
+        return stats
+
+    def postfix(self, stats: dict) -> dict[str, str]:
+        return {"reward": f"{stats['reward/mean']:.3f}", "loss": f"{stats.get('loss', float('nan')):.4f}"}
+
+    def summary(self) -> dict:
+        result, t = self.run.result, self.recipe.train
+        history = result.train_history
+        out = {"iterations": t.iterations, "steps": result.steps,
+               "reward_first": history[0]["reward/mean"], "reward_final": result.final_train["reward/mean"],
+               "tied_groups": sum(h.get("data/tied_groups", 0) for h in history),
+               "examples": result.steps * t.batch_size}
+        from prefopt.run import trends
+        out.update(trends(history, {"response_length": "response_length", "loss": "loss"}))
+        components = {f"reward_{s.name}": f"reward/{s.name}" for s in self.recipe.roles.reward.sources if s.name}
+        out.update(trends(history, components))
+        out.update(eval_summary(result.eval_history))
+        return out
