@@ -130,6 +130,8 @@ def prepare(recipe: Recipe, *, remote: bool = False) -> Prepared | None:
             kinds = " or ".join(objective_cls.data_kinds())
             raise ConfigError(f"objective '{recipe.objective.name}' trains on {kinds} rows, but {data.source} holds "
                               f"{data.kind} rows")
+        objective_cls.check_examples(recipe.objective, data.train, data.source)
+        objective_cls.check_examples(recipe.objective, data.eval, recipe.data.eval_path or data.source)
         if attributes == [] and data.attributes:   # the heads are named by the data (saved in config.yaml)
             recipe.objective.attributes = list(data.attributes)
         out.data = data

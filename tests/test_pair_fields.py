@@ -3,6 +3,7 @@
 objectives (DPO / cDPO with ODPO's offset, IPO and SimPO with weights)."""
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -289,3 +290,20 @@ def test_batch_of_8_equals_8_micro_batches_of_1(objective, margins):
     ones = [Example(**{**ex.__dict__, "weight": 1.0}) for ex in examples]
     none = [Example(**{**ex.__dict__, "weight": None}) for ex in examples]
     assert torch.equal(_loss(objective, ones, table), _loss(objective, none, table))
+
+
+def test_ipo_and_simpo_refuse_margin_rows_before_ray(tmp_path):
+    """prefopt validate (the pre-flight, before Ray) names the first row that carries a margin."""
+    from prefopt.config import load_recipe
+    from prefopt.errors import DataError
+    from prefopt.preflight import prepare
+    rows = [{"prompt": f"Describe the river {i}.", "chosen": "kind clear.", "rejected": "rude vague."} for i in range(40)]
+    rows[7]["margin"] = 0.5
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    common = [f"data.path={path}", "data.eval_fraction=0.1", "train.batch_size=4", "train.micro_batch_size=2",
+              f"output.root={tmp_path / 'runs'}"]
+    for recipe in ("tiny_ipo", "tiny_simpo"):
+        with pytest.raises(DataError, match=r"row 7.*margin.*no per-pair margin"):
+            prepare(load_recipe(f"recipes/{recipe}.yaml", common))
+    prepare(load_recipe("recipes/tiny_dpo.yaml", common))     # DPO reads it (ODPO's offset)

@@ -348,3 +348,17 @@ def test_commit_keeps_the_last_k_and_ignores_broken(tmp_path):
         checkpoint.commit(tmp, {"counter": counter}, keep_last=2)
     assert [c.name for c in list_checkpoints(run)] == ["step_000003", "step_000004"]
     assert bad.is_dir()
+
+
+def test_resume_moves_samples_logged_after_the_checkpoint_aside(tmp_path):
+    from prefopt.io.checkpoint import truncate_samples
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [json.dumps({"step": s, "prompt": "p", "response": f"r{s}"}) for s in (10, 10, 20, 30)]
+    (run / "samples.jsonl").write_text("\n".join(lines) + '\n{"step": 40, "pro')
+    truncate_samples(run, 20)
+    assert [json.loads(x)["step"] for x in (run / "samples.jsonl").read_text().splitlines()] == [10, 10, 20]
+    aside = (run / "samples.after-checkpoint.jsonl").read_text().splitlines()
+    assert json.loads(aside[0])["step"] == 30 and aside[1] == '{"step": 40, "pro'
+    truncate_samples(run, 20)                       # nothing after the checkpoint: unchanged
+    assert len((run / "samples.after-checkpoint.jsonl").read_text().splitlines()) == 2

@@ -90,13 +90,15 @@ def validate_data_config(cfg: DataConfig) -> None:
     if cfg.max_prompt_length >= cfg.max_length:
         bad("max_prompt_length", f"must be < data.max_length ({cfg.max_length}) to leave room for responses")
     for key in ("prompt_field", "chosen_field", "rejected_field", "responses_field", "scores_field",
-                "margin_field", "attributes_field", "steps_field", "labels_field"):
+                "margin_field", "weight_field", "attributes_field", "steps_field", "labels_field"):
         if not isinstance(getattr(cfg, key), str) or not getattr(cfg, key):
             bad(key, "must be a non-empty field name")
     if len({cfg.prompt_field, cfg.chosen_field, cfg.rejected_field}) < 3:
         bad("rejected_field", "prompt_field, chosen_field and rejected_field must differ")
     if len({cfg.prompt_field, cfg.responses_field, cfg.scores_field}) < 3:
         bad("scores_field", "prompt_field, responses_field and scores_field must differ")
+    if len({cfg.prompt_field, cfg.chosen_field, cfg.rejected_field, cfg.margin_field, cfg.weight_field}) < 5:
+        bad("weight_field", "prompt_field, chosen_field, rejected_field, margin_field and weight_field must differ")
     if not isinstance(cfg.step_delimiter, str) or not cfg.step_delimiter:
         bad("step_delimiter", "must be a non-empty string (written after every step)")
     if cfg.on_error not in ON_ERROR:
@@ -107,6 +109,8 @@ def validate_data_config(cfg: DataConfig) -> None:
             raise ConfigError(f"data.synthetic.num_rows: must be an integer >= 1 (got {syn.num_rows!r})")
         if not is_int(syn.list_size) or syn.list_size < 2:
             raise ConfigError(f"data.synthetic.list_size: must be an integer >= 2 (got {syn.list_size!r})")
+        if not is_int(syn.words) or syn.words < 2:
+            raise ConfigError(f"data.synthetic.words: must be an integer >= 2 (got {syn.words!r})")
         if not is_int(syn.seed):
             raise ConfigError(f"data.synthetic.seed: must be an integer (got {syn.seed!r})")
 

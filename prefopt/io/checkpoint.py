@@ -171,7 +171,33 @@ def _resume_point(resume: str, output_root: str, name: str) -> tuple[Path, Path]
 def cut_to_checkpoint(run_dir: Path, ckpt: Path) -> None:
     """Before a run continues from ``ckpt`` (found by ``find_resume_point``): its metrics are cut back
     to the checkpoint (``truncate_metrics``)."""
-    truncate_metrics(run_dir, read_state(ckpt)["counter"])
+    counter = read_state(ckpt)["counter"]
+    truncate_metrics(run_dir, counter)
+    truncate_samples(run_dir, counter)
+
+
+def truncate_samples(run_dir: Path, last_step: int) -> None:
+    """On resume: keep the logged samples (``samples.jsonl``, ``train.sample_log_every``) up to the
+    checkpoint; later ones (and a torn last line) move to ``samples.after-checkpoint.jsonl``, so the
+    resumed run does not log the same iterations twice."""
+    import json
+    path = Path(run_dir) / "samples.jsonl"
+    if not path.exists():
+        return
+    keep, later = [], []
+    for raw in path.read_bytes().splitlines():
+        try:
+            step = json.loads(raw)["step"]
+        except (ValueError, KeyError, TypeError):
+            step = None
+        (keep if step is not None and step <= last_step else later).append(raw)
+    if not later:
+        return
+    with open(path.with_name("samples.after-checkpoint.jsonl"), "ab") as f:
+        f.write(b"".join(raw + b"\n" for raw in later))
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_bytes(b"".join(raw + b"\n" for raw in keep))
+    os.replace(tmp, path)
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> str | None:

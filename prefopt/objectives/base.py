@@ -101,6 +101,10 @@ class Objective:
     def check_recipe(recipe) -> None:
         """Checks across the objective and the rest of the recipe; raise ConfigError."""
 
+    @classmethod
+    def check_examples(cls, params: ObjectiveParams, examples: list, source: str) -> None:
+        """Checks of the loaded examples against the parameters, before Ray starts; raise DataError."""
+
     # --- what the learner's forward computes for it ---------------------------------------------
     @property
     def temperature(self) -> float:

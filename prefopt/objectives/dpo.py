@@ -91,6 +91,17 @@ def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
     }
 
 
+def refuse_margin_rows(objective: str, examples: list, source: str) -> None:
+    """Before Ray starts: a DataError naming the first row that carries a per-pair margin, for an
+    objective without one (IPO, SimPO)."""
+    row = next((ex.row for ex in examples if ex.margin is not None), None)
+    if row is not None:
+        from prefopt.errors import DataError
+        raise DataError(f"objective '{objective}' has no per-pair margin (ODPO's offset is published for DPO "
+                        f"only): remove the field from the rows or set data.margin_field to a name they do not "
+                        f"use", source=source, row=row, field="margin (data.margin_field)")
+
+
 def refuse_margin(objective: str, batch: dict[str, torch.Tensor]) -> None:
     """Raise ConfigError when ``batch`` carries per-pair margins, for an objective without a
     published per-pair margin (IPO, SimPO)."""
@@ -128,6 +139,11 @@ class DPO(Objective):
                     f"objective.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
             if self.ipo and self.label_smoothing != 0.0:
                 raise ConfigError("objective.label_smoothing does not apply to IPO; set it to 0")
+
+    @classmethod
+    def check_examples(cls, params, examples: list, source: str) -> None:
+        if params.ipo:
+            refuse_margin_rows("ipo", examples, source)
 
     def loss(self, policy: PolicyOutput, batch: dict[str, torch.Tensor]) -> LossOut:
         p = self.params

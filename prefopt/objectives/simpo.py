@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from prefopt.errors import ConfigError
 from prefopt.objectives.base import (LossOut, Objective, ObjectiveParams, PolicyOutput,
                                      register_objective, split_pairs)
-from prefopt.objectives.dpo import pair_metrics, refuse_margin
+from prefopt.objectives.dpo import pair_metrics, refuse_margin, refuse_margin_rows
 
 
 def simpo_loss(policy_chosen_avg_logps: torch.Tensor, policy_rejected_avg_logps: torch.Tensor, *,
@@ -78,6 +78,10 @@ class SimPO(Objective):
             if not 0.0 <= self.label_smoothing < 0.5:
                 raise ConfigError(
                     f"objective.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+
+    @classmethod
+    def check_examples(cls, params, examples: list, source: str) -> None:
+        refuse_margin_rows(cls.name, examples, source)
 
     def loss(self, policy: PolicyOutput, batch: dict[str, torch.Tensor]) -> LossOut:
         p = self.params
