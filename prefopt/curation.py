@@ -206,6 +206,12 @@ def write_rows(rows: list[dict], path: Path, force: bool) -> None:
                     raise DataError("the value cannot be written as JSON", source=str(path), row=i, field=key) from None
             raise
     text = "\n".join(lines) + "\n" if path.suffix.lower() == ".jsonl" else "[\n" + ",\n".join(lines) + "\n]\n"
+    write_text(path, text, force)
+
+
+def write_text(path: Path, text: str, force: bool) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file renamed into place), never over an existing
+    file unless ``force`` (ConfigError naming ``--out``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -231,6 +237,28 @@ def write_rows(rows: list[dict], path: Path, force: bool) -> None:
             os.unlink(tmp)
 
 
+def reward_models(models: list[str], runs_root: str, attribute_weights: dict[str, float] | None = None,
+                  trust_remote_code: bool = False, flag: str = "--reward") -> tuple[list[str], list[list[float]]]:
+    """Resolve and check outcome reward models named on the command line (a path, hub name, ``builtin:``
+    name or ``run:NAME``, :func:`prefopt.io.run_dir.run_model`) before anything loads them; returns their
+    resolved paths and each one's head weights (``attribute_weights`` by head name, see
+    :func:`prefopt.rewards.sources.head_weights`). A process reward model is refused. Shared by
+    ``prefopt score`` and ``prefopt eval``."""
+    from prefopt.io.run_dir import run_model
+    from prefopt.models.check import check_model
+    from prefopt.rewards.scorer import reward_metadata
+    from prefopt.rewards.sources import head_weights
+    paths = [check_model(run_model(p, runs_root, flag), trust_remote_code=trust_remote_code, what=flag,
+                         head="sequence_classification") for p in models]
+    metas = [reward_metadata(p) for p in paths]
+    for meta, shown in zip(metas, models):
+        if meta["kind"] == "process":
+            raise ConfigError(f"{flag} {shown} is a process reward model (it scores steps), not an outcome one")
+    weights = [head_weights(meta["heads"], attribute_weights or {}, f"reward model {shown}", "--attribute-weights")
+               for meta, shown in zip(metas, models)]
+    return paths, weights
+
+
 def score_file(data: str, models: list[str], out: str, *, split: str = "train", prompt_field: str = "prompt",
                chosen_field: str = "chosen", rejected_field: str = "rejected", margin_field: str = "margin",
                flip_negative: bool = False, drop_ambiguous: float | None = None, overwrite_fields: bool = False,
@@ -240,9 +268,7 @@ def score_file(data: str, models: list[str], out: str, *, split: str = "train", 
     docstring). Everything that can be refused is refused before a model is loaded."""
     from prefopt import console
     from prefopt.data.loading import load_rows
-    from prefopt.models.check import check_model
-    from prefopt.rewards.scorer import RewardScorer, reward_metadata
-    from prefopt.rewards.sources import head_weights
+    from prefopt.rewards.scorer import RewardScorer
     if not models:
         raise ConfigError("--reward needs at least one reward model")
     if batch_tokens < 1:
@@ -254,15 +280,7 @@ def score_file(data: str, models: list[str], out: str, *, split: str = "train", 
     rows, source = load_rows(data, split)
     check_rows(rows, margin_field, overwrite_fields, source)
     c_prompts, c_texts, r_prompts, r_texts = pair_inputs(rows, source, prompt_field, chosen_field, rejected_field)
-    from prefopt.io.run_dir import run_model
-    paths = [check_model(run_model(p, runs_root, "--reward"), trust_remote_code=trust_remote_code, what="--reward",
-                         head="sequence_classification") for p in models]
-    metas = [reward_metadata(p) for p in paths]
-    for meta, shown in zip(metas, models):
-        if meta["kind"] == "process":
-            raise ConfigError(f"--reward {shown} is a process reward model (it scores steps), not an outcome one")
-    weights = [head_weights(meta["heads"], attribute_weights or {}, f"reward model {shown}", "--attribute-weights")
-               for meta, shown in zip(metas, models)]
+    paths, weights = reward_models(models, runs_root, attribute_weights, trust_remote_code)
     console.status(f"scoring {len(rows)} pairs with {len(paths)} reward model(s)")
     scores = RewardScorer(paths, trust_remote_code=trust_remote_code, batch_tokens=batch_tokens).score(
         c_prompts + r_prompts, c_texts + r_texts)
