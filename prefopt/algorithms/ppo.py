@@ -89,7 +89,13 @@ class PPO(Algorithm):
     def start(self) -> None:
         """Before the first update: for log-sigmoid sources with ``reference_from: reference_samples``,
         one sample per prompt from the engines (they still hold the initial, reference weights), scored
-        once: each prompt's r_ref (Wang et al. 2024). A resumed run restores them from its checkpoint."""
+        once: each prompt's r_ref (Wang et al. 2024). A resumed run restores them from its checkpoint.
+        The held-out prompts (``train.eval_every``) are written to ``held_out_prompts.jsonl``, so that
+        ``prefopt eval`` can answer exactly them."""
+        if self.eval_prompts and self.run.pre.resume_from is None:
+            import json
+            with open(self.run.run_dir / "held_out_prompts.jsonl", "x") as f:
+                f.writelines(json.dumps(p["row"], default=str) + "\n" for p in self.eval_prompts)
         if not self.rewards.needs_reference_samples() or self.run.pre.resume_from is not None:
             return
         import dataclasses
@@ -255,5 +261,5 @@ def eval_summary(history: list[dict]) -> dict[str, float]:
     if not history:
         return {}
     return {"eval_reward_first": history[0]["reward/mean"], "eval_reward_final": history[-1]["reward/mean"],
-            "eval_response_length_first": history[0]["response_length"],
-            "eval_response_length_final": history[-1]["response_length"]}
+            "eval_response_length_first": history[0]["length/mean"],
+            "eval_response_length_final": history[-1]["length/mean"]}

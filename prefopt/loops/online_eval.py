@@ -14,20 +14,17 @@ SAMPLE_GROUPS = 4           # groups (prompts) per logged iteration
 
 
 def evaluate_held_out(roles, prompts: list[dict], sampling, rewards, tokenizer, *, seed: int) -> dict[str, float]:
-    """Greedy answers to ``prompts`` scored by ``rewards`` (``rewards.sources.SequenceRewards``):
-    ``reward/mean``, each named component, ``response_length`` (tokens) and ``truncated`` (the
-    fraction that stopped at ``sampling.max_tokens``)."""
+    """Greedy answers to ``prompts`` scored by ``rewards`` (``rewards.sources.SequenceRewards``): the
+    metrics of ``prefopt eval`` (:func:`prefopt.evaluation.report.summarize`): ``reward/mean``,
+    ``reward/std``, each named component, ``length/mean`` (tokens) and ``length/max_tokens_fraction``."""
+    from prefopt.evaluation.report import summarize
+    from prefopt.evaluation.scoring import score_generations
     generations = roles.generate([p["prompt_ids"] for p in prompts], dataclasses.replace(sampling, n=1),
                                  seed=seed, greedy=True)
-    answers = [g[0] for g in generations]
-    texts = tokenizer.batch_decode([a["response_ids"] for a in answers], skip_special_tokens=True)
-    totals, components = rewards([p["prompt_text"] for p in prompts], texts, [p["row"] for p in prompts])
-    lengths = [len(a["response_ids"]) for a in answers]
-    out = {"reward/mean": sum(totals) / len(totals),
-           "response_length": sum(lengths) / len(lengths),
-           "truncated": sum(a.get("finish_reason") == "length" for a in answers) / len(answers)}
-    out.update({f"reward/{name}": sum(v) / len(v) for name, v in components.items()})
-    return out
+    texts, scored = score_generations(rewards, tokenizer, prompts, generations)
+    metrics, _ = summarize(texts, scored.responses, scored.rewards, scored.components, scored.lengths,
+                           sampling.max_tokens)
+    return metrics
 
 
 def sample_records(samples: list, tokenizer, group_size: int, groups: int = SAMPLE_GROUPS) -> list[dict]:
