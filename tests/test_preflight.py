@@ -165,7 +165,8 @@ TINY = sorted(p.name for p in (ROOT / "recipes").glob("tiny_*.yaml"))
 @pytest.fixture(scope="module")
 def stage_runs(tmp_path_factory):
     """An output root with a finished run of each recipe that another recipe names with `run:NAME`
-    (tiny_rm_grpo, tiny_prm_model, tiny_prm_implicit): builtin models standing in for the trained ones."""
+    (tiny_rm_grpo, tiny_prm_model, tiny_prm_implicit, tiny_reverse_*): builtin models standing in for the
+    trained ones."""
     import json
     import shutil
 
@@ -176,7 +177,7 @@ def stage_runs(tmp_path_factory):
     for name, source, meta in [("tiny-rm-lists", reward, {"kind": "outcome", "heads": ["reward"]}),
                                ("tiny-prm-train", reward, {"kind": "process", "heads": ["step_correct"],
                                                            "step_delimiter": "."}),
-                               ("tiny-dpo", policy, None)]:
+                               ("tiny-dpo", policy, None), ("tiny-reverse-sft", policy, None)]:
         run = root / f"{name}-20260101-000000"
         shutil.copytree(source, run / "model")
         if meta is not None:
