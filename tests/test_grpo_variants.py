@@ -403,3 +403,18 @@ def test_bad_options_name_the_key(overrides, key):
 def test_constrained_ppo_validates_the_same_options():
     with pytest.raises(ConfigError, match=r"objective\.loss_agg"):
         load_recipe("recipes/tiny_constrained_xi.yaml", ["objective.loss_agg=seq_mean"])
+
+
+def test_dr_grpo_advantage_is_the_group_mean_baseline_without_std():
+    """Dr. GRPO: A_i = r_i - mean(group), broadcast over the response tokens (TRL scale_rewards="none")."""
+    from prefopt.rl.advantages import ADVANTAGES
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    rewards = torch.zeros(4, 3, dtype=torch.float64)
+    rewards[torch.arange(4), mask.sum(-1) - 1] = torch.tensor([1.0, 0.0, 0.2, 0.6], dtype=torch.float64)
+    adv, returns = ADVANTAGES.get("dr_grpo")(token_rewards=rewards, mask=mask, group_size=2)
+    expected = torch.tensor([0.5, -0.5, -0.2, 0.2], dtype=torch.float64)
+    assert returns is None
+    assert torch.allclose(adv, expected[:, None] * mask, atol=1e-12)
+    grpo, _ = ADVANTAGES.get("grpo")(token_rewards=rewards, mask=mask, group_size=2)
+    std = torch.tensor([0.5, 0.5, 0.2, 0.2], dtype=torch.float64) * 2 ** 0.5     # unbiased, 2 per group
+    assert torch.allclose(grpo, (expected / (std + 1e-6))[:, None] * mask, atol=1e-9)

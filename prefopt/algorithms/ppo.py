@@ -6,7 +6,7 @@ The algorithm box, one iteration (:meth:`PPO.step`; the stages live in :mod:`pre
 2. score: the reward sources (weighted sum; clip / normalise) and process rewards per step;
 3. annotate: reference log-probs (KL), the policy's old log-probs, the critic's values (GAE);
 4. advantages: token rewards = sequence reward at the last token + process rewards − kl_coef·KL,
-   then the registered estimator (gae | grpo | rloo), whitened;
+   then the registered estimator (gae | grpo | dr_grpo | rloo), whitened;
 5. learn: ``ppo_epochs`` passes of optimizer steps over mini-batches (policy and critic);
 6. sync: the new policy weights stream to every engine.
 

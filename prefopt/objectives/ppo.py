@@ -1,4 +1,4 @@
-"""PPO for RLHF (token level), with a pluggable advantage estimator (gae | grpo | rloo).
+"""PPO for RLHF (token level), with a pluggable advantage estimator (gae | grpo | dr_grpo | rloo).
 
 The pure losses live in :mod:`prefopt.rl.ppo`; this thin class adapts a rollout micro-batch to
 them (``clip_eps_high``, ``loss_agg``, ``ratio_level``: the loss options of DAPO, GRPO, Dr. GRPO
@@ -22,7 +22,7 @@ from prefopt.objectives.base import (LossOut, Objective, ObjectiveParams, Policy
 @dataclass
 class PPOParams(ObjectiveParams):
     name: str = "ppo"
-    advantage: str = "grpo"             # gae (needs roles.critic) | grpo | rloo
+    advantage: str = "grpo"             # gae (needs roles.critic) | grpo | dr_grpo (no std division) | rloo
     gamma: float = 1.0                  # GAE discount
     lam: float = 0.95                   # GAE lambda
     clip_eps: float = 0.2               # policy ratio clip: [1 - clip_eps, 1 + clip_eps_high]

@@ -202,6 +202,16 @@ def grpo_estimator(*, token_rewards=None, values=None, mask, scores=None, group_
     return _broadcast(seq, mask), None
 
 
+@ADVANTAGES.register("dr_grpo")
+def dr_grpo_estimator(*, token_rewards=None, values=None, mask, scores=None, group_size=None,
+                      gamma: float = 1.0, lam: float = 0.95):
+    """Dr. GRPO (Liu et al. 2025, arXiv 2503.20783): GRPO's group-mean baseline without the division
+    by the group std (TRL ``scale_rewards="none"``, verl ``norm_adv_by_std_in_grpo: false``); pair it
+    with ``loss_agg: constant`` and ``whiten_advantages: false`` for the paper's whole recipe."""
+    seq = grpo_advantages(_sequence_scores(scores, token_rewards, mask).reshape(-1), group_size, std_normalize=False)
+    return _broadcast(seq, mask), None
+
+
 @ADVANTAGES.register("rloo")
 def rloo_estimator(*, token_rewards=None, values=None, mask, scores=None, group_size=None,
                    gamma: float = 1.0, lam: float = 0.95):

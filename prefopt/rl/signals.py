@@ -56,7 +56,7 @@ def at_last_token(values: list[float], mask: torch.Tensor) -> torch.Tensor:
 
 def estimate_advantages(token_rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, params,
                         group_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The recipe's estimator (gae | grpo | rloo) on one reward channel, whitened if asked.
+    """The recipe's estimator (gae | grpo | dr_grpo | rloo) on one reward channel, whitened if asked.
     Group estimators score whole sequences: the sum of token rewards, KL included."""
     from prefopt.rl.advantages import ADVANTAGES, whiten
     adv, returns = ADVANTAGES.get(params.advantage)(
