@@ -164,6 +164,11 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+# keys that recipes written for an earlier schema may still carry: what replaces them
+RENAMED = {"output.tensorboard": "replaced by output.loggers: a list of tensorboard, wandb, mlflow; "
+                                 "output.tensorboard: false is output.loggers: []"}
+
+
 def check_keys(data: Any, schema: type, origin: str, prefix: str = "") -> None:
     """Raise ConfigError for any key of ``data`` that ``schema`` (a dataclass) does not have."""
     if not isinstance(data, dict):
@@ -175,6 +180,8 @@ def check_keys(data: Any, schema: type, origin: str, prefix: str = "") -> None:
         if key not in fields:
             best = closest(str(key), fields)
             hint = f" (did you mean '{prefix}{best}'?)" if best else ""
+            if dotted in RENAMED:
+                hint = f" ({RENAMED[dotted]})"
             raise ConfigError(f"{origin}: unknown key '{dotted}'{hint}; valid keys under "
                               f"'{prefix.rstrip('.') or 'the recipe'}': {', '.join(sorted(fields))}")
         sub = _unwrap_optional(hints[key])

@@ -69,6 +69,13 @@ def test_mistyped_override_is_reported_as_override(tmp_path):
         load_recipe(p, ["train.lrr=0.1"])
 
 
+def test_a_replaced_key_says_what_replaces_it(tmp_path):
+    p = write(tmp_path, "ok.yaml", BASE)
+    with pytest.raises(ConfigError, match=r"unknown key 'output.tensorboard' \(replaced by output.loggers.*"
+                                          r"output.loggers: \[\]\)"):
+        load_recipe(p, ["output.tensorboard=false"])
+
+
 def test_objective_params_checked_against_the_chosen_objective(tmp_path):
     p = write(tmp_path, "ok.yaml", BASE)
     with pytest.raises(ConfigError, match=r"unknown key 'objective.gama'"):
