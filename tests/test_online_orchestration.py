@@ -153,6 +153,16 @@ def test_async_rollouts_sample_the_next_batch_before_learning(tmp_path, stand_in
     assert "generate" not in stand_ins[:1]
 
 
+def test_dynamic_sampling_that_finds_no_signal_samples_again_then_skips_the_update(tmp_path, stand_ins):
+    """The stand-in engines' responses all score 0 (no good word): every group ties, so each of the
+    3 rounds generates again; nothing is left to learn from, the weights still sync."""
+    ppo = make_ppo(tmp_path, "train.dynamic_sampling=true", "train.max_sampling_rounds=3")
+    stats, steps = ppo.step(1, next_follows=True)
+    assert stand_ins == ["generate", "generate", "generate", "sync v1"] and steps == 0
+    assert stats["sampling/rounds"] == 3 and stats["sampling/missing_groups"] == 4
+    assert stats["sampling/dropped_groups"] == 4 + 4 + 4 and stats["reward/mean"] == 0.0
+
+
 def test_a_dead_engine_is_replaced_resynced_and_the_call_retried(stand_ins):
     from prefopt.cluster import ActorDiedError
     from prefopt.roles.online import OnlineRoles

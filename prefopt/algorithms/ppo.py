@@ -175,7 +175,11 @@ class PPO(Algorithm):
             samples, stats = self.sample(it, timings)                                 # 1-2. generate, score
         except NonFiniteReward as e:   # no update from this batch (counted like a skipped optimizer step)
             return self.non_finite_reward(it, e, timings), 0
-        usable = len(samples) // t.batch_size * t.batch_size    # dynamic sampling may fall short of the batch
+        # dynamic sampling may fall short of the batch: whole groups that fill whole optimizer batches
+        whole = math.lcm(r.roles.rollout.sampling.n, t.batch_size)
+        usable = len(samples) // whole * whole
+        if usable < len(samples):
+            stats["sampling/unused_samples"] = len(samples) - usable
         samples, steps = samples[:usable], 0
         if samples:
             stats.update(annotate(samples, self.roles, micro, timings, params.old_logprobs,   # 3. annotate
