@@ -293,3 +293,20 @@ def test_implicit_step_rewards_shape_errors():
         step_rewards(_rand(2, 4), _rand(2, 4), torch.zeros(2, 3, dtype=torch.long), beta=0.1)
     with pytest.raises(ValueError):
         step_rewards(_rand(8), _rand(8), torch.zeros(8, dtype=torch.long), beta=0.1)
+
+
+def test_reward_model_weights_each_pair_loss():
+    """data.weight_field on reward-model pairs: the loss is the mean over pairs of w_i * l_i (weight 1
+    everywhere is the unweighted loss)."""
+    from prefopt.objectives import get_objective
+    from prefopt.objectives.base import ScoreOutput
+    rm = get_objective("reward_model")(get_objective("reward_model").Params())
+    rewards = torch.tensor([0.3, -0.2, 1.0, 1.5], dtype=torch.float64)        # (c0, r0), (c1, r1), row-major
+    out = ScoreOutput(scores=rewards.reshape(4, 1, 1), mask=torch.ones(4, 1, dtype=torch.bool))
+    batch = {"slot_mask": torch.ones(2, 2, dtype=torch.bool), "scores": torch.tensor([[1.0, 0.0], [1.0, 0.0]])}
+    per_pair = bradley_terry_loss(rewards[[0, 2]], rewards[[1, 3]])
+    assert rm.loss(out, batch).loss.item() == pytest.approx(per_pair.mean().item(), abs=ATOL)
+    weighted = rm.loss(out, {**batch, "weight": torch.tensor([2.0, 0.5])}).loss
+    assert weighted.item() == pytest.approx(((per_pair * torch.tensor([2.0, 0.5], dtype=torch.float64)).mean()).item(),
+                                            abs=ATOL)
+    assert rm.loss(out, {**batch, "weight": torch.ones(2)}).loss.item() == pytest.approx(per_pair.mean().item(), abs=ATOL)

@@ -46,8 +46,8 @@ def ordered_pairs(scores: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor
 
 @register_objective
 class RewardModel(Objective):
-    """A Bradley–Terry reward model on pairs (an optional per-row margin) or graded lists (every
-    ordered pair of a list; the example's loss is the mean over its pairs)."""
+    """A Bradley–Terry reward model on pairs (an optional per-row margin and weight) or graded lists
+    (every ordered pair of a list; the example's loss is the mean over its pairs)."""
 
     name = "reward_model"
     batch_kind = "lists"            # a pair collates as a list of two (chosen, rejected)
@@ -101,4 +101,6 @@ class RewardModel(Objective):
                 "rewards/chosen": rewards[rows, first], "rewards/rejected": rewards[rows, last],
                 "rewards/mean": valid.sum(-1) / n, "rewards/second_moment": (valid ** 2).sum(-1) / n,
             }
+        if "weight" in batch:   # a pair's data.weight_field: the mean of w_i * l_i, as the policy objectives
+            per_example = per_example * batch["weight"].to(per_example.dtype)
         return LossOut(loss=per_example.mean(), metrics=metrics)
