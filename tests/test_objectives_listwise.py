@@ -65,10 +65,12 @@ def naive_listmle(pol, ref, scores, beta, valid=None):
     for b in range(len(pol)):
         idx = [i for i in range(len(pol[b])) if valid is None or valid[b][i]]
         s = {i: beta * (pol[b][i] - ref[b][i]) for i in idx}
-        order = sorted(idx, key=lambda i: -scores[b][i])    # stable: label ties by slot order
+        lowest = min(scores[b][i] for i in idx)
         loss, grad = 0.0, {i: 0.0 for i in idx}
-        for k, item in enumerate(order):
-            rest = order[k:]
+        for item in idx:                # Breslow: the risk set is every response graded no higher
+            if scores[b][item] == lowest:
+                continue                # the lowest grade is preferred over nothing
+            rest = [m for m in idx if scores[b][m] <= scores[b][item]]
             z = sum(math.exp(s[m]) for m in rest)
             loss -= s[item] - math.log(z)
             grad[item] -= 1.0
@@ -279,3 +281,18 @@ def test_ranking_accuracy_of_untrained_policy_is_chance():
     s = torch.zeros(2, 4, dtype=torch.float64)            # policy == reference: all rewards tie
     scores = torch.tensor([[3.0, 1.0, 0.0, 2.0], [0.0, 1.0, 2.0, 3.0]], dtype=torch.float64)
     assert list_metrics(s, scores)["ranking/accuracy"].tolist() == [0.5, 0.5]
+
+
+def test_listmle_ties_invent_no_order():
+    """Breslow's ties: a list whose labels all tie has loss 0 and no gradient; in [1, 1, 0, 0] each
+    right answer's denominator is the whole list, and the wrong ones add no term."""
+    from prefopt.objectives.listmle import listmle_loss
+    pol = torch.tensor([[-1.0, -2.0, -0.5, -3.0]], dtype=torch.float64, requires_grad=True)
+    ref = torch.zeros(1, 4, dtype=torch.float64)
+    tied = listmle_loss(pol, ref, torch.ones(1, 4), beta=0.5)
+    tied.sum().backward()
+    assert tied.item() == 0.0 and torch.all(pol.grad == 0)
+    s = 0.5 * pol.detach()[0]
+    expected = -sum(s[i] - torch.logsumexp(s, 0) for i in (0, 1))
+    got = listmle_loss(pol, ref, torch.tensor([[1.0, 1.0, 0.0, 0.0]]), beta=0.5)
+    assert got.item() == pytest.approx(expected.item(), abs=1e-12)

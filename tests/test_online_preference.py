@@ -31,10 +31,12 @@ def test_pairs_are_first_best_vs_first_worst_and_ties_give_nothing():
     assert len(preference_examples(groups, "pairs", min_gap=0.5)) == 1
 
 
-def test_lists_keep_every_response_graded_by_its_reward():
-    lists = preference_examples([samples_with([0.2, 0.9, 0.1]), samples_with([0.5, 0.5, 0.5])], "lists")
-    assert len(lists) == 1
-    assert lists[0].response_ids == [[10, 2], [11, 2], [12, 2]] and lists[0].scores == [0.2, 0.9, 0.1]
+def test_lists_keep_every_response_graded_by_the_rank_of_its_reward():
+    lists = preference_examples([samples_with([0.2, 0.9, 0.1]), samples_with([0.5, 0.5, 0.5]),
+                                 samples_with([130.0, -40.0, 130.0])], "lists")
+    assert len(lists) == 2
+    assert lists[0].response_ids == [[10, 2], [11, 2], [12, 2]] and lists[0].scores == [1.0, 2.0, 0.0]
+    assert lists[1].scores == [1.0, 0.0, 1.0]       # a reward model's scale: only the order is kept
     with pytest.raises(ValueError, match="pairs or lists"):
         preference_examples([samples_with([0, 1])], "sft")
 

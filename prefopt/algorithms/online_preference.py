@@ -7,7 +7,7 @@ reward sources. The algorithm box, one iteration (:meth:`OnlinePreference.step`)
 1. generate: ``train.prompts_per_iteration`` prompts, ``sampling.n`` responses each (vLLM engines);
 2. score: the reward sources rank each prompt's responses;
 3. data: per prompt, the best and the worst response form a pair (pairs objectives: dpo, ipo, simpo)
-   or all ``n`` form a list graded by their rewards (lists objectives: lipo, listmle); a prompt whose
+   or all ``n`` form a list graded by the rank of their rewards (lists objectives: lipo, listmle); a prompt whose
    rewards differ by no more than ``train.min_reward_gap`` (all tie) gives nothing and is counted,
    and with ``train.dynamic_sampling`` more prompts are sampled in its place;
 4. reference: the reference actors' summed log-probs of every response (objectives that need them);

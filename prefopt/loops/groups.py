@@ -66,7 +66,9 @@ def preference_examples(groups: list[list[RolloutSample]], kind: str, min_gap: f
     """Online preference data from groups of scored samples.
 
     ``kind="pairs"``: per informative group, the first best and the first worst sample by reward
-    (chosen, rejected). ``kind="lists"``: the whole group, its rewards as the graded scores.
+    (chosen, rejected). ``kind="lists"``: the whole group, graded by the dense rank of each reward in
+    its group (:func:`dense_ranks`: the order of the rewards, not their scale, which LiPO-λ's gain
+    2^grade - 1 would otherwise blow up on a reward model's logits).
     Uninformative groups (:func:`informative`) give no example.
     """
     out = []
@@ -80,7 +82,14 @@ def preference_examples(groups: list[list[RolloutSample]], kind: str, min_gap: f
                                response_ids=[list(best.response_ids), list(worst.response_ids)], scores=[1.0, 0.0]))
         elif kind == "lists":
             out.append(Example(prompt_ids=list(group[0].prompt_ids),
-                               response_ids=[list(s.response_ids) for s in group], scores=[float(r) for r in rewards]))
+                               response_ids=[list(s.response_ids) for s in group], scores=dense_ranks(rewards)))
         else:
             raise ValueError(f"online preference data are pairs or lists, not '{kind}'")
     return out
+
+
+def dense_ranks(values: list[float]) -> list[float]:
+    """Grades 0, 1, ... by value: equal values share a grade, the lowest is 0 (``[0.2, 0.9, 0.2, 5]`` ->
+    ``[0, 1, 0, 2]``)."""
+    order = {v: i for i, v in enumerate(sorted(set(values)))}
+    return [float(order[v]) for v in values]

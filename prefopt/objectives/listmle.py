@@ -7,8 +7,12 @@ by label psi descending, the loss is the negative Plackett-Luce log-likelihood o
 
     loss = - sum_k [ s_pi(k) - logsumexp_{m >= k} s_pi(m) ]
 
-Label ties are broken by slot order (a stable sort), so tied labels are treated as if the
-earlier slot were preferred. Padded slots (``mask`` False) take no part and get no gradient.
+Tied labels are handled as tied events in Cox's partial likelihood with Breslow's approximation
+(Breslow 1974): a response's denominator runs over every response graded no higher than it, its tied
+peers included, and the responses of the lowest grade contribute no term (they are preferred over
+nothing). Without ties this is the formula above; with ties no order among tied responses is
+invented (a list whose labels all tie has loss 0), which matters online, where a 0/1 reward ties most
+of a prompt's samples. Padded slots (``mask`` False) take no part and get no gradient.
 For K = 2 this is DPO: -log sigma(s_w - s_l).
 """
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch
 from prefopt.errors import ConfigError
 from prefopt.objectives.base import (LossOut, Objective, ObjectiveParams, PolicyOutput,
                                      register_objective)
-from prefopt.objectives.lipo import implicit_rewards, list_inputs, list_metrics, ranks, valid_mask
+from prefopt.objectives.lipo import implicit_rewards, list_inputs, list_metrics, valid_mask
 
 
 def listmle_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, scores: torch.Tensor, *,
@@ -35,14 +39,14 @@ def listmle_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, scores: to
     """
     mask = valid_mask(policy_logps, mask)
     s = implicit_rewards(policy_logps, ref_logps, beta=beta, mask=mask)
-    pos = ranks(scores, mask)                                   # position of each slot in pi
     k = s.shape[-1]
     eye = torch.eye(k, dtype=torch.bool, device=s.device)
-    # rest[b, i, m]: slot m is valid and not placed before slot i. The diagonal keeps every row
-    # non-empty so padded rows stay finite (their terms are dropped below).
-    rest = ((pos.unsqueeze(-2) >= pos.unsqueeze(-1)) & mask.unsqueeze(-2)) | eye
+    # rest[b, i, m]: slot m is valid and graded no higher than slot i (Breslow's risk set). The
+    # diagonal keeps every row non-empty so padded rows stay finite (their terms are dropped below).
+    rest = ((scores.unsqueeze(-2) <= scores.unsqueeze(-1)) & mask.unsqueeze(-2)) | eye
     denom = torch.logsumexp(s.unsqueeze(-2).expand(rest.shape).masked_fill(~rest, float("-inf")), -1)
-    terms = torch.where(mask, s - denom, torch.zeros_like(s))
+    lowest = scores.masked_fill(~mask, float("inf")).min(-1, keepdim=True).values
+    terms = torch.where(mask & (scores > lowest), s - denom, torch.zeros_like(s))
     return -terms.sum(-1)
 
 
