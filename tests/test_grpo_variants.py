@@ -338,6 +338,11 @@ def test_score_adds_overlong_penalty_to_the_shaped_reward():
     assert stats["reward/mean"] == pytest.approx(sum(raw) / 4)   # the sources' raw rewards
     assert stats["reward/overlong_penalty"] == pytest.approx(sum(penalties) / 4)
 
+    defaulted = [RolloutSample(prompt_ids=[1], response_ids=list(range(n))) for n in lengths]
+    params.overlong_max_tokens = None                     # L_max from the rollout's max_tokens
+    score(defaulted, WordTokenizer(), rewards, None, params, RewardNormalizer(), max_tokens=16)
+    assert [s.reward for s in defaulted] == [s.reward for s in samples]
+
     plain = [RolloutSample(prompt_ids=[1], response_ids=list(range(n))) for n in lengths]
     stats = score(plain, WordTokenizer(), rewards, None, PPOParams(), RewardNormalizer())
     assert [s.reward for s in plain] == raw and "reward/overlong_penalty" not in stats
@@ -371,15 +376,22 @@ def test_recipe_defaults_and_resolved_lengths():
     assert (o.clip_eps_high, o.loss_agg, o.norm_tokens, o.ratio_level, o.overlong_buffer) == (None, "token_mean", None,
                                                                                            "token", None)
     max_tokens = r.roles.rollout.sampling.max_tokens
-    o = load_recipe(GRPO, ["objective.loss_agg=constant", "objective.overlong_buffer=4"]).objective
-    assert (o.norm_tokens, o.overlong_max_tokens) == (max_tokens, max_tokens)
+    # the defaults are resolved where they are used, on a copy: the recipe (and config.yaml) keeps None,
+    # so a saved config rerun with another max_tokens follows it
+    recipe = load_recipe(GRPO, ["objective.loss_agg=constant", "objective.overlong_buffer=4"])
+    assert (recipe.objective.norm_tokens, recipe.objective.overlong_max_tokens) == (None, None)
+    from prefopt.objectives.ppo import PPO
+    assert PPO.from_recipe(recipe).params.norm_tokens == max_tokens and recipe.objective.norm_tokens is None
+    longer = load_recipe(GRPO, ["objective.loss_agg=constant", "roles.rollout.sampling.max_tokens=32"])
+    assert PPO.from_recipe(longer).params.norm_tokens == 32
     o = load_recipe(GRPO, ["objective.loss_agg=constant", "objective.norm_tokens=100"]).objective
     assert o.norm_tokens == 100
     dapo, gspo = load_recipe("recipes/tiny_dapo.yaml").objective, load_recipe("recipes/tiny_gspo.yaml").objective
-    assert (dapo.clip_eps_high, dapo.overlong_buffer, dapo.overlong_max_tokens) == (0.28, 4, max_tokens)
+    assert (dapo.clip_eps_high, dapo.overlong_buffer, dapo.overlong_max_tokens) == (0.28, 4, None)
     assert (gspo.ratio_level, gspo.loss_agg) == ("sequence", "sequence_mean")
-    c = load_recipe("recipes/tiny_constrained_xi.yaml", ["objective.loss_agg=constant"]).objective
-    assert c.norm_tokens == load_recipe("recipes/tiny_constrained_xi.yaml").roles.rollout.sampling.max_tokens
+    xi = load_recipe("recipes/tiny_constrained_xi.yaml", ["objective.loss_agg=constant"])
+    from prefopt.objectives import get_objective
+    assert get_objective("constrained_ppo").from_recipe(xi).params.norm_tokens == xi.roles.rollout.sampling.max_tokens
 
 
 @pytest.mark.parametrize("overrides, key", [

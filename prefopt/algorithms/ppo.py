@@ -160,7 +160,7 @@ class PPO(Algorithm):
         """Each sample's sequence reward (and process rewards); returns the reward metrics."""
         from prefopt.loops.online import score
         return score(samples, self.run.tokenizer, self.rewards, self.process_rewards, self.recipe.objective,
-                     self.normalizer)
+                     self.normalizer, max_tokens=self.recipe.roles.rollout.sampling.max_tokens)
 
     pipelines_reference = True      # async rollouts: start the reference pass of the next batch early
     min_reward_gap = 0.0            # dynamic sampling drops the groups whose reward range is not above this

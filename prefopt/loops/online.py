@@ -75,7 +75,8 @@ def rollout(roles, prompts: list[dict], sampling, seed: int, eos_id: int, pendin
     return samples, max((g.get("engine_s", 0.0) for gens in generations for g in gens), default=0.0)
 
 
-def score(samples: list[RolloutSample], tokenizer, rewards, process_rewards, params, normalizer) -> dict[str, float]:
+def score(samples: list[RolloutSample], tokenizer, rewards, process_rewards, params, normalizer,
+          max_tokens: int | None = None) -> dict[str, float]:
     """Set each sample's sequence ``reward`` (and ``process_rewards``); return reward metrics.
     ``params`` None (online preference optimization): the raw rewards, unshaped.
 
@@ -88,7 +89,7 @@ def score(samples: list[RolloutSample], tokenizer, rewards, process_rewards, par
     shaped = shape_sequence_rewards(raw, params, normalizer) if params is not None else list(raw)
     penalties = [0.0] * len(samples)
     if params is not None and params.overlong_buffer is not None:
-        penalties = overlong_penalty([len(s.response_ids) for s in samples], params.overlong_max_tokens,
+        penalties = overlong_penalty([len(s.response_ids) for s in samples], params.overlong_max_tokens or max_tokens,
                                      params.overlong_buffer, params.overlong_penalty)
     for i, (s, v, penalty) in enumerate(zip(samples, shaped, penalties)):
         s.reward = v + penalty

@@ -105,6 +105,12 @@ class Objective:
     def check_examples(cls, params: ObjectiveParams, examples: list, source: str) -> None:
         """Checks of the loaded examples against the parameters, before Ray starts; raise DataError."""
 
+    @classmethod
+    def from_recipe(cls, recipe) -> "Objective":
+        """The objective a learner runs for ``recipe`` (defaults that depend on other sections are
+        resolved here, on a copy: the recipe itself is left as written)."""
+        return cls(recipe.objective)
+
     # --- what the learner's forward computes for it ---------------------------------------------
     @property
     def temperature(self) -> float:

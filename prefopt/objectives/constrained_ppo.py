@@ -77,9 +77,9 @@ class ConstrainedPPO(PPO):
     @staticmethod
     def check_recipe(recipe) -> None:
         """At least one constrained reward source, each with a kind and a threshold; PPO's checks
-        and length defaults (the GRPO family's options apply to the combined-advantage step)."""
+        and length checks (the GRPO family's options apply to the combined-advantage step)."""
         PPO.check_old_logprobs(recipe)
-        PPO.resolve_lengths(recipe)
+        PPO.check_lengths(recipe)
         sources = recipe.roles.reward.sources if recipe.roles.reward else []
         constrained = 0
         for i, src in enumerate(sources):

@@ -134,17 +134,15 @@ class PPO(Objective):
             raise ConfigError("objective.old_logprobs: rollout needs roles.rollout.sampling.logprobs: true")
 
     @staticmethod
-    def resolve_lengths(recipe) -> None:
-        """Fill the length defaults from ``roles.rollout.sampling.max_tokens`` (saved resolved in the
-        run's config.yaml): ``norm_tokens`` under ``loss_agg: constant`` and ``overlong_max_tokens``
-        (L_max) under ``overlong_buffer``; the buffer must fit in L_max."""
+    def check_lengths(recipe) -> None:
+        """The length options against ``roles.rollout.sampling.max_tokens``, their default (resolved
+        where they are used, :meth:`from_recipe` and ``loops.online.score``, so a saved config.yaml
+        rerun with another ``max_tokens`` follows it): the overlong buffer must fit in L_max."""
         p, rollout = recipe.objective, recipe.roles.rollout
         max_tokens = rollout.sampling.max_tokens if rollout is not None else None
-        if p.loss_agg == "constant" and p.norm_tokens is None:
-            if max_tokens is None:
-                raise ConfigError("objective.norm_tokens is required with objective.loss_agg: constant "
-                                  "(no roles.rollout.sampling.max_tokens to default to)")
-            p.norm_tokens = max_tokens
+        if p.loss_agg == "constant" and p.norm_tokens is None and max_tokens is None:
+            raise ConfigError("objective.norm_tokens is required with objective.loss_agg: constant "
+                              "(no roles.rollout.sampling.max_tokens to default to)")
         if p.overlong_buffer is not None and p.overlong_max_tokens is None:
             if max_tokens is None:
                 raise ConfigError("objective.overlong_max_tokens is required with objective.overlong_buffer "
@@ -152,12 +150,21 @@ class PPO(Objective):
             if p.overlong_buffer > max_tokens:
                 raise ConfigError(f"objective.overlong_buffer ({p.overlong_buffer}) must be <= "
                                   f"roles.rollout.sampling.max_tokens ({max_tokens}), its L_max")
-            p.overlong_max_tokens = max_tokens
+
+    @classmethod
+    def from_recipe(cls, recipe):
+        """The objective with ``norm_tokens`` (``loss_agg: constant``) defaulting to the rollout's
+        ``max_tokens``, on a copy of the recipe's parameters."""
+        import dataclasses
+        p, rollout = recipe.objective, recipe.roles.rollout
+        if p.loss_agg == "constant" and p.norm_tokens is None and rollout is not None:
+            p = dataclasses.replace(p, norm_tokens=rollout.sampling.max_tokens)
+        return cls(p)
 
     @staticmethod
     def check_recipe(recipe) -> None:
         PPO.check_old_logprobs(recipe)
-        PPO.resolve_lengths(recipe)
+        PPO.check_lengths(recipe)
         for i, src in enumerate(recipe.roles.reward.sources if recipe.roles.reward else []):
             if src.constraint is not None:
                 raise ConfigError(f"roles.reward.sources[{i}].constraint needs objective.name: constrained_ppo "

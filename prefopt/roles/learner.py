@@ -80,7 +80,7 @@ class LearnerWorker:
         train_cfg = r.train if lr is None else dataclasses.replace(r.train, lr=lr)
         self.engine = init_engine(model, train_cfg, self.role_cfg, grad_accum=grad_accum,
                                   total_steps=total_steps)
-        self.objective = self._objective or objective_cls(r.objective)
+        self.objective = self._objective or objective_cls.from_recipe(r)
         self.pad_id = pad_id
         self.device = self.engine.device
         return {"role": self.model_kind, "rank": self.rank, "backend": backend, "device": str(self.device),
