@@ -68,7 +68,17 @@ class Algorithm:
 
     @classmethod
     def check_recipe(cls, recipe) -> None:
-        """Checks across the algorithm and the recipe (run by ``config.validate_recipe``); raise ConfigError."""
+        """Checks across the algorithm and the recipe (run by ``config.validate_recipe``); raise ConfigError.
+        An algorithm on fixed data refuses the keys of online runs instead of ignoring them."""
+        if cls.reads != "examples":
+            return
+        from prefopt.errors import ConfigError
+        t = recipe.train
+        for key, set_ in (("dynamic_sampling", t.dynamic_sampling), ("min_reward_gap", t.min_reward_gap != 0),
+                          ("sample_log_every", t.sample_log_every != 0)):
+            if set_:
+                raise ConfigError(f"train.{key} applies to online runs (a recipe with roles.rollout); objective "
+                                  f"'{recipe.objective.name}' here trains on fixed data")
 
     # roles ---------------------------------------------------------------------------------
     @classmethod

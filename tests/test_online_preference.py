@@ -102,3 +102,30 @@ def test_a_dpo_recipe_with_a_rollout_role_trains_online():
 def test_online_preference_recipe_errors_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_recipe("recipes/tiny_dpo.yaml", ONLINE_DPO + [override])
+
+
+@pytest.mark.parametrize("recipe, override, key", [
+    ("tiny_dpo", "train.dynamic_sampling=true", "train.dynamic_sampling"),
+    ("tiny_sft", "train.sample_log_every=5", "train.sample_log_every"),
+    ("tiny_rm", "train.min_reward_gap=0.1", "train.min_reward_gap"),
+    ("tiny_constrained_xi", "train.dynamic_sampling=true", "train.dynamic_sampling"),
+])
+def test_online_only_keys_are_refused_where_they_would_be_ignored(recipe, override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_recipe(f"recipes/{recipe}.yaml", [override])
+
+
+def test_groups_are_judged_on_the_task_reward_not_the_shaped_one():
+    """DAPO filters on accuracy: an all-wrong group whose overlong penalties differ is still uninformative."""
+    group = samples_with([-0.5, 0.0])
+    for s in group:
+        s.task_reward = 0.0
+    assert informative([group]) == [False]
+    group[1].task_reward = 1.0
+    assert informative([group]) == [True]
+
+
+def test_simpo_online_needs_no_reference_placement():
+    recipe = load_recipe("recipes/tiny_simpo.yaml", ONLINE_DPO)          # placement: actor, unused
+    assert recipe.roles.reference.placement == "actor"
+    load_recipe("recipes/tiny_simpo.yaml", ONLINE_DPO + ["roles.reference.placement=learner"])

@@ -34,7 +34,6 @@ class OnlinePreference(PPO):
     def __init__(self, run):
         super().__init__(run)
         self.objective_cls = run.pre.objective_cls
-        self.min_reward_gap = self.recipe.train.min_reward_gap
 
     @classmethod
     def check_recipe(cls, recipe) -> None:
@@ -49,7 +48,9 @@ class OnlinePreference(PPO):
         if r.rollout.sampling.n < 2:
             raise ConfigError(f"roles.rollout.sampling.n must be >= 2 for online {name} (it compares a "
                               f"prompt's samples), got {r.rollout.sampling.n}")
-        if r.reference is not None and r.reference.placement != "actor":
+        from prefopt.objectives import get_objective
+        needs_reference = "reference" in get_objective(name).needs
+        if needs_reference and r.reference is not None and r.reference.placement != "actor":
             raise ConfigError(f"roles.reference.placement: online {name} takes reference log-probs of new samples "
                               f"every iteration, from reference actors: set roles.reference.placement: actor")
         if t.prompts_per_iteration < t.batch_size:

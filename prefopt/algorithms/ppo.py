@@ -38,6 +38,7 @@ class PPO(Algorithm):
         self.held_out = self.held_out_prompts(prompts)
         self.eval_prompts = run.pre.eval_prompts or []      # train.eval_every: answered greedily, scored
         self.pending_ref = None
+        self.min_reward_gap = t.min_reward_gap   # dynamic sampling drops groups whose reward range is not above it
         self.sampler = PromptSampler(prompts[:len(prompts) - len(self.held_out)], t.seed)
         self.normalizer = RewardNormalizer()
         self.prefetch = None
@@ -144,7 +145,7 @@ class PPO(Algorithm):
         def sample_more(count: int, round_: int) -> list:
             more_prompts = self.sampler.take(count)
             with Timer(timings, "generate"):
-                more, _ = rollout(self.roles, more_prompts, sampling, (t.seed * 100003 + it) * 31 + round_,
+                more, _ = rollout(self.roles, more_prompts, sampling, resample_seed(t.seed, it, round_),
                                   tokenizer.eos_token_id)
             with Timer(timings, "reward"):
                 self.score(more)
@@ -163,7 +164,6 @@ class PPO(Algorithm):
                      self.normalizer, max_tokens=self.recipe.roles.rollout.sampling.max_tokens)
 
     pipelines_reference = True      # async rollouts: start the reference pass of the next batch early
-    min_reward_gap = 0.0            # dynamic sampling drops the groups whose reward range is not above this
 
     def step(self, it: int, *, next_follows: bool) -> tuple[dict[str, float], int]:
         from prefopt.loops.online import Timer, annotate, learn
@@ -199,8 +199,10 @@ class PPO(Algorithm):
         return stats, steps
 
     def non_finite_reward(self, it: int, e, timings: dict) -> dict[str, float]:
-        """The metrics of an iteration whose reward was not finite (no update; the guard counts it)."""
+        """The metrics of an iteration whose reward was not finite (no update; the guard counts it). Its
+        scheduled evaluation still runs."""
         self.guard.check({"loss": math.nan, "skipped": 1}, f"{it} ({e})", e.samples)
+        self.observe(it, [])
         return {"reward/mean": math.nan, "skipped_steps": 1, "reward/non_finite": len(e.samples),
                 "rollout/engine_restarts": self.roles.engines.restarts, **{f"time/{k}": v for k, v in timings.items()}}
 
@@ -221,8 +223,14 @@ class PPO(Algorithm):
         if not self.eval_prompts:
             return
         from prefopt.loops.online_eval import evaluate_held_out
-        record = evaluate_held_out(self.roles, self.eval_prompts, self.recipe.roles.rollout.sampling,
-                                   self.rewards, self.run.tokenizer, seed=self.recipe.train.seed)
+        from prefopt.rewards.sources import NonFiniteReward
+        try:
+            record = evaluate_held_out(self.roles, self.eval_prompts, self.recipe.roles.rollout.sampling,
+                                       self.rewards, self.run.tokenizer, seed=self.recipe.train.seed)
+        except NonFiniteReward as e:     # logged as NaN, like a training batch's; the run goes on
+            import logging
+            logging.getLogger("prefopt").warning("held-out evaluation at iteration %d: %s", it, e)
+            record = {"reward/mean": math.nan, "reward/non_finite": float(len(e.samples))}
         self.run.result.eval_history.append({"iteration": it, **record})
         self.run.logger.log(it, record, prefix="eval")
 
@@ -265,5 +273,13 @@ def eval_summary(history: list[dict]) -> dict[str, float]:
     if not history:
         return {}
     return {"eval_reward_first": history[0]["reward/mean"], "eval_reward_final": history[-1]["reward/mean"],
-            "eval_response_length_first": history[0]["length/mean"],
-            "eval_response_length_final": history[-1]["length/mean"]}
+            "eval_response_length_first": history[0].get("length/mean", math.nan),
+            "eval_response_length_final": history[-1].get("length/mean", math.nan)}
+
+
+def resample_seed(seed: int, iteration: int, round_: int) -> int:
+    """The engines' seed of dynamic sampling's round ``round_`` (2, 3, ...) of an iteration: drawn from
+    the triple, in [2^31, 2^32), so it never equals a first-generation seed ``seed * 100003 + it``
+    (below 2^31 for any seed under ~21,000)."""
+    import random
+    return random.Random(f"resample-{seed}-{iteration}-{round_}").getrandbits(31) | (1 << 31)

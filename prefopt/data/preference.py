@@ -109,8 +109,10 @@ def validate_data_config(cfg: DataConfig) -> None:
             raise ConfigError(f"data.synthetic.num_rows: must be an integer >= 1 (got {syn.num_rows!r})")
         if not is_int(syn.list_size) or syn.list_size < 2:
             raise ConfigError(f"data.synthetic.list_size: must be an integer >= 2 (got {syn.list_size!r})")
-        if not is_int(syn.words) or syn.words < 2:
-            raise ConfigError(f"data.synthetic.words: must be an integer >= 2 (got {syn.words!r})")
+        from prefopt.data.synthetic import NOUNS
+        if not is_int(syn.words) or not 2 <= syn.words <= len(NOUNS):
+            raise ConfigError(f"data.synthetic.words: must be an integer in [2, {len(NOUNS)}] (distinct nouns "
+                              f"to reverse; got {syn.words!r})")
         if not is_int(syn.seed):
             raise ConfigError(f"data.synthetic.seed: must be an integer (got {syn.seed!r})")
 

@@ -20,17 +20,20 @@ class PromptSet:
 
 
 def load_prompt_splits(cfg: DataConfig, tokenizer, *, cache_dir=None, held_out: bool) -> tuple[list[dict], list[dict]]:
-    """Training prompts and held-out prompts (``train.eval_every``). The held-out prompts are
-    ``data.eval_path`` when given, else (``held_out``) a seeded ``data.eval_fraction`` of the prompt
-    set, at most ``data.max_eval_examples``, kept out of training; without either, none."""
+    """Training prompts and, with ``held_out`` (``train.eval_every`` > 0), held-out prompts:
+    ``data.eval_path`` when given, else a seeded ``data.eval_fraction`` of the prompt set, at most
+    ``data.max_eval_examples``, kept out of training. Without ``held_out``: every prompt trains."""
     import dataclasses
     import random
+
+    from prefopt.data.preference import validate_data_config
+    validate_data_config(cfg)
     prompts = load_prompts(cfg, tokenizer, cache_dir=cache_dir).prompts
+    if not held_out:
+        return prompts, []
     if cfg.eval_path:
         eval_cfg = dataclasses.replace(cfg, path=cfg.eval_path, split=cfg.eval_split or cfg.split)
         return prompts, load_prompts(eval_cfg, tokenizer, cache_dir=cache_dir).prompts[:cfg.max_eval_examples]
-    if not held_out:
-        return prompts, []
     count = min(cfg.max_eval_examples, int(len(prompts) * cfg.eval_fraction))
     if count < 1 or count >= len(prompts):
         raise DataError(f"data.eval_fraction={cfg.eval_fraction} of {len(prompts)} prompts leaves "

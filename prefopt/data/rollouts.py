@@ -24,6 +24,7 @@ class RolloutSample:
     row: dict = field(default_factory=dict)          #           the prompt row's fields
     rollout_logps: list[float] | None = None         # [T]       the engine's log-probs of the sampled tokens
     reward: float | None = None                      #           score: the (clipped / normalised) sequence reward
+    task_reward: float | None = None                 #           score: the sources' weighted sum, before any shaping
     reward_components: dict[str, float] = field(default_factory=dict)   # score: each source's raw value
     process_rewards: list[float] | None = None       # [T]       score: refined step rewards at step-end tokens
     ref_logps: list[float] | None = None             # [T]       annotate: the reference's log-probs

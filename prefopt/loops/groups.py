@@ -27,9 +27,15 @@ def groups_of(samples: list, n: int) -> list[list]:
     return [samples[i:i + n] for i in range(0, len(samples), n)]
 
 
+def task_reward(sample: RolloutSample) -> float:
+    """What the groups are judged on: the reward sources' weighted sum before clipping, normalisation
+    and penalties (DAPO filters on accuracy, not on its shaped reward), else the reward."""
+    return sample.task_reward if sample.task_reward is not None else sample.reward
+
+
 def informative(groups: list[list[RolloutSample]], min_gap: float = 0.0) -> list[bool]:
-    """Per group: whether max(reward) - min(reward) > ``min_gap`` (0: the rewards do not all tie)."""
-    return [max(s.reward for s in g) - min(s.reward for s in g) > min_gap for g in groups]
+    """Per group: whether the task rewards' range max - min exceeds ``min_gap`` (0: they do not all tie)."""
+    return [max(map(task_reward, g)) - min(map(task_reward, g)) > min_gap for g in groups]
 
 
 def fill_groups(first: list[RolloutSample], n: int, *, want: int, max_rounds: int, min_gap: float,

@@ -92,7 +92,7 @@ def score(samples: list[RolloutSample], tokenizer, rewards, process_rewards, par
         penalties = overlong_penalty([len(s.response_ids) for s in samples], params.overlong_max_tokens or max_tokens,
                                      params.overlong_buffer, params.overlong_penalty)
     for i, (s, v, penalty) in enumerate(zip(samples, shaped, penalties)):
-        s.reward = v + penalty
+        s.reward, s.task_reward = v + penalty, raw[i]
         s.reward_components = {name: values[i] for name, values in components.items()}
     mean = sum(raw) / len(raw)
     stats = {"reward/mean": mean,

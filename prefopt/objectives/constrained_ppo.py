@@ -80,6 +80,10 @@ class ConstrainedPPO(PPO):
         and length checks (the GRPO family's options apply to the combined-advantage step)."""
         PPO.check_old_logprobs(recipe)
         PPO.check_lengths(recipe)
+        if recipe.train.dynamic_sampling:
+            raise ConfigError("train.dynamic_sampling keeps only the groups whose rewards differ, which biases the "
+                              "batch-mean constraint values the Lagrange multipliers step on: not with "
+                              "objective.name: constrained_ppo")
         sources = recipe.roles.reward.sources if recipe.roles.reward else []
         constrained = 0
         for i, src in enumerate(sources):
