@@ -11,8 +11,8 @@ reward sources. The algorithm box, one iteration (:meth:`OnlinePreference.step`)
    rewards differ by no more than ``train.min_reward_gap`` (all tie) gives nothing and is counted,
    and with ``train.dynamic_sampling`` more prompts are sampled in its place;
 4. reference: the reference actors' summed log-probs of every response (objectives that need them);
-5. learn: optimizer steps over batches of ``train.batch_size`` pairs or lists (what does not fill a
-   batch is dropped and counted);
+5. learn: optimizer steps over seeded batches of ``train.batch_size`` pairs or lists
+   (``loops.online.learn``, one pass; what does not fill a batch is left out and counted);
 6. sync: the new policy weights stream to every engine.
 
 With ``train.async_rollouts`` the next iteration's generation starts before step 5 (one-step off-policy).
@@ -80,8 +80,7 @@ class OnlinePreference(PPO):
 
     def step(self, it: int, *, next_follows: bool) -> tuple[dict[str, float], int]:
         from prefopt.loops.groups import groups_of, preference_examples
-        from prefopt.loops.online import Timer
-        from prefopt.metrics import means, merge_summaries
+        from prefopt.loops.online import Timer, learn
         from prefopt.rewards.sources import NonFiniteReward
         r, t = self.recipe, self.recipe.train
         timings = {}
@@ -91,30 +90,24 @@ class OnlinePreference(PPO):
             return self.non_finite_reward(it, e, timings), 0
         groups = groups_of(samples, r.roles.rollout.sampling.n)
         examples = preference_examples(groups, self.objective_cls.batch_kind, t.min_reward_gap)   # 3. data
-        batches = batching.step_batches(len(examples), t.batch_size, seed=f"{t.seed}-{it}", epochs=1)
         tied = len(groups) - len(examples) + stats.get("sampling/dropped_groups", 0)   # dynamic sampling dropped some
         stats.update({"data/examples": len(examples), "data/tied_groups": tied,
-                      "data/dropped_examples": len(examples) - len(batches) * t.batch_size})
-        if batches and "reference" in self.objective_cls.needs:                   # 4. reference
-            with Timer(timings, "reference"):
-                self.reference_logps([examples[i] for b in batches for i in b])
-        per_step = []
-        with Timer(timings, "learn"):                                                 # 5. learn
-            for n, batch in enumerate(batches):
-                step = self.roles.policy.train_step([examples[i] for i in batch], batching.train_micro(r),
-                                                    what=f"policy step (iteration {it})",
-                                                    inject_nan=it in t.debug_nan_steps)
-                self.guard.check({"loss": means(merge_summaries(step))["loss"], "skipped": step[0]["skipped"]},
-                                 f"{it} (batch {n})", batch)
-                per_step.append(step)
-        if per_step:
-            stats.update(self.learn_metrics(per_step))
+                      "data/dropped_examples": len(examples) % t.batch_size})
+        steps = 0
+        if len(examples) >= t.batch_size:
+            if "reference" in self.objective_cls.needs:                               # 4. reference
+                with Timer(timings, "reference"):
+                    self.reference_logps(examples)
+            with Timer(timings, "learn"):                                             # 5. learn
+                learn_stats, steps = learn(examples, self.roles, r, it, self.guard, epochs=1)
+            stats.update(learn_stats)
         timings["sync"] = self.roles.sync_weights(version=it, wait=self.prefetch is None)   # 6. sync
         stats["rollout/engine_restarts"] = self.roles.engines.restarts
         self.observe(it, samples)
-        stats["response_length"] = sum(len(s.response_ids) for s in samples) / len(samples)
+        if samples:
+            stats["response_length"] = sum(len(s.response_ids) for s in samples) / len(samples)
         stats.update({f"time/{k}": v for k, v in timings.items()})
-        return stats, len(per_step)
+        return stats, steps
 
     def reference_logps(self, examples: list) -> None:
         """Each example's summed reference log-probs (one per response), from the reference actors."""
@@ -123,17 +116,6 @@ class OnlinePreference(PPO):
                                 batching.inference_micro(self.recipe), self.roles.timeout)
         for ex, logps in zip(examples, [x for micro in per_micro for x in micro]):
             ex.ref_logps = logps
-
-    def learn_metrics(self, per_step: list[list[dict]]) -> dict[str, float]:
-        """The objective's metrics averaged over the iteration's steps and learners; the last step's
-        gradient norm and learning rate."""
-        from prefopt.metrics import means, merge_summaries
-        stats = means(merge_summaries([learner for step in per_step for learner in step]))
-        last = per_step[-1][0]
-        stats.update(grad_norm=last["grad_norm"], lr=last["lr"],
-                     skipped_steps=sum(step[0]["skipped"] for step in per_step),
-                     policy_steps_time_s=sum(step[0]["time_s"] for step in per_step))
-        return stats
 
     def postfix(self, stats: dict) -> dict[str, str]:
         return {"reward": f"{stats['reward/mean']:.3f}", "loss": f"{stats.get('loss', float('nan')):.4f}"}

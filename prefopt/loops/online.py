@@ -185,27 +185,34 @@ def _collect_pipelined_reference(samples: list[RolloutSample], refs, timeout_s: 
     return [out]
 
 
-def learn(samples: list[RolloutSample], roles, recipe: Recipe, iteration: int, guard=None) -> tuple[dict[str, float], int]:
-    """PPO epochs of policy (and critic) optimizer steps; returns their metrics and the step count.
+def learn(samples: list, roles, recipe: Recipe, iteration: int, guard=None, *,
+          epochs: int | None = None) -> tuple[dict[str, float], int]:
+    """``epochs`` (default ``objective.ppo_epochs``) seeded passes of policy (and critic) optimizer
+    steps over batches of ``train.batch_size`` items (rollout samples, or online preference pairs /
+    lists; an incomplete last batch is left out); returns the metrics and the optimizer step count.
     ``guard`` (``loops.guards.SkipGuard``) counts policy steps skipped for non-finite values."""
-    t, params = recipe.train, recipe.objective
-    policy_stats, critic_stats, skipped = [], [], 0
+    t = recipe.train
+    epochs = recipe.objective.ppo_epochs if epochs is None else epochs
+    policy_stats, critic_stats, skipped, steps = [], [], 0, 0
     per_epoch = len(samples) // t.batch_size
-    # mini-batches: a seeded shuffle per PPO epoch (the offline loop's step_batches, seeded per iteration)
+    # mini-batches: a seeded shuffle per epoch (the offline loop's step_batches, seeded per iteration)
     for n, indices in enumerate(batching.step_batches(len(samples), t.batch_size, seed=f"{t.seed}-{iteration}",
-                                                      epochs=params.ppo_epochs)):
+                                                      epochs=epochs)):
         batch = [samples[i] for i in indices]
         step = roles.policy.train_step(batch, batching.train_micro(recipe),
                                        what=f"policy step (iteration {iteration})",
                                        inject_nan=iteration in t.debug_nan_steps)
         policy_stats += step
+        steps += 1
         if guard is not None:
             check = {"loss": means(merge_summaries(step))["loss"], "skipped": step[0]["skipped"]}
-            skipped += guard.check(check, f"{iteration} (PPO epoch {n // per_epoch}, batch {n % per_epoch})",
+            skipped += guard.check(check, f"{iteration} (epoch {n // per_epoch}, batch {n % per_epoch})",
                                    indices) > 0
         if roles.critic is not None:
             critic_stats += roles.critic.train_step(batch, batching.train_micro(recipe),
                                                     what=f"critic step (iteration {iteration})")
+    if not policy_stats:
+        return {}, 0
     stats = means(merge_summaries(policy_stats))
     stats.update(grad_norm=policy_stats[-1]["grad_norm"], lr=policy_stats[-1]["lr"], skipped_steps=skipped,
                  policy_steps_time_s=sum(p["time_s"] for p in policy_stats[::len(roles.policy)]))
@@ -213,7 +220,7 @@ def learn(samples: list[RolloutSample], roles, recipe: Recipe, iteration: int, g
         critic = means(merge_summaries(critic_stats))
         stats.update({k: v for k, v in critic.items() if k.startswith("critic/")})
         stats.update({"critic/value_loss": critic["loss"], "critic/grad_norm": critic_stats[-1]["grad_norm"]})
-    return stats, len(policy_stats)
+    return stats, steps
 
 
 def evaluate_prompts(roles, prompts: list[dict], sampling, eval_fn, tokenizer, *, seed: int) -> float:
