@@ -229,6 +229,7 @@ _NUM_RESOURCES = {"num_cpus": ">=0", "num_gpus": ">=0"}
 RULES: dict[str, str] = {
     "data.eval_fraction": "[0,1)", "data.max_eval_examples": ">=0", "data.max_length": ">0",
     "data.max_prompt_length": ">0", "data.synthetic.num_rows": ">0", "data.synthetic.list_size": ">=2",
+    "model.lora.r": ">0", "model.lora.alpha": ">0", "model.lora.dropout": "[0,1)",
     "roles.learner.num_actors": ">0", "roles.learner.resources.*": ">=0",
     "roles.reference.num_actors": ">0",
     "roles.rollout.engines": ">0", "roles.rollout.resources.*": ">=0", "roles.rollout.max_restarts": ">=0",

@@ -17,6 +17,18 @@ from omegaconf import MISSING
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters (Hu et al. 2021) through peft on every learner's model; the base weights stay frozen.
+    The reference is the same model with its adapters disabled."""
+    r: int = 8
+    alpha: float = 16.0                      # scaling alpha / r
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+    modules_to_save: list[str] = field(default_factory=list)   # trained fully (a reward or value head always is)
+
+
+@dataclass
 class ModelConfig:
     # A local HF checkpoint directory, a hub name (needs network), or "builtin:tiny-llama"
     # (a tiny Llama-family model + tokenizer built offline; used by tests, demo and benchmarks).
@@ -29,6 +41,7 @@ class ModelConfig:
                                              # micro-batch into one row (no pad FLOPs; models/packing.py)
     share_prompts: bool = True               # with padding_free and sdpa: rows with the same prompt (a pair,
                                              # a list, a rollout group) share one copy of it in the packed row
+    lora: Optional[LoraConfig] = None        # LoRA adapters instead of full fine-tuning (null: full)
 
 
 @dataclass

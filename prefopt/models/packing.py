@@ -198,8 +198,9 @@ def packed_logits(model, packed: Packed) -> torch.Tensor:
 def _accepts_logits_to_keep(model) -> bool:
     module = getattr(model, "module", model)          # a DeepSpeed engine wraps the HF model
     cached = getattr(module, "_prefopt_logits_to_keep", None)
-    if cached is None:
-        cached = "logits_to_keep" in inspect.signature(module.forward).parameters
+    if cached is None:   # a peft (LoRA) model passes the argument on to the model it wraps
+        target = module.get_base_model() if hasattr(module, "get_base_model") else module
+        cached = "logits_to_keep" in inspect.signature(target.forward).parameters
         module._prefopt_logits_to_keep = cached
     return cached
 

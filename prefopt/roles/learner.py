@@ -77,6 +77,10 @@ class LearnerWorker:
             model = load_value_model(path, num_heads=self.value_heads, padding_free=r.model.padding_free, **kwargs)
         if r.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if r.model.lora is not None:
+            from prefopt.models.lora import apply_lora
+            torch.manual_seed(r.train.seed)      # the adapters' A init: the same on every rank and resume
+            model = apply_lora(model, r.model.lora, self.model_kind)
         train_cfg = r.train if lr is None else dataclasses.replace(r.train, lr=lr)
         self.engine = init_engine(model, train_cfg, self.role_cfg, grad_accum=grad_accum,
                                   total_steps=total_steps)
@@ -106,20 +110,34 @@ class LearnerWorker:
                              packing=self.packing)
 
     # ------------------------------------------------------------------ collective calls
-    def compute_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
-        """Summed response log-probs (eval mode, no grad), e.g. to cache reference log-probs."""
+    def compute_logps(self, micro_batches: list[list[dict]], reference: bool = False) -> list[list[list[float]]]:
+        """Summed response log-probs (eval mode, no grad), e.g. to cache reference log-probs.
+        ``reference``: with the LoRA adapters disabled (the base model: the reference)."""
+        from prefopt.models.lora import adapters_off
         from prefopt.roles.common import response_logps
         self.engine.eval()
         try:
-            return response_logps(self.engine, micro_batches, self.pad_id, self.device, self.objective.batch_kind,
-                                  packing=self.packing)
+            with adapters_off(self.engine.module) if reference else _nothing():
+                return response_logps(self.engine, micro_batches, self.pad_id, self.device,
+                                      self.objective.batch_kind, packing=self.packing)
         finally:
             self.engine.train()
 
-    def compute_token_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
-        """The policy's log-prob of each response token of each rollout sample (PPO's old log-probs)."""
+    def compute_token_logps(self, micro_batches: list[list[dict]], reference: bool = False) -> list[list[list[float]]]:
+        """The policy's log-prob of each response token of each rollout sample (PPO's old log-probs);
+        ``reference``: the base model's, with the LoRA adapters disabled (the KL reference)."""
         assert self.model_kind == "policy", self.model_kind
-        return self._per_token(micro_batches)
+        from prefopt.models.lora import adapters_off
+        with adapters_off(self.engine.module) if reference else _nothing():
+            return self._per_token(micro_batches)
+
+    def compute_reference_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
+        """``compute_logps`` of the base model (LoRA adapters disabled): the reference on the learners."""
+        return self.compute_logps(micro_batches, reference=True)
+
+    def compute_reference_token_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
+        """``compute_token_logps`` of the base model (LoRA adapters disabled): the KL reference on the learners."""
+        return self.compute_token_logps(micro_batches, reference=True)
 
     def compute_values(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
         """The critic's value at each response token of each rollout sample."""
@@ -211,10 +229,16 @@ class LearnerWorker:
         return total_grad_norm([p.grad.detach() for p in self.engine.module.parameters() if p.grad is not None])
 
     def export_weights(self) -> list | None:
-        """The policy's named parameters as CPU tensors on rank 0 (gathered under ZeRO-3)."""
+        """The policy's named parameters as CPU tensors on rank 0 (gathered under ZeRO-3); with LoRA the
+        merged weights under the base model's names (what the engines and HF exports load)."""
         import deepspeed
 
         zero3 = self.engine.zero_optimization_stage() == 3
+        from prefopt.models.lora import is_lora, merged_weights
+        if is_lora(self.engine.module):
+            gather = (lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)) if zero3 else None
+            named = merged_weights(self.engine.module, gather)        # collective under ZeRO-3: every rank
+            return named if self.rank == 0 else None
         out = []
         for name, param in self.engine.module.named_parameters():
             if zero3:
@@ -229,6 +253,9 @@ class LearnerWorker:
         """Rank 0 joins the weight-sync group with the rollout engines; returns the tensor specs."""
         from prefopt.backends.weight_sync import StatelessGroup
         self.sync_group = StatelessGroup(host, port, 0, world_size, timeout_s=timeout_s)
+        from prefopt.models.lora import is_lora
+        if is_lora(self.engine.module):     # the merged weights' names and shapes (rank 0 exports them)
+            return [(name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in self.export_weights()]
         return [(name, tuple(getattr(p, "ds_shape", p.shape)), str(p.dtype).removeprefix("torch."))
                 for name, p in self.engine.module.named_parameters()]
 
@@ -259,7 +286,11 @@ class LearnerWorker:
         return outs
 
     def save_model(self, out_dir: str) -> bool:
-        """Write the policy in HF format (safetensors). Collective under ZeRO-3; rank 0 writes."""
+        """Write the policy in HF format (safetensors). Collective under ZeRO-3; rank 0 writes. With LoRA:
+        the merged model in ``out_dir`` and the adapter in PEFT's format in ``out_dir/adapter``."""
+        from prefopt.models.lora import is_lora
+        if is_lora(self.engine.module):
+            return self._save_lora(out_dir)
         if self.engine.zero_optimization_stage() == 3:
             state = self.engine._zero3_consolidated_16bit_state_dict()
         else:
@@ -267,6 +298,20 @@ class LearnerWorker:
         if self.rank == 0:
             self.engine.module.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
         import torch.distributed as dist
+        dist.barrier()
+        return self.rank == 0
+
+    def _save_lora(self, out_dir: str) -> bool:
+        import torch.distributed as dist
+
+        from prefopt.models.lora import save_adapter
+        merged = self.export_weights()                                   # collective under ZeRO-3
+        full = self.engine._zero3_consolidated_16bit_state_dict() if self.engine.zero_optimization_stage() == 3 \
+            else None
+        if self.rank == 0:
+            module = self.engine.module
+            module.get_base_model().save_pretrained(out_dir, state_dict=dict(merged), safe_serialization=True)
+            save_adapter(module, os.path.join(out_dir, "adapter"), state_dict=full)
         dist.barrier()
         return self.rank == 0
 
@@ -294,3 +339,8 @@ class LearnerWorker:
         import torch.distributed as dist
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _nothing():
+    import contextlib
+    return contextlib.nullcontext()

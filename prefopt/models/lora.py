@@ -1,0 +1,83 @@
+"""LoRA adapters on a learner's model (Hu et al. 2021, arXiv 2106.09685), through peft.
+
+``model.lora`` in a recipe wraps every learner's model (policy, reward model, critic) with peft's LoRA:
+the base weights are frozen, each targeted linear layer gets ``W x + (alpha / r) B A x`` with ``B = 0``
+at the start (so the initial model is the base model exactly), and a reward or value head is trained
+fully (peft's ``modules_to_save``).
+
+* The reference is the same model with its adapters disabled (:func:`adapters_off`): no second copy.
+* The engines and HF exports get the merged weights, named as the base model's
+  (:func:`merged_weights`): ``W + (alpha / r) B A`` for every adapted layer, the trained copy of every
+  fully trained module, the base weight of everything else.
+* ``save_adapter`` writes the adapter in PEFT's format (``adapter_model.safetensors``).
+"""
+from __future__ import annotations
+
+import contextlib
+
+HEADS = {"policy": [], "reward": ["score"], "critic": ["score"]}   # trained fully
+TASKS = {"policy": "CAUSAL_LM", "reward": "SEQ_CLS", "critic": "TOKEN_CLS"}
+
+
+def apply_lora(model, cfg, model_kind: str):
+    """``model`` wrapped with LoRA adapters per ``cfg`` (``config_schema.LoraConfig``); only the adapters
+    and the fully trained modules require gradients."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    config = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                        target_modules=list(cfg.target_modules),
+                        modules_to_save=sorted(set(cfg.modules_to_save) | set(HEADS[model_kind])) or None,
+                        task_type=getattr(TaskType, TASKS[model_kind]))
+    return get_peft_model(model, config)
+
+
+def is_lora(model) -> bool:
+    from peft import PeftModel
+    return isinstance(model, PeftModel)
+
+
+def adapters_off(model):
+    """A context in which ``model`` (a PeftModel, or a plain model: no-op) runs without its adapters:
+    the base model, i.e. the reference."""
+    return model.disable_adapter() if is_lora(model) else contextlib.nullcontext()
+
+
+def base_name(name: str) -> str:
+    """A PeftModel parameter name -> the base model's (``base_model.model.`` prefix, ``.base_layer`` and
+    ``.modules_to_save.default`` dropped)."""
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+
+
+def merged_weights(model, gather=None) -> list[tuple[str, object]]:
+    """The merged model's named tensors (CPU, detached), named as the base model's: adapted layers'
+    ``W + scaling * B @ A``, fully trained modules' trained copies, everything else as is.
+
+    ``gather(params)``: a context that makes the given parameters whole (ZeRO-3's ``GatheredParameters``);
+    None: they already are."""
+    from peft.tuners.lora import LoraLayer
+    gather = gather or (lambda params: contextlib.nullcontext())
+    out, done = [], set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            base = module.base_layer
+            a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+            with gather([base.weight, a, b]):
+                weight = base.weight.data + module.scaling["default"] * (b.data @ a.data).to(base.weight.dtype)
+                out.append((base_name(f"{module_name}.weight"), weight.detach().cpu().clone()))
+            done.update(id(p) for p in (base.weight, a, b))
+            if getattr(base, "bias", None) is not None:
+                with gather([base.bias]):
+                    out.append((base_name(f"{module_name}.bias"), base.bias.data.detach().cpu().clone()))
+                done.add(id(base.bias))
+    for name, param in model.named_parameters():
+        if id(param) in done or "lora_" in name or ".original_module." in name:
+            continue          # adapted above; a fully trained module's frozen original is replaced by its copy
+        with gather([param]):
+            out.append((base_name(name), param.data.detach().cpu().clone()))
+    return out
+
+
+def save_adapter(model, out_dir: str, state_dict=None) -> None:
+    """The adapter (and fully trained modules) in PEFT's format: ``adapter_config.json`` +
+    ``adapter_model.safetensors``."""
+    model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)

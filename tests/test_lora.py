@@ -1,0 +1,81 @@
+"""LoRA adapters (peft) on the learners' models: merged weights, the adapter-free reference, exports (fast,
+in-process); the end-to-end runs are in test_e2e_lora.py."""
+import copy
+
+import pytest
+import torch
+
+from prefopt.config_schema import LoraConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_path():
+    from prefopt.models.tiny import resolve_model_path
+    return resolve_model_path("builtin:tiny-llama")
+
+
+def lora_model(path, kind="policy", **cfg):
+    from prefopt.models.load import load_causal_lm
+    from prefopt.models.lora import apply_lora
+    torch.manual_seed(0)
+    base = load_causal_lm(path, precision="fp32", padding_free=False)
+    model = apply_lora(copy.deepcopy(base), LoraConfig(**cfg), kind)
+    with torch.no_grad():                           # a trained adapter: B away from its zero init
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return base, model
+
+
+def test_only_adapters_train_and_the_untrained_adapter_is_the_base_model(tiny_path):
+    from prefopt.models.load import load_causal_lm
+    from prefopt.models.lora import apply_lora
+    base = load_causal_lm(tiny_path, precision="fp32", padding_free=False)
+    model = apply_lora(copy.deepcopy(base), LoraConfig(r=4), "policy")
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    x = torch.tensor([[1, 5, 9, 13, 2]])
+    assert torch.equal(model(input_ids=x).logits, base(input_ids=x).logits)     # B = 0: exactly the base
+
+
+def test_adapters_off_is_the_base_model_exactly(tiny_path):
+    from prefopt.models.lora import adapters_off
+    base, model = lora_model(tiny_path, r=4)
+    x = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    assert not torch.allclose(model(input_ids=x).logits, base(input_ids=x).logits)
+    with adapters_off(model):
+        assert torch.equal(model(input_ids=x).logits, base(input_ids=x).logits)
+
+
+def test_merged_weights_equal_peft_merge_and_carry_the_base_names(tiny_path):
+    from prefopt.models.lora import merged_weights
+    base, model = lora_model(tiny_path, r=4, alpha=8.0)
+    merged = dict(merged_weights(model))
+    reference = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert set(merged) == set(base.state_dict()) == set(reference)
+    for name, tensor in merged.items():
+        torch.testing.assert_close(tensor, reference[name], rtol=0, atol=1e-7)
+    plain = copy.deepcopy(base)
+    plain.load_state_dict(merged)
+    x = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    torch.testing.assert_close(plain(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=1e-5)
+
+
+def test_a_reward_head_is_trained_fully_and_merged_under_its_own_name():
+    from prefopt.models.lora import apply_lora, merged_weights
+    from prefopt.models.reward import load_reward_model
+    from prefopt.models.tiny import resolve_model_path
+    model = load_reward_model(resolve_model_path("builtin:tiny-llama"), num_labels=1, labels=["reward"],
+                              pad_token_id=0, precision="fp32")
+    names = set(model.state_dict())
+    peft_model = apply_lora(model, LoraConfig(r=4), "reward")
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("score" in n and "modules_to_save" in n for n in trainable)
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(1.0)
+    merged = dict(merged_weights(peft_model))
+    assert set(merged) == names
+    assert torch.equal(merged["score.weight"], dict(peft_model.named_parameters())[
+        next(n for n in trainable if n.endswith("score.modules_to_save.default.weight"))].detach())
