@@ -59,6 +59,7 @@ class StandInRoles:
     """What PPO.step needs of ``roles.online.OnlineRoles``."""
     critic = None
     timeout = 60.0
+    reference_on_policy = False
 
     def __init__(self):
         self.policy, self.engines, self.references = StandInLearners(-1.0), StandInEngines(), ["reference"]

@@ -20,7 +20,7 @@ With ``train.async_rollouts`` the next iteration's generation starts before step
 from __future__ import annotations
 
 from prefopt.algorithms import register_algorithm
-from prefopt.algorithms.ppo import PPO, eval_summary
+from prefopt.algorithms.ppo import PPO, eval_summary, reference_on_policy
 from prefopt.data import batching
 from prefopt.errors import ConfigError
 from prefopt.roles.spec import RoleSpec
@@ -50,9 +50,11 @@ class OnlinePreference(PPO):
                               f"prompt's samples), got {r.rollout.sampling.n}")
         from prefopt.objectives import get_objective
         needs_reference = "reference" in get_objective(name).needs
-        if needs_reference and r.reference is not None and r.reference.placement != "actor":
+        if needs_reference and r.reference is not None and r.reference.placement != "actor" \
+                and recipe.model.lora is None:
             raise ConfigError(f"roles.reference.placement: online {name} takes reference log-probs of new samples "
-                              f"every iteration, from reference actors: set roles.reference.placement: actor")
+                              f"every iteration, from reference actors (roles.reference.placement: actor) or, "
+                              f"with model.lora, from the policy learners with their adapters disabled")
         if t.prompts_per_iteration < t.batch_size:
             raise ConfigError(f"train.prompts_per_iteration ({t.prompts_per_iteration}) gives at most that many "
                               f"pairs or lists per iteration: it must be >= train.batch_size ({t.batch_size})")
@@ -64,9 +66,10 @@ class OnlinePreference(PPO):
         from prefopt.objectives import get_objective
         r = recipe.roles
         needs_reference = "reference" in get_objective(recipe.objective.name).needs
+        on_policy = needs_reference and reference_on_policy(recipe)
         models = [(f"roles.reward.sources[{i}]", s) for i, s in enumerate(r.reward.sources) if not s.fn]
-        return RoleSpec(policy=r.learner, rollout=r.rollout, reward_models=models,
-                        reference=r.reference if needs_reference else None)
+        return RoleSpec(policy=r.learner, rollout=r.rollout, reward_models=models, reference_on_policy=on_policy,
+                        reference=r.reference if needs_reference and not on_policy else None)
 
     def setup(self) -> list[dict]:
         t = self.recipe.train
@@ -110,10 +113,14 @@ class OnlinePreference(PPO):
         return stats, steps
 
     def reference_logps(self, examples: list) -> None:
-        """Each example's summed reference log-probs (one per response), from the reference actors."""
+        """Each example's summed reference log-probs (one per response), from the reference actors or
+        (LoRA) the policy learners with their adapters disabled."""
         from prefopt.roles.group import run_sharded
-        per_micro = run_sharded(self.roles.references, "compute_logps", examples,
-                                batching.inference_micro(self.recipe), self.roles.timeout)
+        micro = batching.inference_micro(self.recipe)
+        if self.roles.reference_on_policy:
+            per_micro = self.roles.policy.infer("compute_reference_logps", examples, micro)
+        else:
+            per_micro = run_sharded(self.roles.references, "compute_logps", examples, micro, self.roles.timeout)
         for ex, logps in zip(examples, [x for micro in per_micro for x in micro]):
             ex.ref_logps = logps
 

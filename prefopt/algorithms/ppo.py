@@ -57,9 +57,10 @@ class PPO(Algorithm):
         models = [(f"roles.reward.sources[{i}]", s) for i, s in enumerate(r.reward.sources) if not s.fn]
         if r.reward.process is not None and r.reward.process.model:
             models.append(("roles.reward.process", r.reward.process))
+        on_policy = "reference" in needed and reference_on_policy(recipe)
         return RoleSpec(policy=r.learner, rollout=r.rollout, reward_models=models,
-                        reference=r.reference if "reference" in needed else None,
-                        critic=r.critic if "critic" in needed else None)
+                        reference=r.reference if "reference" in needed and not on_policy else None,
+                        reference_on_policy=on_policy, critic=r.critic if "critic" in needed else None)
 
     def build_roles(self):
         from prefopt.rewards.sources import SequenceRewards
@@ -283,3 +284,10 @@ def resample_seed(seed: int, iteration: int, round_: int) -> int:
     (below 2^31 for any seed under ~21,000)."""
     import random
     return random.Random(f"resample-{seed}-{iteration}-{round_}").getrandbits(31) | (1 << 31)
+
+
+def reference_on_policy(recipe) -> bool:
+    """Whether an online run's reference is the policy learners' model with its LoRA adapters disabled
+    (``model.lora`` and ``roles.reference.placement: learner``) instead of reference actors."""
+    return recipe.model.lora is not None and recipe.roles.reference is not None \
+        and recipe.roles.reference.placement == "learner"

@@ -51,8 +51,10 @@ class OfflineRoles:
 def cache_reference_logps(roles: OfflineRoles, examples: list[dict], micro: int | batching.Budget) -> None:
     """Attach ``ref_logps`` (one per response) to every example, computed once."""
     from prefopt.roles.group import run_sharded
-    workers = roles.references or roles.policy.actors
-    per_micro = run_sharded(workers, "compute_logps", examples, micro, roles.timeout)
+    if roles.references:
+        per_micro = run_sharded(roles.references, "compute_logps", examples, micro, roles.timeout)
+    else:   # the learners before their first update (with LoRA: adapters disabled, the base model)
+        per_micro = run_sharded(roles.policy.actors, "compute_reference_logps", examples, micro, roles.timeout)
     flat = [logps for micro_out in per_micro for logps in micro_out]
     assert len(flat) == len(examples), (len(flat), len(examples))
     for ex, logps in zip(examples, flat):

@@ -135,6 +135,9 @@ def annotate(samples: list[RolloutSample], roles, micro: int | batching.Budget, 
         pending["old_logps"] = (roles.policy.submit("compute_token_logps", samples, micro), "policy log-probs")
     if roles.critic is not None:
         pending["values"] = (roles.critic.submit("compute_values", samples, micro), "critic values")
+    if roles.reference_on_policy:     # LoRA: the policy learners with their adapters disabled
+        pending["ref_logps"] = (roles.policy.submit("compute_reference_token_logps", samples, micro),
+                                "reference log-probs (adapters disabled)")
     stats = {}
     if roles.references:
         ref = _collect_pipelined_reference(samples, pending_ref, roles.timeout)

@@ -30,6 +30,7 @@ class OnlineRoles:
                                        value_heads=value_heads(r))
         from prefopt import console
         self.references = []
+        self.reference_on_policy = spec.reference_on_policy   # LoRA: the policy learners, adapters off
         if spec.reference is not None:
             ref = spec.reference
             console.status(f"starting {ref.num_actors} reference actor{'s' if ref.num_actors > 1 else ''}")

@@ -14,6 +14,9 @@ class RoleSpec:
     critic: object | None = None                     # CriticRoleConfig (GAE)
     rollout: object | None = None                    # RolloutRoleConfig: vLLM engines
     reward_models: list[tuple[str, object]] = field(default_factory=list)   # (recipe key, source config)
+    # online with LoRA and roles.reference.placement: learner: the reference is the policy learners'
+    # own model with its adapters disabled (no reference actors)
+    reference_on_policy: bool = False
 
     def demand(self) -> list[tuple[str, int, dict[str, float]]]:
         """``(recipe key, actor count, resources per actor)`` of every actor the run starts."""
