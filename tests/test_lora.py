@@ -79,3 +79,17 @@ def test_a_reward_head_is_trained_fully_and_merged_under_its_own_name():
     assert set(merged) == names
     assert torch.equal(merged["score.weight"], dict(peft_model.named_parameters())[
         next(n for n in trainable if n.endswith("score.modules_to_save.default.weight"))].detach())
+
+
+def test_the_saved_adapter_loads_back_with_peft(tiny_path, tmp_path):
+    """adapter_state + save_adapter write PEFT's format; PeftModel.from_pretrained on the base model
+    gives the same outputs as the trained model."""
+    from peft import PeftModel
+
+    from prefopt.models.lora import adapter_state, save_adapter
+    base, model = lora_model(tiny_path, r=4)
+    save_adapter(model, str(tmp_path / "adapter"), adapter_state(model))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter"))
+    x = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=1e-6)

@@ -77,7 +77,19 @@ def merged_weights(model, gather=None) -> list[tuple[str, object]]:
     return out
 
 
-def save_adapter(model, out_dir: str, state_dict=None) -> None:
+def adapter_state(model, gather=None) -> dict:
+    """The adapters' and fully trained modules' tensors (CPU), under the PeftModel's own names (what
+    ``save_pretrained`` filters); ``gather`` as in :func:`merged_weights`."""
+    gather = gather or (lambda params: contextlib.nullcontext())
+    out = {}
+    for name, param in model.named_parameters():
+        if "lora_" in name or ".modules_to_save." in name:
+            with gather([param]):
+                out[name] = param.data.detach().cpu().clone()
+    return out
+
+
+def save_adapter(model, out_dir: str, state_dict: dict) -> None:
     """The adapter (and fully trained modules) in PEFT's format: ``adapter_config.json`` +
-    ``adapter_model.safetensors``."""
+    ``adapter_model.safetensors`` (``state_dict``: :func:`adapter_state`)."""
     model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)

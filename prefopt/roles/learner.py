@@ -304,14 +304,17 @@ class LearnerWorker:
     def _save_lora(self, out_dir: str) -> bool:
         import torch.distributed as dist
 
-        from prefopt.models.lora import save_adapter
+        import deepspeed
+
+        from prefopt.models.lora import adapter_state, save_adapter
         merged = self.export_weights()                                   # collective under ZeRO-3
-        full = self.engine._zero3_consolidated_16bit_state_dict() if self.engine.zero_optimization_stage() == 3 \
-            else None
+        gather = (lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)) \
+            if self.engine.zero_optimization_stage() == 3 else None
+        adapter = adapter_state(self.engine.module, gather)              # collective under ZeRO-3
         if self.rank == 0:
             module = self.engine.module
             module.get_base_model().save_pretrained(out_dir, state_dict=dict(merged), safe_serialization=True)
-            save_adapter(module, os.path.join(out_dir, "adapter"), state_dict=full)
+            save_adapter(module, os.path.join(out_dir, "adapter"), adapter)
         dist.barrier()
         return self.rank == 0
 
