@@ -103,7 +103,7 @@ def test_rloo_hand_computed():
 
 
 def test_advantage_registry_common_signature():
-    assert ADVANTAGES.names() == ["gae", "grpo", "rloo"]
+    assert ADVANTAGES.names() == ["dr_grpo", "gae", "grpo", "rloo"]
     g = torch.Generator().manual_seed(2)
     B, T = 4, 5
     r, v = torch.randn(B, T, generator=g, dtype=D), torch.randn(B, T, generator=g, dtype=D)
@@ -113,7 +113,8 @@ def test_advantage_registry_common_signature():
     adv, ret = ADVANTAGES.get("gae")(**kw)
     torch.testing.assert_close(adv, gae(r, v, mask, gamma=1.0, lam=0.95)[0])
     assert ret is not None
-    for name, fn in [("grpo", lambda s: grpo_advantages(s, 2)), ("rloo", lambda s: rloo_advantages(s, 2))]:
+    for name, fn in [("grpo", lambda s: grpo_advantages(s, 2)), ("rloo", lambda s: rloo_advantages(s, 2)),
+                     ("dr_grpo", lambda s: grpo_advantages(s, 2, std_normalize=False))]:
         adv, ret = ADVANTAGES.get(name)(**{**kw, "values": None})
         assert ret is None and adv.shape == (B, T)
         torch.testing.assert_close(adv, fn(scores)[:, None] * mask)
