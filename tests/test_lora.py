@@ -93,3 +93,22 @@ def test_the_saved_adapter_loads_back_with_peft(tiny_path, tmp_path):
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "adapter"))
     x = torch.tensor([[1, 5, 9, 13, 2, 7]])
     torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=1e-6)
+
+
+def test_a_lora_reward_model_scores_through_its_adapters_and_trained_head():
+    """reward_parts unwraps the peft model: the backbone carries the adapters, the head is the trained copy."""
+    from prefopt.models.lora import apply_lora
+    from prefopt.models.reward import forward_scores, load_reward_model
+    from prefopt.models.tiny import resolve_model_path
+    base = load_reward_model(resolve_model_path("builtin:tiny-llama"), num_labels=1, labels=["reward"],
+                             pad_token_id=0, precision="fp32")
+    model = apply_lora(copy.deepcopy(base), LoraConfig(r=4), "reward")
+    batch = {"input_ids": torch.tensor([[1, 5, 9, 13], [1, 7, 2, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
+    torch.testing.assert_close(forward_scores(model, batch).scores, forward_scores(base, batch).scores,
+                               rtol=0, atol=1e-6)          # B = 0 and the head's copy is the head
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.add_(0.05)
+    assert not torch.allclose(forward_scores(model, batch).scores, forward_scores(base, batch).scores)

@@ -49,6 +49,8 @@ def load_reward_model(path: str, *, num_labels: int = 1, labels: list[str] | Non
 def reward_parts(model):
     """``(backbone, head)`` of a ``*ForSequenceClassification`` model (or a DeepSpeed engine around one)."""
     module = getattr(model, "module", model)
+    if hasattr(module, "get_base_model"):      # a peft (LoRA) model: its adapters live inside the base model
+        module = module.get_base_model()
     backbone = getattr(module, getattr(module, "base_model_prefix", "model"), None)
     head = getattr(module, "score", None)
     if backbone is None or not isinstance(head, torch.nn.Module):
