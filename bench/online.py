@@ -5,8 +5,9 @@
     python bench/online.py --quick     # smoke run: tiny model only, few calls / iterations (~3 minutes, mostly start-up)
     python bench/online.py --parts rollout --models tiny,100m --out /tmp/b
     python bench/online.py --parts trl --trl-models 100m        # TRL vs prefopt on llama-100m (~3 minutes)
+    python bench/online.py --parts 20m --rounds 3               # ~20M model: GRPO and online DPO vs TRL (~25 min)
 
-Three parts; every configuration (one table row) runs in its own subprocess
+Three parts (and a fourth, ``20m``, on request: ``online_20m.py``'s docstring); every configuration (one table row) runs in its own subprocess
 (``--worker KIND --config FILE``), so that no row inherits another's threads, Ray cluster or caches:
 
 1. **rollout** — tokens/s of sampling the same prompts (the first 32 of prefopt's ``synthetic:pairs``
@@ -75,6 +76,7 @@ from online_rollout import (ROLLOUT, ROLLOUT_QUICK, ROLLOUT_ROWS, rollout_table,
                             run_rollouts, same_samples)
 from online_rollout_sessions import SESSIONS, serve_session  # noqa: E402
 from online_trl import TRL, TRL_DEFAULT_MODELS, TRL_QUICK, trl_table, trl_worker  # noqa: E402
+import online_20m  # noqa: E402
 
 WORKERS = {"loop": loop_worker, "trl": trl_worker}
 
@@ -90,8 +92,10 @@ def run_worker(kind: str, config_path: str) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny model only, few calls / iterations (smoke run)")
-    ap.add_argument("--parts", default="rollout,loop,trl", help="comma-separated subset of: rollout,loop,trl")
-    ap.add_argument("--models", default=None, help="models for rollout and loop parts: tiny,100m")
+    ap.add_argument("--parts", default="rollout,loop,trl", help="comma-separated subset of: rollout,loop,trl,20m "
+                    "(20m: a ~20M-parameter model, prefopt GRPO and online DPO vs TRL; not in the default run)")
+    ap.add_argument("--models", default=None, help="models for rollout and loop parts: tiny,100m (loop also: "
+                    + ",".join(k for k in LOOP if LOOP[k].get("recipe")) + ")")
     ap.add_argument("--out", default=os.environ.get("BENCH_OUT"), help="output folder "
                     "(default $BENCH_OUT or runs/bench-online/<timestamp>)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per row")
@@ -102,15 +106,24 @@ def main(argv=None) -> None:
                     "~1.5 minutes more)")
     ap.add_argument("--trl-threads", default="1", help="comma-separated torch thread counts for TRL rows "
                     f"(e.g. 1,{CPUS}); default 1, like every prefopt actor")
-    ap.add_argument("--render", metavar="RESULTS_JSON", help="print the tables of an earlier run and exit")
+    ap.add_argument("--rows", default=None, help="20m part: comma-separated row ids (default all: "
+                    + ",".join(online_20m.ROWS) + "); TRL rows also run with each --trl-threads count")
+    ap.add_argument("--rounds", type=int, default=2, help="20m part: interleaved rounds of its rows (default 2)")
+    ap.add_argument("--iterations", type=int, default=None, help="20m part: iterations (TRL: generation cycles) "
+                    f"per row (default {online_20m.ITERATIONS}; the first is excluded)")
+    ap.add_argument("--render", metavar="RESULTS_JSON", nargs="+", help="print the tables of an earlier run and "
+                    "exit; several files: the first's tables, with the 20m part's runs of all of them pooled (each "
+                    "row's fastest run over all rounds of all files)")
     ap.add_argument("--worker", choices=sorted({**WORKERS, **SESSIONS}), help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         return run_worker(a.worker, a.config)
     if a.render:
-        d = json.loads(Path(a.render).read_text())
-        return print(render(d["meta"], d["rollout"], d["loop"], d["trl"]))
+        ds = [json.loads(Path(f).read_text()) for f in a.render]
+        d = ds[0]
+        return print(render(d["meta"], d["rollout"], d["loop"], d["trl"],
+                            online_20m.pool([x.get("p20m") for x in ds])))
     if a.wait_quiet is None:
         a.wait_quiet = 5.0 if a.quick else 10.0
     for k, v in _env_for_workers().items():   # the driver imports prefopt to build models
@@ -126,7 +139,7 @@ def main(argv=None) -> None:
     print(f"machine: {CPUS} CPUs ({meta['processor']}), load average {meta['loadavg_start'][0]:.2f}; "
           + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), flush=True)
     t0 = time.perf_counter()
-    rollout, loop, trl = {}, {}, {}
+    rollout, loop, trl, p20m = {}, {}, {}, None
 
     def note(name, r, what):
         print(f"  {name:<22} {what}  (process {r['process_wall_s']:.0f}s, waited {r['waited_s']:.0f}s for quiet, "
@@ -154,6 +167,8 @@ def main(argv=None) -> None:
     if "loop" in parts:
         for key in keys:
             spec = dict(LOOP[key], **(LOOP_QUICK.get(key, {}) if a.quick else {}))
+            if spec.get("recipe"):
+                spec["assets"] = str(online_20m.build_assets())
             meta["settings"][f"loop-{key}"] = spec
             print(f"== prefopt online loop, {spec['label']}: {spec['iterations']} iterations", flush=True)
             name = f"loop-{key}"
@@ -169,8 +184,10 @@ def main(argv=None) -> None:
             spec["threads"] = [int(x) for x in a.trl_threads.split(",")]
             print(f"== TRL GRPOTrainer, workload of the {LOOP[key]['label']} loop: {spec['cycles']} generation "
                   f"cycles, threads {spec['threads']}, {spec['rounds']} round(s)", flush=True)
+            if spec.get("recipe"):
+                spec["assets"] = str(online_20m.build_assets())
             if key not in loop:       # the prefopt side of the comparison
-                lspec = dict(LOOP[key], iterations=spec["cycles"])
+                lspec = dict(LOOP[key], iterations=spec["cycles"], assets=spec.get("assets"))
                 r = run_row(f"loop-{key}", "loop", {"spec": lspec}, out, a)
                 loop[key] = r
                 note(f"loop-{key}", r, f"{r['samples_per_s']:7.1f} samples/s")
@@ -179,6 +196,9 @@ def main(argv=None) -> None:
                 for th in spec["threads"]:
                     name = f"trl-{key}-{th}t" + (f"-r{rnd}" if spec["rounds"] > 1 else "")
                     r = run_row(name, "trl", {"threads": th, "cycles": spec["cycles"],
+                                              "trainer": spec.get("trainer", "grpo"),
+                                              "recipe": (str(Path(spec["assets"]) / spec["recipe"])
+                                                         if spec.get("recipe") else None),
                                               "overrides": LOOP[key]["overrides"]}, out, a)
                     runs[th].append(r)
                     note(name, r, f"{r['samples_per_s']:7.1f} samples/s, {r['cycle_s']:.3f} s/cycle, "
@@ -189,19 +209,21 @@ def main(argv=None) -> None:
                 best["all_samples_per_s"] = [r["samples_per_s"] for r in rs]
                 best["all_other_load"] = [r["other_load_cores"] for r in rs]
                 trl[key].append(best)
+    if "20m" in parts:
+        p20m = online_20m.run_part(a, out, note)
     meta["total_s"] = time.perf_counter() - t0
     meta["loadavg_end"] = os.getloadavg()
     for key, rows in rollout.items():
         meta[f"rollout-{key}-a-b-same-tokens"] = same_samples(rows["raw"], rows["ray-vllm"])
-    text = render(meta, rollout, loop, trl)
+    text = render(meta, rollout, loop, trl, p20m)
     print("\n" + text)
     print(f"\n{meta['total_s']:.0f}s in all; results in {out}")
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rollout": rollout, "loop": loop, "trl": trl},
-                                                 indent=1, default=str))
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rollout": rollout, "loop": loop, "trl": trl,
+                                                  "p20m": p20m}, indent=1, default=str))
     (out / "results.md").write_text(text + "\n")
 
 
-def render(meta: dict, rollout: dict, loop: dict, trl: dict) -> str:
+def render(meta: dict, rollout: dict, loop: dict, trl: dict, p20m: dict | None = None) -> str:
     """The Markdown tables (also: ``--render results.json``)."""
     tables = []
     if rollout:
@@ -212,8 +234,11 @@ def render(meta: dict, rollout: dict, loop: dict, trl: dict) -> str:
         tables.append("prefopt online iteration, mean per-iteration time split (iteration 1 excluded)\n\n"
                       + loop_table(loop))
     for key, rows in trl.items():
-        tables.append(f"samples/s, prefopt loop vs TRL GRPOTrainer ({LOOP[key]['label']} workload; first "
-                      "iteration / cycle excluded; TRL: fastest of its rounds)\n\n" + trl_table(loop.get(key), rows))
+        tables.append(f"samples/s, prefopt loop vs TRL {rows[0].get('trainer', 'GRPOTrainer')} ({LOOP[key]['label']} "
+                      "workload; first iteration / cycle excluded; TRL: fastest of its rounds)\n\n"
+                      + trl_table(loop.get(key), rows))
+    if p20m:
+        tables.append(online_20m.table(p20m))
     tables.append(f"Targets: (b)/(a) >= 0.95; prefopt samples/s >= 2x TRL GRPOTrainer. other load = cores used by "
                   f"processes outside this bench while a row ran (⚠: >= {BUSY} cores, numbers likely depressed).")
     return "\n\n".join(tables)
