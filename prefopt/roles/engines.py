@@ -36,8 +36,10 @@ class EngineGroup:
             opts = {"scheduling_strategy": PlacementGroupSchedulingStrategy(
                 placement_group=self.pg, placement_group_bundle_index=i)}
         r = self.recipe
+        from prefopt.models.lora import sync_mode
+        lora_rank = r.model.lora.r if sync_mode(r) == "adapter" else None
         return self._cls.options(**opts).remote(r.model.path, self.cfg, seed=r.train.seed + i,
-                                                trust_remote_code=r.model.trust_remote_code)
+                                                trust_remote_code=r.model.trust_remote_code, lora_rank=lora_rank)
 
     def __len__(self) -> int:
         return len(self.actors)

@@ -249,6 +249,17 @@ class LearnerWorker:
                 out.append((name, param.data.detach().cpu().clone()))
         return out if self.rank == 0 else None
 
+    def export_adapter(self) -> dict | None:
+        """LoRA: the adapter in PEFT's form (``models.lora.peft_adapter``) on rank 0 (gathered under
+        ZeRO-3, collective): what the engines load with ``roles.rollout.lora_sync: adapter``."""
+        import deepspeed
+
+        from prefopt.models.lora import peft_adapter
+        gather = (lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)) \
+            if self.engine.zero_optimization_stage() == 3 else None
+        adapter = peft_adapter(self.engine.module, gather)
+        return adapter if self.rank == 0 else None
+
     def join_sync_group(self, host: str, port: int, world_size: int, timeout_s: float) -> list:
         """Rank 0 joins the weight-sync group with the rollout engines; returns the tensor specs."""
         from prefopt.backends.weight_sync import StatelessGroup

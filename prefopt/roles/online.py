@@ -36,7 +36,10 @@ class OnlineRoles:
             console.status(f"starting {ref.num_actors} reference actor{'s' if ref.num_actors > 1 else ''}")
             rcls = ray.remote(num_cpus=ref.num_cpus, num_gpus=ref.num_gpus)(ReferenceWorker)
             self.references = [rcls.remote(r, pad_id) for _ in range(ref.num_actors)]
-        self.transport = ro.weight_sync
+        from prefopt.models.lora import sync_mode
+        self.lora_sync = sync_mode(r)        # None | "merged" | "adapter" (LoRA: what the engines get)
+        # an adapter is a few MB: it always travels through the object store
+        self.transport = "object_store" if self.lora_sync == "adapter" else ro.weight_sync
         console.status(f"starting {ro.engines} vLLM engine{'s' if ro.engines > 1 else ''}")
         self.engines = EngineGroup(r, learner_bundle=self.policy.bundle_strategy)
         self.max_engine_restarts, self.version = ro.max_restarts, 0
@@ -137,6 +140,9 @@ class OnlineRoles:
             self._recovering(lambda: self._sync(version), "weight sync")
 
     def _submit_object_store_sync(self, version: int) -> list:
+        if self.lora_sync == "adapter":
+            refs = [a.export_adapter.remote() for a in self.policy.actors]
+            return refs[1:] + [e.update_adapter.remote(refs[0], version) for e in self.engines.actors]
         refs = [a.export_weights.remote() for a in self.policy.actors]
         weights = refs[0]                        # rank 0 holds the full (gathered) tensors
         return refs[1:] + [e.update_weights.remote(weights, version) for e in self.engines.actors]

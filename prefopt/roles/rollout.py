@@ -21,7 +21,9 @@ def _engine_env(cfg: RolloutRoleConfig) -> None:
 
 class RolloutWorker:
     def __init__(self, model_path: str, cfg: RolloutRoleConfig, *, seed: int = 0,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, lora_rank: int | None = None):
+        """``lora_rank``: serve the policy's LoRA adapter (``lora_sync: adapter``) of this rank on the
+        unchanged base weights; until the first ``update_adapter`` the engine samples the base model."""
         _engine_env(cfg)
         import torch
         from vllm import LLM
@@ -29,11 +31,16 @@ class RolloutWorker:
         dtype = cfg.dtype
         if dtype == "auto":
             dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+        lora = {}
+        if lora_rank is not None:
+            from prefopt.models.lora import engine_lora_rank
+            lora = dict(enable_lora=True, max_lora_rank=engine_lora_rank(lora_rank), max_loras=1)
         self.llm = LLM(model=model_path, dtype=dtype, enforce_eager=cfg.enforce_eager,
                        max_model_len=cfg.max_model_len, seed=seed,
                        gpu_memory_utilization=cfg.gpu_memory_utilization,
-                       trust_remote_code=trust_remote_code)
+                       trust_remote_code=trust_remote_code, **lora)
         self.weight_version = 0
+        self.lora_request = None        # the policy's adapter, once one has arrived
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, *,
                  greedy: bool = False, seed: int | None = None) -> list[list[dict]]:
@@ -65,7 +72,7 @@ class RolloutWorker:
             torch.manual_seed(seed)
         start = time.perf_counter()
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids], params,
-                                    use_tqdm=False)
+                                    use_tqdm=False, lora_request=self.lora_request)
         elapsed = time.perf_counter() - start
         results = []
         for out in outputs:
@@ -82,6 +89,30 @@ class RolloutWorker:
         """Load new policy weights in place; returns the seconds it took."""
         start = time.perf_counter()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(named_tensors)})
+        self.llm.reset_prefix_cache()   # cached KV of shared prefixes is stale after an update
+        self.weight_version = version
+        return time.perf_counter() - start
+
+    def update_adapter(self, adapter: dict, version: int) -> float:
+        """Serve a new version of the policy's LoRA adapter (``models.lora.peft_adapter``'s form) in
+        place of the last: vLLM loads it from a PEFT directory, which is removed once loaded. Returns
+        the seconds it took."""
+        import shutil
+        import tempfile
+
+        from vllm.lora.request import LoRARequest
+
+        from prefopt.models.lora import write_adapter
+        start = time.perf_counter()
+        tmp = tempfile.mkdtemp(prefix="prefopt-adapter-")
+        try:
+            path = write_adapter(tmp, adapter)
+            request = LoRARequest("policy", 1, path, load_inplace=True)   # one id: replaced in place
+            if not self.llm.llm_engine.add_lora(request):
+                raise RuntimeError(f"vLLM did not load the policy adapter (version {version})")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.lora_request = LoRARequest("policy", 1, path)
         self.llm.reset_prefix_cache()   # cached KV of shared prefixes is stale after an update
         self.weight_version = version
         return time.perf_counter() - start
