@@ -1,6 +1,6 @@
 """LoRA end to end on real Ray + DeepSpeed (+ vLLM): DPO and GRPO learn, the reference is the adapter-free
-model, the engines sample the merged policy (not the initial one), exports are the merged model and the
-adapter. LoRA's exact resume: test_e2e_resume.py (online DPO with LoRA, async rollouts)."""
+model, the engines sample the trained policy (merged weights or the served adapter; not the initial one),
+exports are the merged model and the adapter. LoRA's exact resume: test_e2e_resume.py (online DPO with LoRA, async rollouts)."""
 import json
 
 import pytest
@@ -37,11 +37,14 @@ def test_lora_dpo_learns_and_exports_the_merged_model_and_the_adapter(ray_cluste
                            base["model.layers.0.self_attn.q_proj.weight"])                      # adapted
 
 
-def test_lora_grpo_learns_with_the_adapter_free_reference_and_exact_sync(ray_cluster, tmp_path):
+@pytest.mark.parametrize("lora_sync", ["merged", "adapter"])
+def test_lora_grpo_learns_with_the_adapter_free_reference_and_exact_sync(ray_cluster, tmp_path, lora_sync):
     """No reference actor: the KL reference is the learners' model with adapters off; after the last
-    sync the engine's greedy outputs equal the learner's merged policy (so the engines do not keep
-    sampling the initial policy: the reward could not rise otherwise either)."""
-    result = run("tiny_grpo_lora", tmp_path, "train.iterations=25", "output.save_model=false")
+    sync the engine's greedy outputs equal the learner's policy, whether the engine got the merged
+    weights or serves the adapter itself (so the engines do not keep sampling the initial policy: the
+    reward could not rise otherwise either)."""
+    result = run("tiny_grpo_lora", tmp_path, "train.iterations=25", "output.save_model=false",
+                 f"roles.rollout.lora_sync={lora_sync}")
     r = [h["reward/mean"] for h in result.train_history]
     assert sum(r[-3:]) / 3 > r[0] + 0.3, r
     placement = json.loads((result.run_dir / "placement.json").read_text())

