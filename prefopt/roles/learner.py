@@ -145,16 +145,18 @@ class LearnerWorker:
         return self._per_token(micro_batches)
 
     def _per_token(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
-        """No-grad per response token: log-probs (policy) or values (critic)."""
+        """No-grad per response token of rollout samples (whatever the objective's own batch kind, e.g.
+        online DPO's pairs): log-probs (policy) or values (critic)."""
         import torch
 
         from prefopt.data.rollouts import response_values
+        from prefopt.roles.common import collate_to
         self.engine.eval()
         out = []
         try:
             with torch.no_grad():
                 for samples in micro_batches:
-                    result = self._forward(self._collate(samples))
+                    result = self._forward(collate_to(samples, self.pad_id, self.device, "rollouts"))
                     per_token = result.values if self.model_kind == "critic" else result.token_logps
                     out.append(response_values(per_token.double().cpu(), samples))
         finally:
