@@ -90,8 +90,8 @@ class LearnerWorker:
         return {"role": self.model_kind, "rank": self.rank, "backend": backend, "device": str(self.device),
                 "pid": os.getpid(), "node_ip": node_ip(), "node_id": node_id(), "placement_group": placement_group_id(),
                 "gradient_allreduce": bool(self.engine.enable_backward_allreduce),
-                "num_parameters": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-                                      for p in self.engine.module.parameters())}
+                "num_parameters": _numel(self.engine.module.parameters()),
+                "trainable_parameters": _numel(p for p in self.engine.module.parameters() if p.requires_grad)}
 
     # ------------------------------------------------------------------ helpers
     def _collate(self, examples: list):
@@ -360,3 +360,8 @@ class LearnerWorker:
 def _nothing():
     import contextlib
     return contextlib.nullcontext()
+
+
+def _numel(params) -> int:
+    """Elements of ``params``, whole under ZeRO-3 too."""
+    return sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
