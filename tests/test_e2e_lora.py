@@ -1,7 +1,7 @@
-"""LoRA end to end on real Ray + DeepSpeed (+ vLLM): SFT, DPO, a reward model (ZeRO-3), GRPO and PPO with a
-critic learn; the reference is the adapter-free
-model, the engines sample the trained policy (merged weights or the served adapter; not the initial one),
-exports are the merged model and the adapter. LoRA's exact resume: test_e2e_resume.py (online DPO with LoRA, async rollouts)."""
+"""LoRA end to end on real Ray + DeepSpeed (+ vLLM): SFT, DPO, a reward model (ZeRO-3), GRPO and PPO with
+a critic learn; the reference is the adapter-free model; the engines sample the trained policy (merged
+weights or the served adapter; not the initial one); exports are the merged model and the adapter.
+LoRA's exact resume: test_e2e_resume.py (online DPO with LoRA, async rollouts, adapter sync)."""
 import json
 
 import pytest
