@@ -38,14 +38,16 @@ def test_lora_dpo_learns_and_exports_the_merged_model_and_the_adapter(ray_cluste
                            base["model.layers.0.self_attn.q_proj.weight"])                      # adapted
 
 
-@pytest.mark.parametrize("lora_sync", ["merged", "adapter"])
-def test_lora_grpo_learns_with_the_adapter_free_reference_and_exact_sync(ray_cluster, tmp_path, lora_sync):
+@pytest.mark.parametrize("lora_sync, learners", [
+    ("merged", ["roles.learner.num_actors=1"]),
+    ("adapter", ["roles.learner.num_actors=2", "roles.learner.zero_stage=3", "train.micro_batch_size=8"])])
+def test_lora_grpo_learns_with_the_adapter_free_reference_and_exact_sync(ray_cluster, tmp_path, lora_sync, learners):
     """No reference actor: the KL reference is the learners' model with adapters off; after the last
     sync the engine's greedy outputs equal the learner's policy, whether the engine got the merged
-    weights or serves the adapter itself (so the engines do not keep sampling the initial policy: the
-    reward could not rise otherwise either)."""
+    weights or serves the adapter itself (here gathered from 2 ZeRO-3 learners), so the engines do not
+    keep sampling the initial policy (the reward could not rise otherwise either)."""
     result = run("tiny_grpo_lora", tmp_path, "train.iterations=25", "output.save_model=false",
-                 f"roles.rollout.lora_sync={lora_sync}")
+                 f"roles.rollout.lora_sync={lora_sync}", *learners)
     r = [h["reward/mean"] for h in result.train_history]
     assert sum(r[-3:]) / 3 > r[0] + 0.3, r
     placement = json.loads((result.run_dir / "placement.json").read_text())
