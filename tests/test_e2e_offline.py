@@ -139,8 +139,11 @@ def test_zero0_one_learner_without_allreduce_equals_two_learners(ray_cluster, tm
         assert o["grad_norm"] == pytest.approx(t["grad_norm"], abs=1e-5)
 
 
-def test_reference_actor_matches_learner_reference(ray_cluster, tmp_path):
-    common = ("train.max_steps=2", "output.save_model=false")
+@pytest.mark.parametrize("lora", [[], ["model.lora={r: 8, alpha: 16}"]], ids=["full", "lora"])
+def test_reference_actor_matches_learner_reference(ray_cluster, tmp_path, lora):
+    """The reference log-probs from a reference actor (the base model) equal the learners' own before the
+    first update; with LoRA, the learners' model with its adapters disabled (no copy of the base)."""
+    common = ("train.max_steps=2", "output.save_model=false", *lora)
     on_learner = run("tiny_dpo", tmp_path / "l", *common)
     on_actor = run("tiny_dpo", tmp_path / "a", *common, "roles.reference.placement=actor")
     for x, y in zip(on_learner.train_history, on_actor.train_history):
