@@ -146,6 +146,8 @@ def test_reference_actor_matches_learner_reference(ray_cluster, tmp_path, lora):
     common = ("train.max_steps=2", "output.save_model=false", *lora)
     on_learner = run("tiny_dpo", tmp_path / "l", *common)
     on_actor = run("tiny_dpo", tmp_path / "a", *common, "roles.reference.placement=actor")
+    roles = [p["role"] for p in json.loads((on_actor.run_dir / "placement.json").read_text())]
+    assert sorted(roles) == ["policy", "policy", "reference"]
     for x, y in zip(on_learner.train_history, on_actor.train_history):
         assert x["loss"] == pytest.approx(y["loss"], abs=1e-6)
         assert x["rewards/margin"] == pytest.approx(y["rewards/margin"], abs=1e-6)

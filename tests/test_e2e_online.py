@@ -37,6 +37,8 @@ def test_grpo_reward_rises_and_weight_sync_is_exact(ray_cluster, tmp_path):
     learner = [p for p in placement if p["role"] == "policy"][0]
     engine = [p for p in placement if p["role"] == "rollout"][0]
     assert learner["placement_group"] and engine["placement_group"] is None
+    assert sorted(p["role"] for p in placement) == ["policy", "reference", "rollout"]   # every actor, its pid
+    assert len({p["pid"] for p in placement}) == 3
     # after the last sync, vLLM's greedy outputs equal the learner's on 16 prompts
     assert result.final_train["greedy_match"] == 1.0
     assert result.final_train["logp_max_abs_diff"] < 1e-4

@@ -93,8 +93,11 @@ class PreferenceOptimization(Algorithm):
         return OfflineRoles(self.recipe, self.run.tokenizer.pad_token_id, self.run.spec)
 
     def setup(self) -> list[dict]:
-        return self.roles.policy.setup(total_steps=len(self.batches), grad_accum=self.grad_accum,
+        from prefopt.cluster import remote_get
+        info = self.roles.policy.setup(total_steps=len(self.batches), grad_accum=self.grad_accum,
                                        pad_id=self.run.tokenizer.pad_token_id)
+        return info + remote_get([a.node_info.remote() for a in self.roles.references], self.roles.timeout,
+                                 "reference.node_info")
 
     def start(self) -> None:
         """The reference pass sees the initial weights: before a checkpoint is restored."""

@@ -2,6 +2,15 @@
 from __future__ import annotations
 
 
+def actor_info(role: str) -> dict:
+    """Where this actor runs: what ``placement.json`` records for every actor of a run."""
+    import os
+
+    from prefopt.backends.distributed import node_id, node_ip, placement_group_id
+    return {"role": role, "pid": os.getpid(), "node_ip": node_ip(), "node_id": node_id(),
+            "placement_group": placement_group_id()}
+
+
 def use_actor_cpus(num_cpus: float, ray_env: dict) -> int:
     """Run torch with one intra-op thread per logical CPU Ray reserved for this actor.
 

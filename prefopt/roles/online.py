@@ -177,7 +177,10 @@ class OnlineRoles:
                                       grad_accum=t.batch_size // (t.micro_batch_size * len(self.critic)))
         if self.transport == "process_group":
             self.open_sync_group()
-        return info + self.engines.node_info()
+        from prefopt.cluster import remote_get
+        models = self.references + list(self.reward_models.values()) + ([self.process_model] if self.process_model else [])
+        return info + self.engines.node_info() + remote_get([a.node_info.remote() for a in models], self.timeout,
+                                                            "node_info")
 
 
 def verify_sync(roles: OnlineRoles, prompt_ids: list[list[int]], sampling) -> dict[str, float]:

@@ -30,6 +30,10 @@ class ReferenceWorker:
         objective = get_objective(recipe.objective.name)(recipe.objective)
         self.temperature, self.batch_kind = objective.temperature, objective.batch_kind
 
+    def node_info(self) -> dict:
+        from prefopt.roles.common import actor_info
+        return actor_info("reference")
+
     def compute_logps(self, micro_batches: list[list[dict]]) -> list[list[list[float]]]:
         from prefopt.roles.common import response_logps
         return response_logps(self.model, micro_batches, self.pad_id, self.device, self.batch_kind,

@@ -20,6 +20,10 @@ class RewardModelWorker:
     def heads(self) -> list[list[str]]:
         return self.scorer.heads()
 
+    def node_info(self) -> dict:
+        from prefopt.roles.common import actor_info
+        return actor_info("reward_model")
+
     def score(self, prompts: list, responses: list[str]) -> list[list[list[float]]]:
         """``[M][N][H]``: per member, per sample, every head at the response's last token."""
         return self.scorer.score(prompts, responses)
@@ -40,6 +44,10 @@ class ImplicitPRMWorker:
         self.model = load_causal_lm(model, trust_remote_code=trust_remote_code).to(self.device).eval()
         self.reference = load_causal_lm(reference, trust_remote_code=trust_remote_code).to(self.device).eval()
         self.beta, self.batch_tokens = beta, batch_tokens
+
+    def node_info(self) -> dict:
+        from prefopt.roles.common import actor_info
+        return actor_info("process_reward_model")
 
     def score_steps(self, prompts: list, steps: list[list[str]], delimiter: str | None = None) -> list:
         """``[1][N][K_n]``: the implicit step rewards of every sample (a one-member ensemble)."""

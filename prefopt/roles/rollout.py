@@ -131,9 +131,8 @@ class RolloutWorker:
         return time.perf_counter() - start
 
     def node_info(self) -> dict:
-        from prefopt.backends.distributed import node_id, node_ip, placement_group_id
-        return {"role": "rollout", "pid": os.getpid(), "node_ip": node_ip(), "node_id": node_id(),
-                "placement_group": placement_group_id()}
+        from prefopt.roles.common import actor_info
+        return actor_info("rollout")
 
     def pid(self) -> int:
         return os.getpid()
