@@ -29,6 +29,8 @@ BUILTIN_MODELS: dict[str, dict] = {
                         num_attention_heads=2, num_key_value_heads=2, head="score"),
     "llama-100m": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
                        num_attention_heads=12, num_key_value_heads=12),
+    "llama-300m": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                       num_attention_heads=16, num_key_value_heads=16),
 }
 VOCAB_SIZE = 512
 MAX_POSITIONS = 1024
