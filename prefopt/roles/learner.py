@@ -256,11 +256,11 @@ class LearnerWorker:
         ZeRO-3, collective): what the engines load with ``roles.rollout.lora_sync: adapter``."""
         import deepspeed
 
-        from prefopt.models.lora import peft_adapter
+        from prefopt.models.lora import adapter_state, peft_adapter
         gather = (lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)) \
             if self.engine.zero_optimization_stage() == 3 else None
-        adapter = peft_adapter(self.engine.module, gather)
-        return adapter if self.rank == 0 else None
+        state = adapter_state(self.engine.module, gather)          # collective under ZeRO-3
+        return peft_adapter(self.engine.module, state) if self.rank == 0 else None
 
     def join_sync_group(self, host: str, port: int, world_size: int, timeout_s: float) -> list:
         """Rank 0 joins the weight-sync group with the rollout engines; returns the tensor specs."""

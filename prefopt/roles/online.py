@@ -40,6 +40,11 @@ class OnlineRoles:
         self.lora_sync = sync_mode(r)        # None | "merged" | "adapter" (LoRA: what the engines get)
         # an adapter is a few MB: it always travels through the object store
         self.transport = "object_store" if self.lora_sync == "adapter" else ro.weight_sync
+        if self.transport != ro.weight_sync:
+            import logging
+            logging.getLogger("prefopt").info("roles.rollout.lora_sync=adapter: the adapter travels through the "
+                                              "object store (roles.rollout.weight_sync=%s applies to full weights)",
+                                              ro.weight_sync)
         console.status(f"starting {ro.engines} vLLM engine{'s' if ro.engines > 1 else ''}")
         self.engines = EngineGroup(r, learner_bundle=self.policy.bundle_strategy)
         self.max_engine_restarts, self.version = ro.max_restarts, 0
@@ -177,6 +182,13 @@ class OnlineRoles:
                                       grad_accum=t.batch_size // (t.micro_batch_size * len(self.critic)))
         if self.transport == "process_group":
             self.open_sync_group()
+        if self.lora_sync == "adapter":      # the untrained adapter (the base model): vLLM refuses one it
+            try:                             # cannot serve now, not after the first update
+                self._sync(0)
+            except Exception as e:
+                raise RuntimeError(f"roles.rollout.lora_sync=adapter: the rollout engines could not load the "
+                                   f"policy's LoRA adapter (set roles.rollout.lora_sync: merged): "
+                                   f"{str(e).strip().splitlines()[-1]}") from e
         from prefopt.cluster import remote_get
         models = self.references + list(self.reward_models.values()) + ([self.process_model] if self.process_model else [])
         return info + self.engines.node_info() + remote_get([a.node_info.remote() for a in models], self.timeout,

@@ -41,6 +41,7 @@ class RolloutWorker:
                        trust_remote_code=trust_remote_code, **lora)
         self.weight_version = 0
         self.lora_request = None        # the policy's adapter, once one has arrived
+        self.lora_rank = lora["max_lora_rank"] if lora else None
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingConfig, *,
                  greedy: bool = False, seed: int | None = None) -> list[list[dict]]:
@@ -95,8 +96,8 @@ class RolloutWorker:
 
     def update_adapter(self, adapter: dict, version: int) -> float:
         """Serve a new version of the policy's LoRA adapter (``models.lora.peft_adapter``'s form) in
-        place of the last: vLLM loads it from a PEFT directory, which is removed once loaded. Returns
-        the seconds it took."""
+        place of the last, under one LoRA id: vLLM loads it from a PEFT directory, kept until the next
+        version has loaded. Returns the seconds it took."""
         import shutil
         import tempfile
 
@@ -104,14 +105,15 @@ class RolloutWorker:
 
         from prefopt.models.lora import write_adapter
         start = time.perf_counter()
-        tmp = tempfile.mkdtemp(prefix="prefopt-adapter-")
+        path = write_adapter(tempfile.mkdtemp(prefix="prefopt-adapter-"), adapter)
         try:
-            path = write_adapter(tmp, adapter)
-            request = LoRARequest("policy", 1, path, load_inplace=True)   # one id: replaced in place
-            if not self.llm.llm_engine.add_lora(request):
+            if not self.llm.llm_engine.add_lora(LoRARequest("policy", 1, path, load_inplace=True)):
                 raise RuntimeError(f"vLLM did not load the policy adapter (version {version})")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        if self.lora_request is not None:
+            shutil.rmtree(self.lora_request.lora_path, ignore_errors=True)
         self.lora_request = LoRARequest("policy", 1, path)
         self.llm.reset_prefix_cache()   # cached KV of shared prefixes is stale after an update
         self.weight_version = version
@@ -132,7 +134,7 @@ class RolloutWorker:
 
     def node_info(self) -> dict:
         from prefopt.roles.common import actor_info
-        return actor_info("rollout")
+        return {**actor_info("rollout"), "lora_rank": self.lora_rank}
 
     def pid(self) -> int:
         return os.getpid()
