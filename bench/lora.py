@@ -1,16 +1,18 @@
 #!/usr/bin/env python
-"""LoRA vs full fine-tuning on llama-100m: peak memory of learner + reference, throughput, and the
-weight sync of LoRA GRPO (merged weights vs adapter only).
+"""LoRA vs full fine-tuning on llama-100m or -300m (peak memory of learner + reference, throughput)
+and the weight sync of LoRA GRPO (merged weights vs adapter only).
 
     python bench/lora.py                                  # the six rows below (~8 minutes on 2 idle CPU cores)
     python bench/lora.py --rows grpo-lora-merged,grpo-lora-adapter --iterations 6
     python bench/lora.py --rows dpo-full,dpo-full-ref-actor --steps 4 --out /tmp/b
+    python bench/lora.py --model 300m --steps 3 --iterations 3   # llama-300m (~15 minutes)
     python bench/lora.py --render runs/bench-lora/<timestamp>/results.json
 
-Every row is a real ``prefopt.train`` run on ``builtin:llama-100m`` in its own subprocess
-(``--worker CONFIG``; ``lora_workers.py``), 1 learner, ZeRO-0, fp32, seed 0; the full and LoRA rows of
-an algorithm share data, steps / iterations, batch sizes and lr. LoRA: ``model.lora={r: 16, alpha: 32}``
-on q/k/v/o/gate/up/down (the default targets). Rows (``--rows``):
+Every row is a real ``prefopt.train`` run on ``builtin:llama-100m`` (``--model 300m``:
+``builtin:llama-300m``) in its own subprocess (``--worker CONFIG``; ``lora_workers.py``), 1 learner,
+ZeRO-0, fp32, seed 0; the full and LoRA rows of an algorithm share data, steps / iterations, batch
+sizes and lr. LoRA: ``model.lora={r: 16, alpha: 32}`` on q/k/v/o/gate/up/down (the default
+targets). Rows (``--rows``):
 
 * ``dpo-full``: ``recipes/tiny_dpo.yaml``, its reference as the recipe places it
   (``roles.reference.placement: learner``: the learner computes the reference log-probs of every
@@ -59,10 +61,10 @@ from offline import ForeignLoad, _cpu_name, wait_for_quiet  # noqa: E402
 from online_common import BUSY, CPUS, REPO, _env_for_workers, _load, versions  # noqa: E402
 from lora_workers import derive, worker  # noqa: E402
 
-MODEL = "builtin:llama-100m"
+MODELS = {"100m": "builtin:llama-100m", "300m": "builtin:llama-300m"}      # --model
 LORA = dict(r=16, alpha=32, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
 LORA_KEY = f"model.lora={{r: {LORA['r']}, alpha: {LORA['alpha']}}}"
-COMMON = [f"model.path={MODEL}", "output.progress_bar=false", "output.save_model=false", "output.loggers=[]",
+COMMON = ["output.progress_bar=false", "output.save_model=false", "output.loggers=[]",
           "output.keep_checkpoints=0", "output.checkpoint_every=0", "train.eval_every=0", "train.seed=0",
           "roles.learner.num_actors=1", "roles.learner.zero_stage=0"]
 DPO = dict(steps=8, batch=8, micro=4, eval_rows=4, min_words=32, max_words=64, max_length=128,
@@ -99,7 +101,7 @@ def model_info(model_dir: str) -> dict:
         "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")}}
 
 
-def write_dpo_data(out: Path, model_dir: str) -> dict:
+def write_dpo_data(out: Path, model_dir: str, steps: int) -> dict:
     """steps x batch train pairs (one epoch) and one micro-batch of held-out pairs, prefopt's synthetic
     generator with longer responses; token statistics (nothing may be truncated)."""
     import random
@@ -107,7 +109,7 @@ def write_dpo_data(out: Path, model_dir: str) -> dict:
     from transformers import AutoTokenizer
 
     from prefopt.data import synthetic
-    tok, rng, d = AutoTokenizer.from_pretrained(model_dir), random.Random(0), DPO
+    tok, rng, d = AutoTokenizer.from_pretrained(model_dir), random.Random(0), dict(DPO, steps=steps)
     rows = [{"prompt": synthetic._prompt(rng),
              "chosen": synthetic._response(rng, 0.9, d["min_words"], d["max_words"]),
              "rejected": synthetic._response(rng, 0.1, d["min_words"], d["max_words"])}
@@ -127,20 +129,20 @@ def write_dpo_data(out: Path, model_dir: str) -> dict:
 
 
 def row_config(name: str, a, out: Path) -> dict:
-    row = ROWS[name]
+    row, common = ROWS[name], [f"model.path={MODELS[a.model]}", *COMMON]
     if row["algo"] == "dpo":
         d = dict(DPO, steps=a.steps or DPO["steps"])
         ov = [f"data.path={out / 'data' / 'train.jsonl'}", f"data.eval_path={out / 'data' / 'eval.jsonl'}",
               f"data.max_length={d['max_length']}", f"data.max_prompt_length={d['max_prompt_length']}",
               f"train.batch_size={d['batch']}", f"train.micro_batch_size={d['micro']}", "train.epochs=1",
               f"train.max_steps={d['steps']}", f"train.lr={d['lr']}"]
-        return dict(row, recipe="tiny_dpo.yaml", batch=d["batch"], overrides=COMMON + ov + row["overrides"])
+        return dict(row, recipe="tiny_dpo.yaml", batch=d["batch"], overrides=common + ov + row["overrides"])
     g = dict(GRPO, iterations=a.iterations or GRPO["iterations"])
     ov = [f"train.prompts_per_iteration={g['prompts']}", f"roles.rollout.sampling.n={g['n']}",
           f"roles.rollout.sampling.max_tokens={g['max_tokens']}", "roles.rollout.sampling.ignore_eos=true",
           f"train.batch_size={g['batch']}", f"train.micro_batch_size={g['micro']}", f"train.lr={g['lr']}",
           f"train.iterations={g['iterations']}", "train.sample_log_every=0"]
-    return dict(row, recipe="tiny_grpo.yaml", samples=g["prompts"] * g["n"], overrides=COMMON + ov + row["overrides"])
+    return dict(row, recipe="tiny_grpo.yaml", samples=g["prompts"] * g["n"], overrides=common + ov + row["overrides"])
 
 
 # ============================================================================ measuring
@@ -263,7 +265,8 @@ def render(meta: dict, rows: dict) -> str:
     m, info = lambda n, k: rows.get(n, {}).get(k), meta["model"]
     mem = lambda n: rows.get(n, {}).get("memory", {})                      # noqa: E731
     lr_mem = lambda n: mem(n).get("learner_reference_mb") if "error" not in rows.get(n, {}) else None   # noqa: E731
-    lines = [f"llama-100m: {info['parameters'] / 1e6:.1f}M parameters ({info['config']}); LoRA r={LORA['r']}, "
+    lines = [f"{info.get('name', 'llama-100m')}: {info['parameters'] / 1e6:.1f}M parameters ({info['config']}); "
+             f"LoRA r={LORA['r']}, "
              f"alpha={LORA['alpha']} on {'/'.join(t.split('_')[0] for t in LORA['targets'])}: "
              f"{info['lora_parameters'] / 1e6:.2f}M trainable ({100 * info['lora_parameters'] / info['parameters']:.1f}%).", ""]
     dpo = [n for n in rows if ROWS[n]["algo"] == "dpo"]
@@ -332,6 +335,8 @@ def render(meta: dict, rows: dict) -> str:
 # ============================================================================ main
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="100m", choices=MODELS, help="100m: builtin:llama-100m (default), "
+                    "300m: builtin:llama-300m")
     ap.add_argument("--rows", default=DEFAULT_ROWS, help=f"comma-separated subset of {', '.join(ROWS)} (default {DEFAULT_ROWS})")
     ap.add_argument("--out", default=os.environ.get("BENCH_OUT"), help="output folder (default runs/bench-lora/<timestamp>)")
     ap.add_argument("--wait-quiet", type=float, default=10.0, help="before each row, wait up to this many s for other "
@@ -357,15 +362,16 @@ def main(argv=None) -> None:
     from prefopt.models.tiny import resolve_model_path
     out = Path(a.out) if a.out else REPO / "runs" / "bench-lora" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = resolve_model_path(MODEL)
+    model, model_dir = MODELS[a.model], resolve_model_path(MODELS[a.model])
     meta = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "versions": versions(), "cpus": CPUS, "machine": platform.machine(), "processor": _cpu_name(),
-            "loadavg_start": os.getloadavg(), "model": model_info(model_dir), "dpo": dict(DPO, steps=a.steps or DPO["steps"]),
+            "loadavg_start": os.getloadavg(), "dpo": dict(DPO, steps=a.steps or DPO["steps"]),
+            "model": dict(model_info(model_dir), name=model.split(":")[-1], path=model, option=a.model),
             "grpo": dict(GRPO, iterations=a.iterations or GRPO["iterations"]), "lora": LORA}
     if any(ROWS[n]["algo"] == "dpo" for n in names):
-        meta["dpo_data"] = write_dpo_data(out, model_dir)
+        meta["dpo_data"] = write_dpo_data(out, model_dir, meta["dpo"]["steps"])
     info = meta["model"]
-    print(f"machine: {CPUS} CPUs ({meta['processor']}), load average {meta['loadavg_start'][0]:.2f}; model {MODEL}: "
+    print(f"machine: {CPUS} CPUs ({meta['processor']}), load average {meta['loadavg_start'][0]:.2f}; model {model}: "
           f"{info['parameters']:,} parameters, LoRA r={LORA['r']}: {info['lora_parameters']:,} trainable", flush=True)
     t0, rows = time.perf_counter(), {}
     for n in names:
