@@ -129,7 +129,7 @@ def write_dpo_data(out: Path, model_dir: str, steps: int) -> dict:
 
 
 def row_config(name: str, a, out: Path) -> dict:
-    row, common = ROWS[name], [f"model.path={MODELS[a.model]}", *COMMON]
+    row, common = ROWS[name], [f"model.path={MODELS[a.model]}", *COMMON, *a.set]
     if row["algo"] == "dpo":
         d = dict(DPO, steps=a.steps or DPO["steps"])
         ov = [f"data.path={out / 'data' / 'train.jsonl'}", f"data.eval_path={out / 'data' / 'eval.jsonl'}",
@@ -266,6 +266,8 @@ def render(meta: dict, rows: dict) -> str:
     mem = lambda n: rows.get(n, {}).get("memory", {})                      # noqa: E731
     lr_mem = lambda n: mem(n).get("learner_reference_mb") if "error" not in rows.get(n, {}) else None   # noqa: E731
     lines = [f"{info.get('name', 'llama-100m')}: {info['parameters'] / 1e6:.1f}M parameters ({info['config']}); "
+             + (f"every row with {', '.join(meta['overrides'])}; " if meta.get("overrides") else "")
+             + 
              f"LoRA r={LORA['r']}, "
              f"alpha={LORA['alpha']} on {'/'.join(t.split('_')[0] for t in LORA['targets'])}: "
              f"{info['lora_parameters'] / 1e6:.2f}M trainable ({100 * info['lora_parameters'] / info['parameters']:.1f}%).", ""]
@@ -344,6 +346,8 @@ def main(argv=None) -> None:
     ap.add_argument("--timeout", type=float, default=900, help="seconds per row")
     ap.add_argument("--steps", type=int, default=None, help=f"DPO optimizer steps (default {DPO['steps']}; the first excluded)")
     ap.add_argument("--iterations", type=int, default=None, help=f"GRPO iterations (default {GRPO['iterations']}; the first excluded)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe override for every row, e.g. model.gradient_checkpointing=true (repeatable)")
     ap.add_argument("--render", metavar="RESULTS_JSON", help="print the table of an earlier run and exit")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -367,6 +371,7 @@ def main(argv=None) -> None:
             "versions": versions(), "cpus": CPUS, "machine": platform.machine(), "processor": _cpu_name(),
             "loadavg_start": os.getloadavg(), "dpo": dict(DPO, steps=a.steps or DPO["steps"]),
             "model": dict(model_info(model_dir), name=model.split(":")[-1], path=model, option=a.model),
+            "overrides": a.set,
             "grpo": dict(GRPO, iterations=a.iterations or GRPO["iterations"]), "lora": LORA}
     if any(ROWS[n]["algo"] == "dpo" for n in names):
         meta["dpo_data"] = write_dpo_data(out, model_dir, meta["dpo"]["steps"])
