@@ -2,8 +2,9 @@
 
 Two transports, selected by ``roles.rollout.weight_sync``:
 
-* ``object_store``: learner rank 0 returns its named tensors; Ray's object store carries them to
-  every engine (zero-copy between processes of one node).
+* ``object_store``: learner rank 0 returns its named tensors as numpy views (:func:`to_wire`: pickled
+  out of band, so the one copy is the object store's own); every engine reads them from the store
+  without a copy (:func:`from_wire`) and loads them into its own weights.
 * ``process_group``: learner rank 0 and the engines form a *stateless* process group of their own
   (gloo on CPU, NCCL on GPU) next to the learners' training group and to vLLM's internal group,
   and rank 0 broadcasts each tensor; engines receive into preallocated buffers. The tensor names,
@@ -16,6 +17,31 @@ from __future__ import annotations
 from datetime import timedelta
 
 import torch
+
+
+def to_wire(named: list[tuple[str, torch.Tensor]]) -> list[tuple[str, object, str]]:
+    """``(name, numpy view, dtype)`` per CPU tensor, no copy: Ray pickles numpy arrays out of band
+    (straight into the object store), torch tensors in band (one more copy of every weight). 16-bit floats
+    travel as int16 views (numpy has no bfloat16)."""
+    out = []
+    for name, t in named:
+        t = t.detach().contiguous()
+        view = t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t
+        out.append((name, view.numpy(), str(t.dtype).removeprefix("torch.")))
+    return out
+
+
+def from_wire(wire: list[tuple[str, object, str]]) -> list[tuple[str, torch.Tensor]]:
+    """:func:`to_wire`'s tensors, back as torch tensors over the same (read-only, object-store) memory:
+    for loading, which copies them into the engine's own weights."""
+    import warnings
+    out = []
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not writable.*")     # read only: we never write them
+        for name, array, dtype in wire:
+            t = torch.from_numpy(array)
+            out.append((name, t.view(getattr(torch, dtype)) if dtype in ("bfloat16", "float16") else t))
+    return out
 
 
 class StatelessGroup:

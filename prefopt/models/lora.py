@@ -52,13 +52,15 @@ def base_name(name: str) -> str:
     return name.replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
 
 
-def merged_weights(model, gather=None) -> list[tuple[str, object]]:
+def merged_weights(model, gather=None, copy: bool = True) -> list[tuple[str, object]]:
     """The merged model's named tensors (CPU, detached), named as the base model's: adapted layers'
     ``W + scaling * B @ A``, fully trained modules' trained copies, everything else as is.
 
     ``gather(params)``: a context that makes the given parameters whole (ZeRO-3's ``GatheredParameters``);
-    None: they already are."""
+    None: they already are. ``copy=False`` (only without ``gather``): the unadapted weights are views of
+    the model's own, valid until its next update."""
     from peft.tuners.lora import LoraLayer
+    views = not copy and gather is None          # gathered (ZeRO-3) memory is released after the context
     gather = gather or (lambda params: contextlib.nullcontext())
     out, done = [], set()
     for module_name, module in model.named_modules():
@@ -77,7 +79,8 @@ def merged_weights(model, gather=None) -> list[tuple[str, object]]:
         if id(param) in done or "lora_" in name or ".original_module." in name:
             continue          # adapted above; a fully trained module's frozen original is replaced by its copy
         with gather([param]):
-            out.append((base_name(name), param.data.detach().cpu().clone()))
+            data = param.data.detach().cpu()
+            out.append((base_name(name), data if views else data.clone()))
     return out
 
 

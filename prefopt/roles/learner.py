@@ -230,16 +230,17 @@ class LearnerWorker:
         from prefopt.backends.deepspeed_engine import total_grad_norm
         return total_grad_norm([p.grad.detach() for p in self.engine.module.parameters() if p.grad is not None])
 
-    def export_weights(self) -> list | None:
+    def export_weights(self, copy: bool = True) -> list | None:
         """The policy's named parameters as CPU tensors on rank 0 (gathered under ZeRO-3); with LoRA the
-        merged weights under the base model's names (what the engines and HF exports load)."""
+        merged weights under the base model's names (what the engines and HF exports load).
+        ``copy=False``: views of the weights where they are whole on this rank (valid until the next update)."""
         import deepspeed
 
         zero3 = self.engine.zero_optimization_stage() == 3
         from prefopt.models.lora import is_lora, merged_weights
         if is_lora(self.engine.module):
             gather = (lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)) if zero3 else None
-            named = merged_weights(self.engine.module, gather)        # collective under ZeRO-3: every rank
+            named = merged_weights(self.engine.module, gather, copy=copy)   # collective under ZeRO-3: every rank
             return named if self.rank == 0 else None
         out = []
         for name, param in self.engine.module.named_parameters():
@@ -248,8 +249,16 @@ class LearnerWorker:
                     if self.rank == 0:
                         out.append((name, param.data.detach().cpu().clone()))
             elif self.rank == 0:
-                out.append((name, param.data.detach().cpu().clone()))
+                data = param.data.detach().cpu()
+                out.append((name, data.clone() if copy else data))
         return out if self.rank == 0 else None
+
+    def export_weights_to_store(self) -> list | None:
+        """``export_weights`` for the object store (rank 0; collective under ZeRO-3): numpy views that Ray
+        copies once, straight into the store (``backends.weight_sync.to_wire``)."""
+        from prefopt.backends.weight_sync import to_wire
+        named = self.export_weights(copy=False)
+        return to_wire(named) if named is not None else None
 
     def export_adapter(self) -> dict | None:
         """LoRA: the adapter in PEFT's form (``models.lora.peft_adapter``) on rank 0 (gathered under

@@ -148,9 +148,9 @@ class OnlineRoles:
         if self.lora_sync == "adapter":
             refs = [a.export_adapter.remote() for a in self.policy.actors]
             return refs[1:] + [e.update_adapter.remote(refs[0], version) for e in self.engines.actors]
-        refs = [a.export_weights.remote() for a in self.policy.actors]
+        refs = [a.export_weights_to_store.remote() for a in self.policy.actors]
         weights = refs[0]                        # rank 0 holds the full (gathered) tensors
-        return refs[1:] + [e.update_weights.remote(weights, version) for e in self.engines.actors]
+        return refs[1:] + [e.load_weights_from_store.remote(weights, version) for e in self.engines.actors]
 
     def _sync(self, version: int) -> None:
         from prefopt.cluster import remote_get

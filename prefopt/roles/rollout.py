@@ -94,6 +94,12 @@ class RolloutWorker:
         self.weight_version = version
         return time.perf_counter() - start
 
+    def load_weights_from_store(self, wire: list, version: int) -> float:
+        """``update_weights`` from ``backends.weight_sync.to_wire``'s form (the object-store transport):
+        the tensors are read where the store holds them and copied once, into the engine's weights."""
+        from prefopt.backends.weight_sync import from_wire
+        return self.update_weights(from_wire(wire), version)
+
     def update_adapter(self, adapter: dict, version: int) -> float:
         """Serve a new version of the policy's LoRA adapter (``models.lora.peft_adapter``'s form) in
         place of the last, under one LoRA id: vLLM loads it from a PEFT directory, kept until the next
