@@ -50,7 +50,7 @@ class LearnerWorker:
         import torch
 
         from prefopt.backends.deepspeed_engine import init_engine
-        from prefopt.backends.distributed import init_process_group, node_id, node_ip, placement_group_id
+        from prefopt.backends.distributed import init_process_group
         from prefopt.models.load import load_causal_lm, load_value_model
         from prefopt.objectives import get_objective
 
@@ -87,8 +87,8 @@ class LearnerWorker:
         self.objective = self._objective or objective_cls.from_recipe(r)
         self.pad_id = pad_id
         self.device = self.engine.device
-        return {"role": self.model_kind, "rank": self.rank, "backend": backend, "device": str(self.device),
-                "pid": os.getpid(), "node_ip": node_ip(), "node_id": node_id(), "placement_group": placement_group_id(),
+        from prefopt.roles.common import actor_info
+        return {**actor_info(self.model_kind), "rank": self.rank, "backend": backend, "device": str(self.device),
                 "gradient_allreduce": bool(self.engine.enable_backward_allreduce),
                 "num_parameters": _numel(self.engine.module.parameters()),
                 "trainable_parameters": _numel(p for p in self.engine.module.parameters() if p.requires_grad)}
@@ -239,8 +239,7 @@ class LearnerWorker:
         zero3 = self.engine.zero_optimization_stage() == 3
         from prefopt.models.lora import is_lora, merged_weights
         if is_lora(self.engine.module):
-            gather = (lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)) if zero3 else None
-            named = merged_weights(self.engine.module, gather, copy=copy)   # collective under ZeRO-3: every rank
+            named = merged_weights(self.engine.module, self._gather(), copy=copy)   # collective under ZeRO-3: every rank
             return named if self.rank == 0 else None
         out = []
         for name, param in self.engine.module.named_parameters():
@@ -253,6 +252,14 @@ class LearnerWorker:
                 out.append((name, data.clone() if copy else data))
         return out if self.rank == 0 else None
 
+    def _gather(self):
+        """Under ZeRO-3: a context that makes the given parameters whole on every rank (collective);
+        else None (they are)."""
+        if self.engine.zero_optimization_stage() != 3:
+            return None
+        import deepspeed
+        return lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
     def export_weights_to_store(self) -> list | None:
         """``export_weights`` for the object store (rank 0; collective under ZeRO-3): numpy views that Ray
         copies once, straight into the store (``backends.weight_sync.to_wire``)."""
@@ -263,12 +270,8 @@ class LearnerWorker:
     def export_adapter(self) -> dict | None:
         """LoRA: the adapter in PEFT's form (``models.lora.peft_adapter``) on rank 0 (gathered under
         ZeRO-3, collective): what the engines load with ``roles.rollout.lora_sync: adapter``."""
-        import deepspeed
-
         from prefopt.models.lora import adapter_state, peft_adapter
-        gather = (lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)) \
-            if self.engine.zero_optimization_stage() == 3 else None
-        state = adapter_state(self.engine.module, gather)          # collective under ZeRO-3
+        state = adapter_state(self.engine.module, self._gather())   # collective under ZeRO-3
         return peft_adapter(self.engine.module, state) if self.rank == 0 else None
 
     def join_sync_group(self, host: str, port: int, world_size: int, timeout_s: float) -> list:
@@ -326,13 +329,9 @@ class LearnerWorker:
     def _save_lora(self, out_dir: str) -> bool:
         import torch.distributed as dist
 
-        import deepspeed
-
         from prefopt.models.lora import adapter_state, save_adapter
         merged = self.export_weights()                                   # collective under ZeRO-3
-        gather = (lambda params: deepspeed.zero.GatheredParameters(params, modifier_rank=None)) \
-            if self.engine.zero_optimization_stage() == 3 else None
-        adapter = adapter_state(self.engine.module, gather)              # collective under ZeRO-3
+        adapter = adapter_state(self.engine.module, self._gather())      # collective under ZeRO-3
         if self.rank == 0:
             module = self.engine.module
             module.get_base_model().save_pretrained(out_dir, state_dict=dict(merged), safe_serialization=True)
